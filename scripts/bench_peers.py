@@ -36,12 +36,11 @@ import queue as queue_mod
 import secrets
 import statistics
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from multiprocessing.queues import Queue as MPQueue
-from multiprocessing.synchronize import Barrier
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +147,27 @@ def _ensure_importable() -> None:
 ChildTarget = Callable[..., None]
 
 
+class StartGate:
+    """Start signal shared by the parent and its drain processes.
+
+    A child calls ``ready()`` once connected and prepared, which reports readiness and
+    blocks until the parent opens the gate, so connection setup is not timed. The child
+    then reports ``("ok", time.monotonic())`` or ``("error", message)`` via ``report``.
+    """
+
+    def __init__(self, go: Event, results: MPQueue[tuple[str, Any]]) -> None:
+        self.go = go
+        self.results = results
+
+    def ready(self) -> None:
+        self.results.put(("ready", os.getpid()))
+        if not self.go.wait(timeout=STARTUP_TIMEOUT_S):
+            raise BenchError("parent never opened the start gate")
+
+    def report(self, status: str, value: Any) -> None:
+        self.results.put((status, value))
+
+
 def _run_drain(
     target: ChildTarget,
     child_args: list[tuple[Any, ...]],
@@ -157,41 +177,42 @@ def _run_drain(
 ) -> float:
     """Run one ``target`` process per entry of ``child_args`` and time the drain.
 
-    Each child is called as ``target(*args, barrier, results)``: it connects and prepares,
-    waits on ``barrier`` (so connection setup is not timed), drains, then puts
-    ``("ok", time.monotonic())`` or ``("error", message)`` on ``results``. The clock
-    starts when the barrier releases and stops at the last child's finish stamp
-    (CLOCK_MONOTONIC is system-wide on Linux, so stamps compare across processes).
+    Each child is called as ``target(*args, gate)`` (see ``StartGate``). The clock starts
+    when every child is ready and the gate opens, and stops at the last child's finish
+    stamp (CLOCK_MONOTONIC is system-wide on Linux, so stamps compare across processes).
     While waiting, ``remaining_sql`` is polled; no change for ``stall_timeout`` seconds
     aborts the drain. Returns the elapsed seconds.
     """
     _ensure_importable()
     ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(len(child_args) + 1)
-    results: MPQueue[tuple[str, Any]] = ctx.Queue()
-    procs = [
-        ctx.Process(target=target, args=(*args, barrier, results), daemon=True)
-        for args in child_args
-    ]
+    gate = StartGate(ctx.Event(), ctx.Queue())
+    procs = [ctx.Process(target=target, args=(*args, gate), daemon=True) for args in child_args]
+    ok = False
     for proc in procs:
         proc.start()
     try:
-        try:
-            barrier.wait(timeout=STARTUP_TIMEOUT_S)
-        except threading.BrokenBarrierError:
-            msg = _first_child_error(results) or "worker processes failed to start"
-            raise BenchError(msg) from None
+        ready = 0
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while ready < len(procs):
+            msg = _next_message(gate, procs)
+            if msg is None:
+                if time.monotonic() > deadline:
+                    raise BenchError("worker processes not ready in time")
+                continue
+            status, value = msg
+            if status != "ready":
+                raise BenchError(f"worker failed: {value}")
+            ready += 1
+        gate.go.set()
         started = time.monotonic()
         finished: list[float] = []
         last_remaining = -1
-        last_progress = time.monotonic()
-        next_poll = time.monotonic() + 1.0
+        last_progress = started
+        next_poll = started + 1.0
         while len(finished) < len(procs):
-            try:
-                status, value = results.get(timeout=0.2)
-            except queue_mod.Empty:
-                pass
-            else:
+            msg = _next_message(gate, procs)
+            if msg is not None:
+                status, value = msg
                 if status != "ok":
                     raise BenchError(f"worker failed: {value}")
                 finished.append(float(value))
@@ -206,17 +227,15 @@ def _run_drain(
                 raise BenchError(
                     f"drain made no progress for {stall_timeout:.0f} s ({last_remaining} jobs left)"
                 )
-            dead = [p for p in procs if p.exitcode not in (None, 0)]
-            if dead and results.empty():
-                raise BenchError(f"worker process died with exit code {dead[0].exitcode}")
         elapsed = max(finished) - started
         left = _count(dsn, remaining_sql)
         if left:
             raise BenchError(f"workers stopped with {left} jobs left")
+        ok = True
         return elapsed
     finally:
         for proc in procs:
-            proc.join(timeout=10)
+            proc.join(timeout=10 if ok else 0.1)
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
@@ -224,32 +243,32 @@ def _run_drain(
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
-        results.close()
+        gate.results.close()
 
 
-def _first_child_error(results: MPQueue[tuple[str, Any]]) -> str | None:
-    with contextlib.suppress(queue_mod.Empty):
-        while True:
-            status, value = results.get(timeout=1.0)
-            if status != "ok":
-                return f"worker failed: {value}"
+def _next_message(gate: StartGate, procs: list[Any]) -> tuple[str, Any] | None:
+    """The next child message, or None after a short wait; raises if a child died silently."""
+    try:
+        return gate.results.get(timeout=0.2)
+    except queue_mod.Empty:
+        pass
+    dead = [p for p in procs if p.exitcode not in (None, 0)]
+    if dead:
+        with contextlib.suppress(queue_mod.Empty):  # its last words may just be arriving
+            return gate.results.get(timeout=1.0)
+        raise BenchError(f"worker process died with exit code {dead[0].exitcode}")
     return None
 
 
-def _child_main(
-    body: Callable[[], Awaitable[None]] | Callable[[], None],
-    barrier: Barrier,
-    results: MPQueue[tuple[str, Any]],
-) -> None:
+def _child_main(body: Callable[[], Awaitable[None]] | Callable[[], None], gate: StartGate) -> None:
     """Shared child epilogue: report the finish stamp or the error, never hang the parent."""
     try:
         outcome = body()
         if asyncio.iscoroutine(outcome):
             asyncio.run(outcome)
-        results.put(("ok", time.monotonic()))
+        gate.report("ok", time.monotonic())
     except BaseException as exc:  # report everything, the parent decides
-        barrier.abort()
-        results.put(("error", _error(exc)["error"]))
+        gate.report("error", _error(exc)["error"])
 
 
 # ---------------------------------------------------------------------- raw SQL
@@ -292,14 +311,12 @@ def _raw_fill(dsn: str, n: int) -> None:
         conn.execute("VACUUM ANALYZE jobs")
 
 
-def _raw_drain_child(
-    dsn: str, name: str, batch: int, barrier: Barrier, results: MPQueue[tuple[str, Any]]
-) -> None:
+def _raw_drain_child(dsn: str, name: str, batch: int, gate: StartGate) -> None:
     def body() -> None:
         with psycopg.connect(dsn) as conn:
             conn.execute("SELECT 1")
             conn.commit()
-            barrier.wait(timeout=STARTUP_TIMEOUT_S)
+            gate.ready()
             while True:
                 ids = [row[0] for row in conn.execute(RAW_CLAIM, (batch, name))]
                 conn.commit()
@@ -308,7 +325,7 @@ def _raw_drain_child(
                 conn.execute(RAW_FINISH, (ids,))
                 conn.commit()
 
-    _child_main(body, barrier, results)
+    _child_main(body, gate)
 
 
 def raw_limit(
@@ -321,7 +338,7 @@ def raw_limit(
     """Raw-SQL drain ceiling: claim ``batch`` rows (tx 1), mark them done (tx 2), repeat.
 
     ``processes`` spawned OS processes, one connection each; the clock runs from the
-    barrier release (all connected) to the last process finding nothing to claim.
+    start gate opening (all connected) to the last process finding nothing to claim.
     """
     try:
         with throwaway_db(admin_dsn, "raw") as dsn:
@@ -402,9 +419,7 @@ async def _pgq_connect(dsn: str) -> Any:
     return await asyncpg.connect(**_asyncpg_kwargs(dsn))
 
 
-def _pgq_drain_child(
-    dsn: str, batch: int, barrier: Barrier, results: MPQueue[tuple[str, Any]]
-) -> None:
+def _pgq_drain_child(dsn: str, batch: int, gate: StartGate) -> None:
     async def body() -> None:
         from datetime import timedelta
 
@@ -422,9 +437,7 @@ def _pgq_drain_child(
                 return None
 
             await qm.verify_structure()
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: barrier.wait(timeout=STARTUP_TIMEOUT_S)
-            )
+            await asyncio.get_running_loop().run_in_executor(None, lambda: gate.ready())
             await qm.run(
                 batch_size=batch,
                 mode=QueueExecutionMode.drain,
@@ -436,7 +449,7 @@ def _pgq_drain_child(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _child_main(body, barrier, results)
+        _child_main(body, gate)
 
 
 async def _pgq_enqueue(dsn: str, single_n: int, jobs: int, enqueue_batch: int) -> Figures:
@@ -587,17 +600,14 @@ def _proc_app(dsn: str, max_size: int, on_run: Callable[[int], None] | None = No
 def _proc_drain_child(
     dsn: str,
     concurrency: int,
-    barrier: Barrier,
-    results: MPQueue[tuple[str, Any]],
+    gate: StartGate,
 ) -> None:
     async def body() -> None:
         _silence_peers()
         app = _proc_app(dsn, max_size=concurrency + 2)
         async with app.open_async():
             await app.check_connection_async()
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: barrier.wait(timeout=STARTUP_TIMEOUT_S)
-            )
+            await asyncio.get_running_loop().run_in_executor(None, lambda: gate.ready())
             await app.run_worker_async(
                 wait=False,
                 concurrency=concurrency,
@@ -607,7 +617,7 @@ def _proc_drain_child(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _child_main(body, barrier, results)
+        _child_main(body, gate)
 
 
 async def _proc_enqueue(dsn: str, single_n: int, jobs: int, enqueue_batch: int) -> Figures:

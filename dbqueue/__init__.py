@@ -1,0 +1,47 @@
+"""dbqueue: a background task queue that lives in the database your application already has."""
+
+from __future__ import annotations
+
+from dbqueue.config import Settings, configure, inline
+from dbqueue.enqueue import (
+    delay,
+    enqueue,
+    enqueue_many,
+    handle_asynchronously,
+    schedule,
+)
+from dbqueue.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    DbqueueError,
+    EnqueueError,
+    ResultNotStored,
+    SchemaError,
+    SignatureError,
+    TaskNotFound,
+    TaskTimeout,
+)
+from dbqueue.schema import Status
+from dbqueue.task import Task
+
+__all__ = [
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "DbqueueError",
+    "EnqueueError",
+    "ResultNotStored",
+    "SchemaError",
+    "Settings",
+    "SignatureError",
+    "Status",
+    "Task",
+    "TaskNotFound",
+    "TaskTimeout",
+    "configure",
+    "delay",
+    "enqueue",
+    "enqueue_many",
+    "handle_asynchronously",
+    "inline",
+    "schedule",
+]

@@ -1,0 +1,383 @@
+"""The `dbqueue` command: thin click commands over the library.
+
+Every DbqueueError becomes one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import click
+import sqlalchemy as sa
+
+from dbqueue import config, database, errors, logs, store, supervisor, worker
+
+EXIT_CONFIG = 2
+
+
+class Context:
+    def __init__(self, database_url: str | None, log_level: str, log_format: str) -> None:
+        self.settings = config.Settings(**({"database_url": database_url} if database_url else {}))
+        self.log_level = log_level
+        self.log_format = log_format
+
+    def spec(
+        self, queues: Sequence[str], imports: Sequence[str], **options: Any
+    ) -> supervisor.ChildSpec:
+        return supervisor.ChildSpec(
+            database_url=self.settings.database_url,
+            queues=list(queues) or None,
+            imports=list(imports),
+            log_level=self.log_level,
+            log_format=self.log_format,
+            **options,
+        )
+
+
+pass_context = click.make_pass_decorator(Context)
+
+queue_option = click.option(
+    "--queue", "-q", "queues", multiple=True, help="Only this queue (repeatable). Default: all."
+)
+import_option = click.option(
+    "--import",
+    "-i",
+    "imports",
+    multiple=True,
+    help="Import this module first, so its tasks are known (repeatable).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--database-url",
+    envvar="DBQUEUE_DATABASE_URL",
+    metavar="URL",
+    help="SQLAlchemy URL [env DBQUEUE_DATABASE_URL; default sqlite:///dbqueue.sqlite3]",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.option(
+    "--log-format", default="text", show_default=True, type=click.Choice(["text", "json"])
+)
+@click.version_option(package_name="dbqueue")
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None, log_level: str, log_format: str) -> None:
+    """dbqueue: background tasks in the database your application already has.
+
+    \b
+    First time:      dbqueue migrate
+    Run tasks:       dbqueue work --import myapp.tasks
+    Drain and exit:  dbqueue workoff --import myapp.tasks
+    See the queues:  dbqueue status
+    """
+    logs.setup(log_level, log_format)
+    ctx.obj = Context(database_url, log_level, log_format)
+
+
+def _worker_options(f: Any) -> Any:
+    for option in reversed(
+        [
+            queue_option,
+            import_option,
+            click.option(
+                "--concurrency",
+                "-c",
+                default=1,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Worker processes.",
+            ),
+            click.option(
+                "--sleep-delay",
+                default=1.0,
+                show_default=True,
+                type=float,
+                help="Seconds between polls when idle.",
+            ),
+            click.option(
+                "--rescue-after",
+                default=15.0,
+                show_default=True,
+                type=float,
+                help="Seconds without heartbeat after which a worker's tasks are rescued.",
+            ),
+            click.option(
+                "--timeout",
+                "default_timeout",
+                type=float,
+                default=None,
+                help="Default task timeout in seconds (a task's own timeout wins).",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@_worker_options
+@click.option("--max-tasks", type=click.IntRange(1), help="Recycle a worker process after N tasks.")
+@click.option(
+    "--max-memory",
+    type=float,
+    metavar="MB",
+    help="Recycle a worker process whose memory exceeds MB (between tasks).",
+)
+@click.option(
+    "--grace",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Seconds running tasks get to finish after SIGTERM.",
+)
+@pass_context
+def work(
+    obj: Context,
+    queues: tuple[str, ...],
+    imports: tuple[str, ...],
+    concurrency: int,
+    sleep_delay: float,
+    rescue_after: float,
+    default_timeout: float | None,
+    max_tasks: int | None,
+    max_memory: float | None,
+    grace: float,
+) -> None:
+    """Run tasks until stopped (SIGTERM/SIGINT finish running tasks first)."""
+    _preflight(obj, imports)
+    spec = obj.spec(
+        queues,
+        imports,
+        sleep_delay=sleep_delay,
+        rescue_after=rescue_after,
+        default_timeout=default_timeout,
+        max_tasks=max_tasks,
+        max_memory_mb=max_memory,
+    )
+    supervisor.Supervisor(spec, concurrency, grace=grace).run()
+
+
+@cli.command()
+@_worker_options
+@pass_context
+def workoff(
+    obj: Context,
+    queues: tuple[str, ...],
+    imports: tuple[str, ...],
+    concurrency: int,
+    sleep_delay: float,
+    rescue_after: float,
+    default_timeout: float | None,
+) -> None:
+    """Run every task that is ready, show progress, print a summary, then exit.
+
+    Exits 1 if any task raised (failed for good, or was scheduled for a retry).
+    """
+    _preflight(obj, imports)
+    spec = obj.spec(
+        queues,
+        imports,
+        burst=True,
+        sleep_delay=sleep_delay,
+        rescue_after=rescue_after,
+        default_timeout=default_timeout,
+    )
+    progress = Progress(obj.settings, queues)
+    summary = supervisor.Supervisor(spec, concurrency, on_progress=progress).run()
+    progress.finish(summary)
+    if summary.failed or summary.retried:
+        sys.exit(1)
+
+
+class Progress:
+    """Progress lines while working off: at most one a second."""
+
+    def __init__(self, settings: config.Settings, queues: Sequence[str]) -> None:
+        self.settings = settings
+        self.queues = list(queues) or None
+        self.last = 0.0
+
+    def __call__(self, summary: worker.Summary) -> None:
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            return
+        self.last = now
+        with self.settings.get_engine().begin() as conn:
+            ready = store.ready_count(conn, self.queues)
+        click.echo(
+            f"workoff: {summary.done} done ({summary.succeeded} succeeded, "
+            f"{summary.retried} retried, {summary.failed} failed), "
+            f"{summary.rate:.0f}/s, {ready} ready",
+            err=True,
+        )
+
+    def finish(self, summary: worker.Summary) -> None:
+        click.echo(
+            f"workoff: {summary.done} tasks in {summary.elapsed:.1f}s "
+            f"({summary.rate:.0f}/s): {summary.succeeded} succeeded, "
+            f"{summary.retried} retried, {summary.failed} failed"
+        )
+
+
+def _preflight(obj: Context, imports: Sequence[str]) -> None:
+    """Fail fast, in one line, on a bad URL, a missing schema or a module that won't import."""
+    database.check_schema(obj.settings)
+    obj.settings.keyring()
+    try:
+        supervisor.import_modules(imports)
+    except ImportError as exc:
+        raise errors.ConfigurationError(f"--import {exc.name or ''}: {exc}") from exc
+
+
+@cli.command()
+@queue_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@pass_context
+def clear(obj: Context, queues: tuple[str, ...], yes: bool) -> None:
+    """Delete queued tasks (running and finished ones are kept)."""
+    database.check_schema(obj.settings)
+    where = f"queue(s) {', '.join(queues)}" if queues else "all queues"
+    with obj.settings.get_engine().begin() as conn:
+        queued = sum(
+            r.count
+            for r in store.counts(conn)
+            if r.status == "queued" and (not queues or r.queue in queues)
+        )
+    if not yes:
+        click.confirm(f"Delete {queued} queued task(s) in {where}?", abort=True)
+    with obj.settings.get_engine().begin() as conn:
+        deleted = store.clear(conn, list(queues) or None)
+    click.echo(f"deleted {deleted} queued task(s) in {where}")
+
+
+@cli.command()
+@click.option("--revision", default="head", show_default=True)
+@pass_context
+def migrate(obj: Context, revision: str) -> None:
+    """Create or upgrade dbqueue's tables (alembic, with its own version table)."""
+    database.migrate(obj.settings, revision)
+    with obj.settings.get_engine().connect() as conn:
+        current = database.current_revision(conn)
+    click.echo(
+        f"{config.redact(obj.settings.database_url)} is at dbqueue schema revision {current}"
+    )
+
+
+@cli.command()
+@pass_context
+def status(obj: Context) -> None:
+    """Tasks per queue and status, and the workers alive."""
+    database.check_schema(obj.settings)
+    with obj.settings.get_engine().begin() as conn:
+        rows = store.counts(conn)
+        workers = store.list_workers(conn)
+    table: dict[str, dict[str, int]] = {}
+    for row in rows:
+        table.setdefault(row.queue, {})[row.status] = row.count
+    columns = ["queued", "running", "succeeded", "failed", "cancelled"]
+    width = max([5, *(len(q) for q in table)])
+    click.echo(f"{'queue':<{width}}  " + "  ".join(f"{c:>9}" for c in columns))
+    for queue_name in sorted(table):
+        counts = table[queue_name]
+        click.echo(
+            f"{queue_name:<{width}}  " + "  ".join(f"{counts.get(c, 0):>9}" for c in columns)
+        )
+    if not table:
+        click.echo("(no tasks)")
+    click.echo(f"\nworkers: {len(workers)}")
+    for w in workers:
+        age = (w.now - w.heartbeat_at).total_seconds()
+        click.echo(f"  {w.name}  queues={w.queues or '*'}  heartbeat {age:.1f}s ago")
+
+
+@cli.command("retry")
+@click.argument("task_ids", nargs=-1, type=int)
+@click.option("--failed", "all_failed", is_flag=True, help="Every failed task.")
+@queue_option
+@pass_context
+def retry_command(
+    obj: Context, task_ids: tuple[int, ...], all_failed: bool, queues: tuple[str, ...]
+) -> None:
+    """Queue failed or cancelled tasks again, with a fresh set of attempts."""
+    if not task_ids and not all_failed:
+        raise click.UsageError("give task ids, or --failed")
+    database.check_schema(obj.settings)
+    with obj.settings.get_engine().begin() as conn:
+        count = store.requeue(
+            conn,
+            list(task_ids) if task_ids else None,
+            all_failed=all_failed,
+            queues=list(queues) or None,
+        )
+    click.echo(f"queued {count} task(s) again")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '15m', '12h', '7d', '2w' (or plain seconds) -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30s, 15m, 12h, 7d")
+    factor = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+    return float(match.group(1)) * factor
+
+
+@cli.command()
+@click.option(
+    "--older-than",
+    required=True,
+    metavar="DURATION",
+    help="Delete finished tasks older than this (30m, 12h, 7d).",
+)
+@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1))
+@pass_context
+def prune(obj: Context, older_than: str, batch_size: int) -> None:
+    """Delete finished tasks in batches, each its own short transaction."""
+    seconds = parse_duration(older_than)
+    database.check_schema(obj.settings)
+    total = 0
+    while True:
+        with obj.settings.get_engine().begin() as conn:
+            deleted = store.prune(conn, seconds, batch_size)
+        total += deleted
+        if deleted:
+            click.echo(f"prune: {total} deleted so far", err=True)
+        if deleted < batch_size:
+            break
+    click.echo(f"pruned {total} finished task(s) older than {older_than}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: errors as one line, never a traceback."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (errors.ConfigurationError, errors.SchemaError) as exc:
+        click.echo(f"dbqueue: error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except errors.DbqueueError as exc:
+        click.echo(f"dbqueue: error: {exc}", err=True)
+        sys.exit(1)
+    except sa.exc.DBAPIError as exc:
+        click.echo(f"dbqueue: error: {database.describe_error(config.current(), exc)}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

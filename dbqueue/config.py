@@ -1,0 +1,209 @@
+"""Settings from arguments and DBQUEUE_* environment variables, and the Engine they describe.
+
+Owns: the default `Settings` (what `dbqueue.configure()` changes), building an Engine with the
+connection settings a queue needs (SQLite WAL + BEGIN IMMEDIATE, PostgreSQL READ COMMITTED),
+the inline switch, and readable errors for bad URLs. It owns no SQL on `tasks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+
+from dbqueue import errors
+
+DEFAULT_DATABASE_URL = "sqlite:///dbqueue.sqlite3"
+
+
+def _env_bool(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_list(name: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in os.environ.get(name, "").split(",") if p.strip())
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything dbqueue needs to know; passed to workers, never read from globals there."""
+
+    database_url: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("DBQUEUE_DATABASE_URL", DEFAULT_DATABASE_URL)
+    )
+    engine: sa.Engine | None = None
+    secret_key: str | None = dataclasses.field(
+        default_factory=lambda: os.environ.get("DBQUEUE_SECRET_KEY") or None
+    )
+    fallback_keys: tuple[str, ...] = dataclasses.field(
+        default_factory=lambda: _env_list("DBQUEUE_SECRET_KEY_FALLBACKS")
+    )
+    key_file: str | None = dataclasses.field(
+        default_factory=lambda: os.environ.get("DBQUEUE_KEY_FILE") or None
+    )
+    allowed_modules: tuple[str, ...] = dataclasses.field(
+        default_factory=lambda: _env_list("DBQUEUE_ALLOWED_MODULES")
+    )
+    max_payload_bytes: int = dataclasses.field(
+        default_factory=lambda: int(os.environ.get("DBQUEUE_MAX_PAYLOAD_BYTES", 1024 * 1024))
+    )
+    inline: bool = dataclasses.field(default_factory=lambda: _env_bool("DBQUEUE_INLINE"))
+    notify: bool = dataclasses.field(default_factory=lambda: not _env_bool("DBQUEUE_NO_NOTIFY"))
+
+    _keyring: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def keyring(self) -> Any:
+        """The signing keys (serializer.Keyring), loaded once."""
+        if self._keyring is None:
+            from dbqueue import serializer
+
+            self._keyring = serializer.load_keyring(
+                self.secret_key, self.fallback_keys, self.key_file
+            )
+        return self._keyring
+
+    def get_engine(self) -> sa.Engine:
+        """The Engine: the application's own when it handed one, else built once from the URL."""
+        if self.engine is None:
+            self.engine = create_engine(self.database_url)
+        return self.engine
+
+
+_lock = threading.Lock()
+_current: Settings | None = None
+
+
+def current() -> Settings:
+    """The process-wide default settings, read from the environment on first use."""
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Settings()
+        return _current
+
+
+def configure(
+    database_url: str | None = None, engine: sa.Engine | None = None, **options: Any
+) -> Settings:
+    """Replace the default settings: `configure(database_url=...)` or `configure(engine=...)`."""
+    global _current
+    kwargs: dict[str, Any] = dict(options)
+    if database_url is not None:
+        kwargs["database_url"] = database_url
+    if engine is not None:
+        kwargs["engine"] = engine
+        kwargs.setdefault("database_url", engine.url.render_as_string(hide_password=False))
+    unknown = set(kwargs) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise TypeError(f"unknown dbqueue setting(s): {', '.join(sorted(unknown))}")
+    settings = Settings(**kwargs)
+    with _lock:
+        _current = settings
+    return settings
+
+
+@contextlib.contextmanager
+def inline(enabled: bool = True) -> Iterator[None]:
+    """Run tasks at enqueue, in this process, recording the row as a worker would (for tests)."""
+    settings = current()
+    before = settings.inline
+    settings.inline = enabled
+    try:
+        yield
+    finally:
+        settings.inline = before
+
+
+def redact(url: str | sa.URL) -> str:
+    """A URL safe to print: the password hidden."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"
+
+
+def create_engine(url: str, **kwargs: Any) -> sa.Engine:
+    """An Engine set up for queue work, with a readable error for a bad URL.
+
+    SQLite: WAL (readers never block the writer), a long busy timeout, and every transaction
+    `BEGIN IMMEDIATE` so a read-then-write never fails with SQLITE_BUSY half way.
+    PostgreSQL: READ COMMITTED regardless of the server default, as SKIP LOCKED claims need.
+    """
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise errors.ConfigurationError(
+            f"invalid database URL {url!r}: {exc}. Expected e.g. sqlite:///dbqueue.sqlite3 or "
+            "postgresql+psycopg://user@host/dbname"
+        ) from None
+    if parsed.drivername in {"postgresql", "postgres"}:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername.startswith("sqlite"):
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            directory = Path(database).expanduser().resolve().parent
+            if not directory.is_dir():
+                raise errors.ConfigurationError(
+                    f"SQLite database directory {directory} does not exist: create it or "
+                    "point DBQUEUE_DATABASE_URL elsewhere"
+                )
+            if not os.access(directory, os.W_OK):
+                raise errors.ConfigurationError(
+                    f"directory {directory} is not writable (SQLite needs to create "
+                    f"{Path(database).name}-wal there)"
+                )
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", 30)
+        engine = _create(parsed, kwargs)
+        _setup_sqlite(engine)
+        return engine
+    if parsed.drivername.startswith("postgresql"):
+        kwargs.setdefault("isolation_level", "READ COMMITTED")
+        kwargs.setdefault("pool_pre_ping", True)
+        connect_args = kwargs.setdefault("connect_args", {})
+        connect_args.setdefault("connect_timeout", 10)
+        # Notice a half-open connection within seconds instead of the kernel's two hours.
+        connect_args.setdefault("keepalives_idle", 10)
+        connect_args.setdefault("keepalives_interval", 5)
+        connect_args.setdefault("keepalives_count", 3)
+    return _create(parsed, kwargs)
+
+
+def _create(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
+    try:
+        return sa.create_engine(url, **kwargs)
+    except ModuleNotFoundError as exc:
+        raise errors.ConfigurationError(
+            f"the driver for {redact(url)} is not installed ({exc.name}): "
+            "pip install 'psycopg[binary]' for PostgreSQL"
+        ) from None
+    except Exception as exc:
+        raise errors.ConfigurationError(f"cannot use database URL {redact(url)}: {exc}") from None
+
+
+def _setup_sqlite(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event below decide how transactions start.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def is_sqlite(bind: sa.Engine | sa.Connection) -> bool:
+    return bind.dialect.name == "sqlite"

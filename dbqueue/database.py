@@ -1,0 +1,128 @@
+"""The database as a whole: migrations, schema version checks, and readable connection errors.
+
+Owns where the alembic scripts live (the checkout's `migrations/`, or the copy inside the
+wheel), `migrate()`, the check that the schema matches this code, and turning driver
+exceptions into one-line messages that say what to do. No statements on `tasks` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from dbqueue import config, errors
+
+VERSION_TABLE = "dbqueue_alembic_version"
+
+
+def migrations_dir() -> Path:
+    """The alembic scripts: inside the installed wheel, else the checkout's `migrations/`."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_migrations", package.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise errors.ConfigurationError(
+        f"dbqueue's migrations are missing (looked in {package / '_migrations'}); reinstall dbqueue"
+    )
+
+
+def alembic_config(settings: config.Settings) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.attributes["dbqueue_settings"] = settings
+    return cfg
+
+
+def head_revision() -> str:
+    script = ScriptDirectory(str(migrations_dir()))
+    head = script.get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(conn: sa.Connection) -> str | None:
+    context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
+
+
+def migrate(settings: config.Settings, revision: str = "head") -> None:
+    """Upgrade the schema (alembic upgrade, with dbqueue's own version table)."""
+    with errors_translated(settings):
+        command.upgrade(alembic_config(settings), revision)
+
+
+def downgrade(settings: config.Settings, revision: str = "base") -> None:
+    with errors_translated(settings):
+        command.downgrade(alembic_config(settings), revision)
+
+
+def check_schema(settings: config.Settings) -> None:
+    """Raise SchemaError unless the database is at this code's migration head."""
+    expected = head_revision()
+    with errors_translated(settings), settings.get_engine().connect() as conn:
+        found = current_revision(conn)
+        conn.rollback()
+    if found == expected:
+        return
+    script = ScriptDirectory(str(migrations_dir()))
+    url = config.redact(settings.database_url)
+    if found is None:
+        raise errors.SchemaError(
+            f"{url} has no dbqueue tables (expected revision {expected}): run `dbqueue migrate`"
+        )
+    known = {rev.revision for rev in script.walk_revisions()}
+    if found not in known:
+        raise errors.SchemaError(
+            f"database schema is newer than this dbqueue (revision {found} is unknown, this "
+            f"version knows up to {expected}): upgrade dbqueue"
+        )
+    raise errors.SchemaError(
+        f"database schema is at revision {found}, this dbqueue needs {expected}: "
+        "run `dbqueue migrate`"
+    )
+
+
+def describe_error(settings: config.Settings, exc: BaseException) -> errors.DbqueueError:
+    """A DbqueueError with a one-line message for a driver exception, password hidden."""
+    url = config.redact(settings.database_url)
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    lowered = " ".join(text).lower()
+    if isinstance(exc, (sa.exc.ProgrammingError, sa.exc.OperationalError)) and (
+        "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered)
+    ):
+        return errors.SchemaError(f"{url} has no dbqueue tables ({first}): run `dbqueue migrate`")
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or (
+        isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
+    ):
+        return errors.DatabaseUnavailable(f"database unavailable at {url}: {first}")
+    return errors.DbqueueError(f"database error at {url}: {first}")
+
+
+@contextlib.contextmanager
+def errors_translated(settings: config.Settings) -> Iterator[None]:
+    """Re-raise driver errors as DbqueueErrors with readable messages."""
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        raise describe_error(settings, exc) from exc
+    except sa.exc.ArgumentError as exc:
+        raise errors.ConfigurationError(
+            f"cannot use database URL {config.redact(settings.database_url)}: {exc}"
+        ) from exc
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether an exception means the connection or server went away (worth retrying)."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+    return isinstance(exc, (ConnectionError, errors.DatabaseUnavailable))

@@ -1,0 +1,350 @@
+"""Putting tasks in the queue: enqueue, enqueue_many, schedule, handle_asynchronously, delay.
+
+Owns validation of options, building the signed payload, choosing the connection (the
+caller's Session/Connection, so the task commits or rolls back with their data, or a short
+transaction of our own), and the one place that decides "store, or run inline".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import inspect
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Generic, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+from dbqueue import config, database, errors, retry, serializer, store
+from dbqueue import task as task_module
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+RunAt = dt.datetime | dt.timedelta | Callable[[], "dt.datetime | dt.timedelta"] | None
+Bind = orm.Session | sa.Connection | None
+
+
+def _run_at(run_at: RunAt) -> tuple[dt.datetime | None, float]:
+    """(absolute time, or None) and seconds from the database's now."""
+    if callable(run_at) and not isinstance(run_at, (dt.datetime, dt.timedelta)):
+        run_at = run_at()
+    if run_at is None:
+        return None, 0.0
+    if isinstance(run_at, dt.timedelta):
+        seconds = run_at.total_seconds()
+        if not math.isfinite(seconds):
+            raise errors.EnqueueError(f"run_at={run_at!r} is not a finite delay")
+        return None, seconds
+    if isinstance(run_at, dt.datetime):
+        if run_at.tzinfo is None:
+            raise errors.EnqueueError(
+                f"run_at={run_at.isoformat()} is a naive datetime; pass an aware one "
+                "(datetime.now(timezone.utc) + ...) or a timedelta"
+            )
+        if run_at.year > 9000:
+            raise errors.EnqueueError(f"run_at={run_at.isoformat()} is too far in the future")
+        return run_at, 0.0
+    raise errors.EnqueueError(
+        f"run_at must be a datetime, a timedelta or a callable returning one, "
+        f"not {type(run_at).__name__}"
+    )
+
+
+def _check_options(priority: Any, queue: Any, max_attempts: Any, timeout: Any) -> None:
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise errors.EnqueueError(f"priority must be an int, not {priority!r}")
+    if not -(2**31) <= priority < 2**31:
+        raise errors.EnqueueError(f"priority {priority} is out of range (32-bit integer)")
+    if not isinstance(queue, str) or not 0 < len(queue) <= 100:
+        raise errors.EnqueueError(
+            f"queue must be a non-empty string of at most 100 characters, not {queue!r}"
+        )
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise errors.EnqueueError(f"max_attempts must be a positive int, not {max_attempts!r}")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+    ):
+        raise errors.EnqueueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+
+
+def reference(func: Any) -> tuple[str, tuple[Any, ...]]:
+    """(handler, reference) for a callable: a function by name, a model method by primary key.
+
+    A bound method of an SQLAlchemy model instance is stored as (class, primary key, method)
+    and reloaded in a fresh session by the worker; of any other object, the object is pickled.
+    """
+    owner = getattr(func, "__self__", None)
+    if owner is not None and not inspect.ismodule(owner) and inspect.ismethod(func):
+        method = func.__name__
+        cls = type(owner)
+        class_handler = serializer.handler_name(cls)
+        handler = f"{class_handler}.{method}"
+        state = sa.inspect(owner, raiseerr=False)
+        if state is not None and isinstance(state, orm.InstanceState):
+            if state.identity is None:
+                raise errors.EnqueueError(
+                    f"{cls.__name__} instance has no primary key yet: flush or commit it "
+                    "before enqueueing its method"
+                )
+            return handler, ("model", class_handler, tuple(state.identity), method)
+        return handler, ("object", owner, method)
+    return serializer.handler_name(func), ("func",)
+
+
+def build(
+    settings: config.Settings,
+    func: Any,
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None,
+    *,
+    priority: int = 0,
+    run_at: RunAt = None,
+    queue: str = "default",
+    max_attempts: int = retry.DEFAULT_MAX_ATTEMPTS,
+    timeout: float | None = None,
+    unique_key: str | None = None,
+) -> store.NewTask:
+    """Validate and sign one task; raises EnqueueError before anything touches the database."""
+    if not callable(func):
+        raise errors.EnqueueError(f"{func!r} is not callable")
+    _check_options(priority, queue, max_attempts, timeout)
+    if unique_key is not None and not isinstance(unique_key, str):
+        raise errors.EnqueueError(f"unique_key must be a string, not {unique_key!r}")
+    args = tuple(args)
+    kwargs = dict(kwargs or {})
+    handler, ref = reference(func)
+    body = (ref, args, kwargs)
+    try:
+        payload = serializer.dumps(settings.keyring(), "payload", handler, body)
+    except errors.DbqueueError:
+        raise
+    except Exception:
+        serializer.pickle_args(handler, args, kwargs)
+        raise
+    if len(payload) > settings.max_payload_bytes:
+        raise errors.EnqueueError(
+            f"payload of {handler} is {_size(len(payload))}, limit is "
+            f"{_size(settings.max_payload_bytes)}; store large data elsewhere and pass a reference"
+        )
+    absolute, delay = _run_at(run_at)
+    return store.NewTask(
+        handler=handler,
+        payload=payload,
+        queue=queue,
+        priority=priority,
+        run_at=absolute,
+        delay=delay,
+        max_attempts=max_attempts,
+        timeout=None if timeout is None else float(timeout),
+        unique_key=unique_key,
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024 / 1024:.1f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.1f} KiB"
+
+
+@contextmanager
+def _connection(
+    settings: config.Settings, session: Bind, connection: Bind
+) -> Iterator[sa.Connection]:
+    """The caller's connection (their transaction), or a transaction of our own."""
+    bind = session if session is not None else connection
+    if isinstance(bind, orm.Session):
+        yield bind.connection()
+    elif isinstance(bind, sa.Connection):
+        yield bind
+    elif bind is None:
+        with database.errors_translated(settings), settings.get_engine().begin() as conn:
+            yield conn
+    else:
+        raise errors.EnqueueError(
+            f"session= takes an SQLAlchemy Session and connection= a Connection, not {bind!r}"
+        )
+
+
+def enqueue(
+    func: Callable[..., Any],
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    priority: int = 0,
+    run_at: RunAt = None,
+    queue: str = "default",
+    max_attempts: int = retry.DEFAULT_MAX_ATTEMPTS,
+    timeout: float | None = None,
+    unique_key: str | None = None,
+    on_conflict: str = "keep",
+    session: orm.Session | None = None,
+    connection: sa.Connection | None = None,
+    settings: config.Settings | None = None,
+) -> task_module.Task:
+    """Store one task and return its handle; inside `session`/`connection`'s transaction if given.
+
+    With `unique_key`, a task whose key is already queued or running is not stored twice: the
+    existing task is returned (`on_conflict="keep"`) or its arguments and run_at replaced
+    (`on_conflict="replace"`).
+    """
+    if on_conflict not in {"keep", "replace"}:
+        raise errors.EnqueueError(f"on_conflict must be 'keep' or 'replace', not {on_conflict!r}")
+    settings = settings or config.current()
+    new = build(
+        settings,
+        func,
+        args,
+        kwargs,
+        priority=priority,
+        run_at=run_at,
+        queue=queue,
+        max_attempts=max_attempts,
+        timeout=timeout,
+        unique_key=unique_key,
+    )
+    with _connection(settings, session, connection) as conn:
+        (task_id,) = store.insert(
+            conn, [new], replace=on_conflict == "replace", notify=settings.notify
+        )
+        if settings.inline:
+            from dbqueue import worker
+
+            worker.run_inline(settings, conn, task_id)
+    return task_module.Task(task_id, settings=settings)
+
+
+def enqueue_many(
+    func: Callable[..., Any],
+    items: Iterable[Any],
+    *,
+    session: orm.Session | None = None,
+    connection: sa.Connection | None = None,
+    settings: config.Settings | None = None,
+    **options: Any,
+) -> list[int]:
+    """Store many tasks of one function in one round trip; returns their ids.
+
+    Each item is a tuple of positional arguments, a dict of keyword arguments, or a single
+    argument.
+    """
+    settings = settings or config.current()
+    new = []
+    for item in items:
+        if isinstance(item, tuple):
+            args, kwargs = item, None
+        elif isinstance(item, dict):
+            args, kwargs = (), item
+        else:
+            args, kwargs = (item,), None
+        new.append(build(settings, func, args, kwargs, **options))
+    with _connection(settings, session, connection) as conn:
+        ids = store.insert(conn, new, notify=settings.notify)
+        if settings.inline:
+            from dbqueue import worker
+
+            for task_id in ids:
+                worker.run_inline(settings, conn, task_id)
+    return ids
+
+
+def schedule(
+    when: RunAt,
+    func: Callable[..., Any],
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> task_module.Task:
+    """`enqueue` with `run_at=when` first: `schedule(timedelta(hours=1), send_report)`."""
+    return enqueue(func, args, kwargs, run_at=when, **options)
+
+
+class AsyncTaskFunction(Generic[P, R]):
+    """A function whose call enqueues it; `.now()` runs it here, `.map()` enqueues many."""
+
+    def __init__(self, func: Callable[P, R], **options: Any) -> None:
+        serializer.handler_name(func)  # refuse lambdas and local functions at decoration
+        self.__dbqueue_func__ = func
+        self.options = options
+        functools.update_wrapper(self, func)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> task_module.Task:
+        return enqueue(self.__dbqueue_func__, args, kwargs, **self.options)
+
+    def now(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function in this process, bypassing the queue."""
+        return self.__dbqueue_func__(*args, **kwargs)
+
+    def enqueue(
+        self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> task_module.Task:
+        """Enqueue with options overriding the decorator's (queue, priority, session...)."""
+        return enqueue(self.__dbqueue_func__, args, kwargs, **{**self.options, **options})
+
+    def map(self, items: Iterable[Any], **options: Any) -> list[int]:
+        """Enqueue one task per item in one round trip (see `enqueue_many`)."""
+        return enqueue_many(self.__dbqueue_func__, items, **{**self.options, **options})
+
+    @property
+    def retry_delay(self) -> Any:
+        return getattr(self.__dbqueue_func__, "retry_delay", None)
+
+    def __repr__(self) -> str:
+        return f"<dbqueue task {serializer.handler_name(self.__dbqueue_func__)}>"
+
+
+def handle_asynchronously(
+    func: Callable[P, R] | None = None,
+    *,
+    priority: int = 0,
+    run_at: RunAt = None,
+    queue: str = "default",
+    max_attempts: int = retry.DEFAULT_MAX_ATTEMPTS,
+    timeout: float | None = None,
+    unique_key: str | None = None,
+    retry_delay: Callable[[int, BaseException], float] | None = None,
+) -> Any:
+    """Make calling `func` enqueue it. Usable bare or with options, as delayed_job's macro."""
+    options: dict[str, Any] = {
+        "priority": priority,
+        "run_at": run_at,
+        "queue": queue,
+        "max_attempts": max_attempts,
+        "timeout": timeout,
+    }
+    if unique_key is not None:
+        options["unique_key"] = unique_key
+    _check_options(priority, queue, max_attempts, timeout)
+
+    def decorate(f: Callable[P, R]) -> AsyncTaskFunction[P, R]:
+        if retry_delay is not None:
+            f.retry_delay = retry_delay  # type: ignore[attr-defined]
+        return AsyncTaskFunction(f, **options)
+
+    if func is not None:
+        return decorate(func)
+    return decorate
+
+
+class _DelayProxy:
+    """`delay(obj).method(...)`: attribute access yields an enqueuing callable."""
+
+    def __init__(self, target: Any, options: dict[str, Any]) -> None:
+        self._target = target
+        self._options = options
+
+    def __getattr__(self, name: str) -> Callable[..., task_module.Task]:
+        method = getattr(self._target, name)
+        if not callable(method):
+            raise errors.EnqueueError(f"{type(self._target).__name__}.{name} is not callable")
+
+        def call(*args: Any, **kwargs: Any) -> task_module.Task:
+            return enqueue(method, args, kwargs, **self._options)
+
+        return call
+
+
+def delay(target: Any, **options: Any) -> Any:
+    """`delay(photo, priority=3).upload()` enqueues `photo.upload()` (delayed_job's .delay)."""
+    return _DelayProxy(target, options)

@@ -1,0 +1,246 @@
+"""The tables, in SQLAlchemy Core: the one source the alembic migrations follow.
+
+Owns table and index definitions, the status names and the database-clock expression
+`db_now()`. It owns no statements: those live in `store.py` (and in `counters.py` and
+`bus.py` for their own tables).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql import expression
+from sqlalchemy.types import TypeDecorator
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class Status(str, enum.Enum):
+    """A task's state. `succeeded`, `failed` and `cancelled` are final."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STATUSES = tuple(s.value for s in Status)
+FINISHED = (Status.SUCCEEDED.value, Status.FAILED.value, Status.CANCELLED.value)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware datetimes everywhere; stored as naive UTC text on SQLite.
+
+    SQLite has no timestamp type; storing UTC in one fixed text format keeps comparisons
+    with `db_now()` correct as plain string comparisons.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__name__}")
+        if value.tzinfo is None:
+            raise ValueError(
+                f"naive datetime {value.isoformat()} is ambiguous; pass an aware datetime "
+                "(for example datetime.now(timezone.utc))"
+            )
+        value = value.astimezone(dt.timezone.utc)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # produced by db_now() on SQLite
+            value = dt.datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value.astimezone(dt.timezone.utc)
+
+
+class db_now(expression.FunctionElement[dt.datetime]):
+    """The database clock, optionally shifted by `seconds`; never the worker's clock.
+
+    PostgreSQL uses `clock_timestamp()` rather than `now()`, which is frozen at the start of
+    the transaction (a long transaction would otherwise stamp old times).
+    """
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "db_now"
+
+    def __init__(self, seconds: float | sa.ColumnElement[Any] | None = None) -> None:
+        args: list[Any] = []
+        if seconds is not None:
+            args.append(
+                seconds
+                if isinstance(seconds, sa.ColumnElement)
+                else sa.literal(float(seconds), sa.Float)
+            )
+        super().__init__(*args)
+
+
+@compiles(db_now, "postgresql")
+def _db_now_pg(element: db_now, compiler: Any, **kw: Any) -> str:
+    args = list(element.clauses)
+    if not args:
+        return "clock_timestamp()"
+    return f"(clock_timestamp() + make_interval(secs => {compiler.process(args[0], **kw)}))"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
+    args = list(element.clauses)
+    if not args:
+        return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+    offset = compiler.process(args[0], **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', ({offset}) || ' seconds')"
+
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        sa.Identity(),
+        primary_key=True,
+    ),
+    sa.Column("queue", sa.String(100), nullable=False, server_default="default"),
+    sa.Column(
+        "priority",
+        sa.Integer,
+        nullable=False,
+        server_default="0",
+        comment="lower runs first (delayed_job's rule)",
+    ),
+    sa.Column("run_at", UTCDateTime(), nullable=False, comment="not claimed before this time"),
+    sa.Column("status", sa.String(16), nullable=False, server_default=Status.QUEUED.value),
+    sa.Column(
+        "handler", sa.Text, nullable=False, comment="module:qualname of the callable (signed)"
+    ),
+    sa.Column(
+        "payload",
+        sa.LargeBinary,
+        nullable=False,
+        comment="signed pickle of (callable reference, args, kwargs)",
+    ),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("max_attempts", sa.Integer, nullable=False, server_default="25"),
+    sa.Column("timeout", sa.Float, nullable=True, comment="seconds; null: the worker's default"),
+    sa.Column("locked_by", sa.String(200), nullable=True, comment="worker name holding the task"),
+    sa.Column("locked_at", UTCDateTime(), nullable=True),
+    sa.Column("result", sa.LargeBinary, nullable=True, comment="signed pickle of the return value"),
+    sa.Column("exception", sa.LargeBinary, nullable=True, comment="signed pickle of the exception"),
+    sa.Column("error", sa.Text, nullable=True, comment="exception, message and traceback as text"),
+    sa.Column("unique_key", sa.Text, nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("started_at", UTCDateTime(), nullable=True),
+    sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.CheckConstraint(f"status IN {STATUSES!r}", name="status_known"),
+    sa.CheckConstraint("attempts >= 0 AND max_attempts >= 1", name="attempts_valid"),
+    sa.CheckConstraint("length(queue) > 0", name="queue_not_empty"),
+)
+
+# The claim reads exactly these rows in exactly this order; finished rows never enter the
+# index, so a table full of history does not slow the claim.
+sa.Index(
+    "ix_tasks_claimable",
+    tasks.c.priority,
+    tasks.c.run_at,
+    tasks.c.id,
+    postgresql_where=tasks.c.status == Status.QUEUED.value,
+    sqlite_where=tasks.c.status == Status.QUEUED.value,
+)
+# At most one queued-or-running task per unique_key.
+sa.Index(
+    "ix_tasks_unique_key",
+    tasks.c.unique_key,
+    unique=True,
+    postgresql_where=sa.and_(
+        tasks.c.unique_key.is_not(None), tasks.c.status.in_(("queued", "running"))
+    ),
+    sqlite_where=sa.and_(
+        tasks.c.unique_key.is_not(None), tasks.c.status.in_(("queued", "running"))
+    ),
+)
+# Rescue and the dashboard look up running tasks by owner.
+sa.Index(
+    "ix_tasks_running",
+    tasks.c.locked_by,
+    postgresql_where=tasks.c.status == Status.RUNNING.value,
+    sqlite_where=tasks.c.status == Status.RUNNING.value,
+)
+# Pruning and the dashboard walk finished rows by age.
+sa.Index("ix_tasks_status_finished_at", tasks.c.status, tasks.c.finished_at)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True, comment="host:pid:random"),
+    sa.Column("hostname", sa.String(200), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("queues", sa.Text, nullable=True, comment="comma-separated; null: every queue"),
+    sa.Column("started_at", UTCDateTime(), nullable=False),
+    sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
+)
+
+counter_deltas = sa.Table(
+    "counter_deltas",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        sa.Identity(),
+        primary_key=True,
+    ),
+    sa.Column("table_name", sa.String(200), nullable=False),
+    sa.Column("row_id", sa.String(200), nullable=False, comment="parent primary key, as text"),
+    sa.Column("column_name", sa.String(200), nullable=False),
+    sa.Column("delta", sa.BigInteger, nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+)
+sa.Index(
+    "ix_counter_deltas_parent",
+    counter_deltas.c.table_name,
+    counter_deltas.c.row_id,
+    counter_deltas.c.column_name,
+)
+
+bus_subscriptions = sa.Table(
+    "bus_subscriptions",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        sa.Identity(),
+        primary_key=True,
+    ),
+    sa.Column("app_key", sa.String(100), nullable=False),
+    sa.Column("queue", sa.String(100), nullable=False),
+    sa.Column("matcher", sa.Text, nullable=False, comment="event name, or a regex pattern"),
+    sa.Column("is_regex", sa.Boolean, nullable=False),
+    sa.Column("handler", sa.Text, nullable=False, comment="module:qualname"),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("app_key", "matcher", "is_regex", "handler"),
+)

@@ -1,0 +1,637 @@
+"""Every SQL statement on `tasks` and `workers`: one function per state transition.
+
+    insert    (new)              -> queued
+    claim     queued             -> running    (SKIP LOCKED on PostgreSQL,
+                                                BEGIN IMMEDIATE on SQLite)
+    complete  running            -> succeeded
+    retry     running            -> queued     (run_at = now + backoff)
+    fail      running            -> failed
+    release   running            -> queued     (claimed but never started: graceful shutdown)
+    rescue    running (dead/expired worker) -> queued, or failed when out of attempts
+    cancel    queued             -> cancelled
+    requeue   failed/cancelled   -> queued     (`dbqueue retry`, the dashboard)
+    clear     queued             -> (deleted)
+    prune     finished, old      -> (deleted)
+
+Every write that ends a run is fenced on (id, status='running', locked_by, attempts) and its
+row count is checked, so a worker presumed dead cannot overwrite the run that replaced it.
+Every time comes from the database clock (`schema.db_now`). Callers own the transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from dbqueue.schema import FINISHED, Status, db_now, tasks, workers
+
+log = logging.getLogger("dbqueue.store")
+
+NOTIFY_CHANNEL = "dbqueue"
+NOTIFY_MIN_INTERVAL = 0.005  # seconds between NOTIFYs for one queue from one process
+
+CLAIM_COLUMNS = (
+    tasks.c.id,
+    tasks.c.queue,
+    tasks.c.priority,
+    tasks.c.run_at,
+    tasks.c.handler,
+    tasks.c.payload,
+    tasks.c.attempts,
+    tasks.c.max_attempts,
+    tasks.c.timeout,
+)
+
+
+@dataclasses.dataclass
+class NewTask:
+    """One row to insert. `run_at` absolute, or `delay` seconds from the database's now."""
+
+    handler: str
+    payload: bytes
+    queue: str = "default"
+    priority: int = 0
+    run_at: dt.datetime | None = None
+    delay: float = 0.0
+    max_attempts: int = 25
+    timeout: float | None = None
+    unique_key: str | None = None
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How one run ended, as the worker records it. `status` is the new status."""
+
+    id: int
+    attempts: int
+    status: Status
+    result: bytes | None = None
+    exception: bytes | None = None
+    error: str | None = None
+    retry_in: float = 0.0
+
+
+def _insert_values(task: NewTask) -> dict[str, Any]:
+    return {
+        "queue": task.queue,
+        "priority": task.priority,
+        "run_at_abs": task.run_at,
+        "delay_s": float(task.delay),
+        "handler": task.handler,
+        "payload": task.payload,
+        "max_attempts": task.max_attempts,
+        "timeout": task.timeout,
+        "unique_key": task.unique_key,
+    }
+
+
+def _insert_statement() -> Any:
+    return {
+        "queue": sa.bindparam("queue"),
+        "priority": sa.bindparam("priority"),
+        "run_at": sa.func.coalesce(
+            sa.bindparam("run_at_abs", type_=tasks.c.run_at.type), db_now(sa.bindparam("delay_s"))
+        ),
+        "status": Status.QUEUED.value,
+        "handler": sa.bindparam("handler"),
+        "payload": sa.bindparam("payload", type_=sa.LargeBinary),
+        "attempts": 0,
+        "max_attempts": sa.bindparam("max_attempts"),
+        "timeout": sa.bindparam("timeout", type_=sa.Float),
+        "unique_key": sa.bindparam("unique_key", type_=sa.Text),
+        "created_at": db_now(),
+    }
+
+
+def insert(
+    conn: sa.Connection, new: Sequence[NewTask], *, replace: bool = False, notify: bool = True
+) -> list[int]:
+    """Insert tasks (queued); returns their ids in order, in one round trip when none is unique.
+
+    A task whose `unique_key` is already queued or running is not inserted: its id is the
+    existing task's, whose arguments and run_at are replaced when `replace` is true and it has
+    not started.
+    """
+    if not new:
+        return []
+    values = _insert_statement()
+    ids: list[int]
+    if all(t.unique_key is None for t in new):
+        stmt = (
+            sa.insert(tasks)
+            .values(values)
+            .returning(tasks.c.id, sort_by_parameter_order=len(new) > 1)
+        )
+        rows = conn.execute(stmt, [_insert_values(t) for t in new])
+        ids = [r[0] for r in rows]
+    else:
+        ids = [_insert_unique(conn, t, values, replace) for t in new]
+    if notify:
+        notify_queues(conn, {t.queue for t in new if t.run_at is None and t.delay <= 0})
+    return ids
+
+
+def _insert_unique(conn: sa.Connection, task: NewTask, values: Any, replace: bool) -> int:
+    if task.unique_key is None:
+        row = conn.execute(
+            sa.insert(tasks).values(values).returning(tasks.c.id), _insert_values(task)
+        ).scalar_one()
+        return int(row)
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = (
+        dialect_insert(tasks)
+        .values(values)
+        .on_conflict_do_nothing(
+            index_elements=[tasks.c.unique_key],
+            index_where=sa.and_(
+                tasks.c.unique_key.is_not(None),
+                tasks.c.status.in_((Status.QUEUED.value, Status.RUNNING.value)),
+            ),
+        )
+        .returning(tasks.c.id)
+    )
+    inserted = conn.execute(stmt, _insert_values(task)).scalar_one_or_none()
+    if inserted is not None:
+        return int(inserted)
+    existing = conn.execute(
+        sa.select(tasks.c.id, tasks.c.status).where(
+            tasks.c.unique_key == task.unique_key,
+            tasks.c.status.in_((Status.QUEUED.value, Status.RUNNING.value)),
+        )
+    ).one_or_none()
+    if existing is None:  # finished between our insert and select: try once more
+        return _insert_unique(conn, task, values, replace)
+    if replace and existing.status == Status.QUEUED.value:
+        conn.execute(
+            sa.update(tasks)
+            .where(tasks.c.id == existing.id, tasks.c.status == Status.QUEUED.value)
+            .values(
+                payload=task.payload,
+                handler=task.handler,
+                priority=task.priority,
+                queue=task.queue,
+                max_attempts=task.max_attempts,
+                timeout=task.timeout,
+                run_at=sa.func.coalesce(
+                    sa.literal(task.run_at, tasks.c.run_at.type), db_now(task.delay)
+                ),
+            )
+        )
+    return int(existing.id)
+
+
+class _NotifyLimiter:
+    """At most one NOTIFY per queue per interval from this process.
+
+    NOTIFY takes a database-wide lock at commit, so a burst of enqueues must not send one
+    each; workers woken by the first find the rest, and polling covers any gap.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, queue: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(queue, -1.0) < NOTIFY_MIN_INTERVAL:
+                return False
+            self._last[queue] = now
+            return True
+
+
+_limiter = _NotifyLimiter()
+
+
+def notify_queues(conn: sa.Connection, queues: Iterable[str]) -> None:
+    """Wake listening workers (PostgreSQL only); the payload is the queue name alone."""
+    if conn.dialect.name != "postgresql":
+        return
+    for queue in queues:
+        if _limiter.due(queue):
+            conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, queue)))
+
+
+def claim(
+    conn: sa.Connection,
+    worker: str,
+    limit: int,
+    queues: Sequence[str] | None = None,
+) -> list[sa.Row[Any]]:
+    """queued -> running for up to `limit` ready tasks, lowest priority value first.
+
+    PostgreSQL: the candidate ids are locked `FOR UPDATE SKIP LOCKED` inside a MATERIALIZED CTE:
+    without the fence the planner may re-run the LIMITed subquery in a nested loop and update
+    more rows than the limit (Oban learned this). SKIP LOCKED lets concurrent workers take
+    disjoint batches instead of queueing on each other's locks
+    (https://www.postgresql.org/docs/current/sql-select.html#SQL-FOR-UPDATE-SHARE).
+    SQLite: the caller's transaction began with BEGIN IMMEDIATE, so one claimer at a time.
+    """
+    candidates = (
+        sa.select(tasks.c.id)
+        .where(tasks.c.status == Status.QUEUED.value, tasks.c.run_at <= db_now())
+        .order_by(tasks.c.priority, tasks.c.run_at, tasks.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    if queues:
+        candidates = candidates.where(tasks.c.queue.in_(list(queues)))
+    fenced = candidates.cte("claimable").prefix_with("MATERIALIZED", dialect="postgresql")
+    now = db_now()
+    stmt = (
+        sa.update(tasks)
+        .where(tasks.c.id.in_(sa.select(fenced.c.id)))
+        .values(
+            status=Status.RUNNING.value,
+            locked_by=worker,
+            locked_at=now,
+            started_at=now,
+            attempts=tasks.c.attempts + 1,
+        )
+        .returning(*CLAIM_COLUMNS)
+    )
+    rows = list(conn.execute(stmt))
+    rows.sort(key=lambda r: (r.priority, r.run_at, r.id))
+    return rows
+
+
+def claim_by_id(conn: sa.Connection, worker: str, task_id: int) -> list[sa.Row[Any]]:
+    """queued -> running for one given task whatever its run_at (inline mode)."""
+    now = db_now()
+    stmt = (
+        sa.update(tasks)
+        .where(tasks.c.id == task_id, tasks.c.status == Status.QUEUED.value)
+        .values(
+            status=Status.RUNNING.value,
+            locked_by=worker,
+            locked_at=now,
+            started_at=now,
+            attempts=tasks.c.attempts + 1,
+        )
+        .returning(*CLAIM_COLUMNS)
+    )
+    return list(conn.execute(stmt))
+
+
+def _fence(worker: str) -> Any:
+    return sa.and_(
+        tasks.c.id == sa.bindparam("task_id"),
+        tasks.c.status == Status.RUNNING.value,
+        tasks.c.locked_by == worker,
+        tasks.c.attempts == sa.bindparam("task_attempts"),
+    )
+
+
+def record(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
+    """Write many outcomes (complete, retry, fail), one statement per kind; returns rows written.
+
+    Rows not written are runs this worker no longer owns (rescued while it was cut off);
+    they are logged here and left as the newer run wrote them.
+    """
+    written = 0
+    by_status: dict[Status, list[Outcome]] = {}
+    for outcome in outcomes:
+        by_status.setdefault(outcome.status, []).append(outcome)
+    for status, group in by_status.items():
+        if status is Status.SUCCEEDED:
+            written += complete(conn, worker, group)
+        elif status is Status.QUEUED:
+            written += retry(conn, worker, group)
+        else:
+            written += fail(conn, worker, group)
+    return written
+
+
+def _params(outcomes: Sequence[Outcome], **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {
+            "task_id": o.id,
+            "task_attempts": o.attempts,
+            "new_result": o.result,
+            "new_exception": o.exception,
+            "new_error": o.error,
+            "retry_in": float(o.retry_in),
+            **extra,
+        }
+        for o in outcomes
+    ]
+
+
+def _execute_fenced(
+    conn: sa.Connection, stmt: Any, worker: str, outcomes: Sequence[Outcome]
+) -> int:
+    if len(outcomes) == 1:
+        count = conn.execute(stmt, _params(outcomes)[0]).rowcount
+    else:
+        count = conn.execute(stmt, _params(outcomes)).rowcount
+    if count != len(outcomes):
+        lost = [o.id for o in outcomes if not owns(conn, worker, o.id, o.attempts)]
+        for task_id in lost:
+            log.warning(
+                "lost ownership of task %s: it was rescued while this worker was cut off; "
+                "the newer run's outcome stands",
+                task_id,
+                extra={"task_id": task_id, "event": "lost_ownership"},
+            )
+        LOST_WRITES.add(len(lost))
+        return len(outcomes) - len(lost)
+    return count
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.value += n
+
+
+LOST_WRITES = _Counter()
+
+
+def owns(conn: sa.Connection, worker: str, task_id: int, attempts: int) -> bool:
+    """Whether `worker` still holds this run of the task."""
+    row = conn.execute(
+        sa.select(tasks.c.id).where(
+            tasks.c.id == task_id,
+            tasks.c.status == Status.RUNNING.value,
+            tasks.c.locked_by == worker,
+            tasks.c.attempts == attempts,
+        )
+    ).first()
+    return row is not None
+
+
+def complete(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
+    """running -> succeeded, storing each result."""
+    stmt = (
+        sa.update(tasks)
+        .where(_fence(worker))
+        .values(
+            status=Status.SUCCEEDED.value,
+            result=sa.bindparam("new_result", type_=sa.LargeBinary),
+            error=sa.bindparam("new_error", type_=sa.Text),
+            locked_by=None,
+            locked_at=None,
+            finished_at=db_now(),
+        )
+    )
+    return _execute_fenced(conn, stmt, worker, outcomes)
+
+
+def retry(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
+    """running -> queued again, `retry_in` seconds from now, keeping the exception."""
+    stmt = (
+        sa.update(tasks)
+        .where(_fence(worker))
+        .values(
+            status=Status.QUEUED.value,
+            exception=sa.bindparam("new_exception", type_=sa.LargeBinary),
+            error=sa.bindparam("new_error", type_=sa.Text),
+            locked_by=None,
+            locked_at=None,
+            run_at=db_now(sa.bindparam("retry_in", type_=sa.Float)),
+        )
+    )
+    return _execute_fenced(conn, stmt, worker, outcomes)
+
+
+def fail(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
+    """running -> failed (final), keeping the exception and the readable error."""
+    stmt = (
+        sa.update(tasks)
+        .where(_fence(worker))
+        .values(
+            status=Status.FAILED.value,
+            exception=sa.bindparam("new_exception", type_=sa.LargeBinary),
+            error=sa.bindparam("new_error", type_=sa.Text),
+            locked_by=None,
+            locked_at=None,
+            finished_at=db_now(),
+        )
+    )
+    return _execute_fenced(conn, stmt, worker, outcomes)
+
+
+def release(conn: sa.Connection, worker: str, claimed: Sequence[tuple[int, int]]) -> int:
+    """running -> queued for claimed tasks that never started; the attempt is given back."""
+    if not claimed:
+        return 0
+    stmt = (
+        sa.update(tasks)
+        .where(_fence(worker))
+        .values(
+            status=Status.QUEUED.value,
+            locked_by=None,
+            locked_at=None,
+            started_at=None,
+            attempts=tasks.c.attempts - 1,
+        )
+    )
+    params = [{"task_id": i, "task_attempts": a} for i, a in claimed]
+    return int(conn.execute(stmt, params).rowcount)
+
+
+def rescue(conn: sa.Connection, dead_workers: Sequence[str], reason: str) -> list[int]:
+    """running -> queued (or failed when out of attempts) for tasks held by dead workers."""
+    if not dead_workers:
+        return []
+    out_of_attempts = tasks.c.attempts >= tasks.c.max_attempts
+    stmt = (
+        sa.update(tasks)
+        .where(tasks.c.status == Status.RUNNING.value, tasks.c.locked_by.in_(list(dead_workers)))
+        .values(
+            status=sa.case((out_of_attempts, Status.FAILED.value), else_=Status.QUEUED.value),
+            error=sa.literal(reason),
+            locked_by=None,
+            locked_at=None,
+            run_at=db_now(),
+            finished_at=sa.case((out_of_attempts, db_now()), else_=None),
+        )
+        .returning(tasks.c.id)
+    )
+    return [r[0] for r in conn.execute(stmt)]
+
+
+def cancel(conn: sa.Connection, task_ids: Sequence[int]) -> int:
+    """queued -> cancelled."""
+    stmt = (
+        sa.update(tasks)
+        .where(tasks.c.id.in_(list(task_ids)), tasks.c.status == Status.QUEUED.value)
+        .values(status=Status.CANCELLED.value, finished_at=db_now())
+    )
+    return int(conn.execute(stmt).rowcount)
+
+
+def requeue(
+    conn: sa.Connection,
+    task_ids: Sequence[int] | None = None,
+    *,
+    all_failed: bool = False,
+    queues: Sequence[str] | None = None,
+) -> int:
+    """failed/cancelled -> queued now, with a fresh set of attempts."""
+    stmt = sa.update(tasks).where(tasks.c.status.in_((Status.FAILED.value, Status.CANCELLED.value)))
+    if task_ids is not None:
+        stmt = stmt.where(tasks.c.id.in_(list(task_ids)))
+    elif all_failed:
+        stmt = stmt.where(tasks.c.status == Status.FAILED.value)
+    else:
+        return 0
+    if queues:
+        stmt = stmt.where(tasks.c.queue.in_(list(queues)))
+    stmt = stmt.values(status=Status.QUEUED.value, attempts=0, run_at=db_now(), finished_at=None)
+    return int(conn.execute(stmt).rowcount)
+
+
+def clear(conn: sa.Connection, queues: Sequence[str] | None = None) -> int:
+    """Delete queued tasks (of some queues, or all)."""
+    stmt = sa.delete(tasks).where(tasks.c.status == Status.QUEUED.value)
+    if queues:
+        stmt = stmt.where(tasks.c.queue.in_(list(queues)))
+    return int(conn.execute(stmt).rowcount)
+
+
+def delete(conn: sa.Connection, task_ids: Sequence[int]) -> int:
+    """Delete tasks that are not running."""
+    stmt = sa.delete(tasks).where(
+        tasks.c.id.in_(list(task_ids)), tasks.c.status != Status.RUNNING.value
+    )
+    return int(conn.execute(stmt).rowcount)
+
+
+def prune(conn: sa.Connection, older_than_seconds: float, batch: int = 5000) -> int:
+    """Delete up to `batch` finished tasks older than the cutoff; call until it returns 0."""
+    doomed = (
+        sa.select(tasks.c.id)
+        .where(
+            tasks.c.status.in_(FINISHED),
+            tasks.c.finished_at < db_now(-float(older_than_seconds)),
+        )
+        .limit(batch)
+        .scalar_subquery()
+    )
+    return int(conn.execute(sa.delete(tasks).where(tasks.c.id.in_(doomed))).rowcount)
+
+
+def get(conn: sa.Connection, task_id: int) -> sa.Row[Any] | None:
+    """One task row, every column."""
+    return conn.execute(sa.select(tasks).where(tasks.c.id == task_id)).first()
+
+
+def counts(conn: sa.Connection) -> list[sa.Row[Any]]:
+    """(queue, status, count, oldest run_at) for every queue and status present."""
+    stmt = (
+        sa.select(
+            tasks.c.queue,
+            tasks.c.status,
+            sa.func.count().label("count"),
+            sa.func.min(tasks.c.run_at).label("oldest_run_at"),
+        )
+        .group_by(tasks.c.queue, tasks.c.status)
+        .order_by(tasks.c.queue, tasks.c.status)
+    )
+    return list(conn.execute(stmt))
+
+
+def ready_count(conn: sa.Connection, queues: Sequence[str] | None = None) -> int:
+    """Queued tasks whose run_at has come."""
+    stmt = sa.select(sa.func.count()).where(
+        tasks.c.status == Status.QUEUED.value, tasks.c.run_at <= db_now()
+    )
+    if queues:
+        stmt = stmt.where(tasks.c.queue.in_(list(queues)))
+    return int(conn.execute(stmt).scalar_one())
+
+
+def seconds_until_next(conn: sa.Connection, queues: Sequence[str] | None = None) -> float | None:
+    """Seconds until the earliest queued task becomes ready (0 if one is ready); None if none."""
+    stmt = sa.select(sa.func.min(tasks.c.run_at), db_now()).where(
+        tasks.c.status == Status.QUEUED.value
+    )
+    if queues:
+        stmt = stmt.where(tasks.c.queue.in_(list(queues)))
+    earliest, now = conn.execute(stmt).one()
+    if earliest is None:
+        return None
+    if isinstance(earliest, str):
+        earliest = tasks.c.run_at.type.process_result_value(earliest, conn.dialect)
+    return max(0.0, (earliest - now).total_seconds())
+
+
+# -- workers ---------------------------------------------------------------------------------
+
+
+def register_worker(
+    conn: sa.Connection, name: str, hostname: str, pid: int, queues: Sequence[str] | None
+) -> None:
+    """Add this worker process to `workers`, heartbeating from now."""
+    conn.execute(
+        sa.insert(workers).values(
+            name=name,
+            hostname=hostname,
+            pid=pid,
+            queues=",".join(queues) if queues else None,
+            started_at=db_now(),
+            heartbeat_at=db_now(),
+        )
+    )
+
+
+def heartbeat(conn: sa.Connection, name: str) -> bool:
+    """Stamp the worker alive; False when its row is gone (it was declared dead)."""
+    stmt = sa.update(workers).where(workers.c.name == name).values(heartbeat_at=db_now())
+    return bool(conn.execute(stmt).rowcount)
+
+
+def unregister_worker(conn: sa.Connection, name: str) -> None:
+    conn.execute(sa.delete(workers).where(workers.c.name == name))
+
+
+def list_workers(conn: sa.Connection) -> list[sa.Row[Any]]:
+    """Every registered worker with the seconds since its heartbeat (database clock)."""
+    rows = conn.execute(sa.select(workers, db_now().label("now")).order_by(workers.c.name))
+    return list(rows)
+
+
+def stale_workers(conn: sa.Connection, after_seconds: float) -> list[str]:
+    """Workers whose last heartbeat is older than `after_seconds`."""
+    stmt = sa.select(workers.c.name).where(workers.c.heartbeat_at < db_now(-after_seconds))
+    return [r[0] for r in conn.execute(stmt)]
+
+
+def remove_workers(conn: sa.Connection, names: Sequence[str]) -> None:
+    conn.execute(sa.delete(workers).where(workers.c.name.in_(list(names))))
+
+
+def orphaned_owners(conn: sa.Connection) -> list[str]:
+    """Owners of running tasks that have no row in `workers` (their row was removed)."""
+    stmt = (
+        sa.select(tasks.c.locked_by)
+        .where(
+            tasks.c.status == Status.RUNNING.value,
+            tasks.c.locked_by.is_not(None),
+            ~sa.exists().where(workers.c.name == tasks.c.locked_by),
+        )
+        .distinct()
+    )
+    return [r[0] for r in conn.execute(stmt)]
+
+
+def running_tasks(conn: sa.Connection, worker: str | None = None) -> list[sa.Row[Any]]:
+    stmt = sa.select(tasks.c.id, tasks.c.locked_by, tasks.c.attempts).where(
+        tasks.c.status == Status.RUNNING.value
+    )
+    if worker is not None:
+        stmt = stmt.where(tasks.c.locked_by == worker)
+    return list(conn.execute(stmt))

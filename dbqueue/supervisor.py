@@ -1,0 +1,251 @@
+"""Several worker processes: start them, restart a crashed one, recycle, stop them all.
+
+The supervisor is the process boundary the worker relies on: a task that segfaults, calls
+os._exit or is stopped by the hard timeout takes down only its child, whose tasks the
+supervisor rescues at once (it saw the death through waitpid) before starting a new child.
+Children are started with the `spawn` method, so none inherits a database connection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.process
+import os
+import queue as queue_module
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dbqueue import config, logs, store, worker
+
+log = logging.getLogger("dbqueue.supervisor")
+
+EXIT_ZOMBIE = 3
+EXIT_RECYCLE = 4
+
+
+@dataclasses.dataclass
+class ChildSpec:
+    """Everything a child needs, picklable: it rebuilds its own Settings and Engine."""
+
+    database_url: str
+    queues: list[str] | None = None
+    imports: list[str] = dataclasses.field(default_factory=list)
+    burst: bool = False
+    sleep_delay: float = 1.0
+    rescue_after: float = 15.0
+    default_timeout: float | None = None
+    max_tasks: int | None = None
+    max_memory_mb: float | None = None
+    log_level: str = "INFO"
+    log_format: str = "text"
+    sys_path: list[str] = dataclasses.field(default_factory=lambda: list(sys.path))
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    """Import the application's task modules (`--import`), from the current directory too."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        importlib.import_module(module)
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (not the peak), in MiB."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 1024 / 1024
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_main(spec: ChildSpec, name: str, progress: Any) -> None:
+    """Entry point of a worker process."""
+    sys.path[:] = spec.sys_path
+    logs.setup(spec.log_level, spec.log_format)
+    import_modules(spec.imports)
+    settings = config.Settings(database_url=spec.database_url)
+    config.configure(database_url=spec.database_url)
+    last = worker.Summary()
+
+    def report(summary: worker.Summary) -> None:
+        if progress is not None:
+            progress.put(
+                (
+                    summary.succeeded - last.succeeded,
+                    summary.retried - last.retried,
+                    summary.failed - last.failed,
+                )
+            )
+        last.succeeded, last.retried, last.failed = (
+            summary.succeeded,
+            summary.retried,
+            summary.failed,
+        )
+        if spec.max_memory_mb and rss_mb() > spec.max_memory_mb:
+            log.info(
+                "worker %s uses %.0f MiB > %.0f MiB: recycling",
+                name,
+                rss_mb(),
+                spec.max_memory_mb,
+                extra={"event": "recycle"},
+            )
+            w.recycle = True
+            w.stop()
+
+    w = worker.Worker(
+        settings,
+        spec.queues,
+        name=name,
+        sleep_delay=spec.sleep_delay,
+        rescue_after=spec.rescue_after,
+        default_timeout=spec.default_timeout,
+        max_tasks=spec.max_tasks,
+        on_progress=report,
+    )
+    w.install_signal_handlers()
+    if spec.burst:
+        w.work_off()
+    else:
+        w.work()
+    if w.zombie:
+        sys.exit(EXIT_ZOMBIE)
+    if getattr(w, "recycle", False) or (
+        spec.max_tasks is not None and w.summary.done >= spec.max_tasks
+    ):
+        sys.exit(EXIT_RECYCLE)
+
+
+def exit_reason(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "worker process vanished while running the task"
+    if exitcode < 0:
+        try:
+            signame = signal.Signals(-exitcode).name
+        except ValueError:
+            signame = "unknown"
+        return f"worker process exited with signal {-exitcode} ({signame}) while running the task"
+    return f"worker process exited with status {exitcode} while running the task"
+
+
+class Supervisor:
+    """Runs `concurrency` children; restarts crashes; stops them all on SIGTERM/SIGINT."""
+
+    def __init__(
+        self,
+        spec: ChildSpec,
+        concurrency: int = 1,
+        grace: float = 30.0,
+        on_progress: Callable[[worker.Summary], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.concurrency = max(1, concurrency)
+        self.grace = grace
+        self.on_progress = on_progress
+        self.context = multiprocessing.get_context("spawn")
+        self.progress: Any = self.context.Queue()
+        self.children: dict[str, multiprocessing.process.BaseProcess] = {}
+        self.summary = worker.Summary()
+        self.stopping = False
+        self.crashes = 0
+        self.settings = config.Settings(database_url=spec.database_url)
+
+    def _start_child(self) -> None:
+        name = worker.worker_name() + f":{len(self.children)}"
+        process = self.context.Process(
+            target=child_main, args=(self.spec, name, self.progress), name=name, daemon=False
+        )
+        process.start()
+        self.children[name] = process
+
+    def _signals(self) -> None:
+        def stop(signum: int, frame: Any) -> None:
+            if self.stopping and signum == signal.SIGINT:
+                log.warning("second interrupt: killing workers now")
+                for process in self.children.values():
+                    if process.pid:
+                        os.kill(process.pid, signal.SIGKILL)
+                return
+            self.stopping = True
+            self.stop_deadline = time.monotonic() + self.grace
+            for process in self.children.values():
+                if process.pid and process.is_alive():
+                    os.kill(process.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    def run(self) -> worker.Summary:
+        """Supervise until stopped (or, in burst mode, until every child drained and exited)."""
+        self._signals()
+        for _ in range(self.concurrency):
+            self._start_child()
+        while self.children:
+            self._drain_progress(timeout=0.2)
+            for name, process in list(self.children.items()):
+                if process.is_alive():
+                    continue
+                process.join()
+                del self.children[name]
+                self._reap(name, process.exitcode)
+            if self.stopping and time.monotonic() > self.stop_deadline:
+                for name, process in self.children.items():
+                    log.warning("worker %s did not stop within %.0fs: killing it", name, self.grace)
+                    if process.pid:
+                        os.kill(process.pid, signal.SIGKILL)
+                self.stop_deadline = float("inf")
+        self._drain_progress(timeout=0)
+        return self.summary
+
+    def _reap(self, name: str, exitcode: int | None) -> None:
+        crashed = exitcode not in (0, EXIT_RECYCLE)
+        if crashed:
+            rescued = self._rescue(name, exit_reason(exitcode))
+            log.warning(
+                "worker %s exited (%s); rescued tasks %s",
+                name,
+                exit_reason(exitcode).replace(" while running the task", ""),
+                rescued,
+                extra={"event": "worker_exited", "worker": name},
+            )
+            self.crashes += 1
+        if self.stopping:
+            return
+        if self.spec.burst and exitcode == 0:
+            return
+        if crashed:
+            time.sleep(min(5.0, 0.1 * 2 ** min(self.crashes, 6)))
+        self._start_child()
+
+    def _rescue(self, name: str, reason: str) -> list[int]:
+        try:
+            with self.settings.get_engine().begin() as conn:
+                ids = store.rescue(conn, [name], reason)
+                store.remove_workers(conn, [name])
+            return ids
+        except Exception as exc:  # the heartbeat rescue will do it once the database is back
+            log.error("could not rescue tasks of %s now: %s", name, exc)
+            return []
+
+    def _drain_progress(self, timeout: float) -> None:
+        changed = False
+        try:
+            while True:
+                s, r, f = self.progress.get(timeout=timeout)
+                self.summary.succeeded += s
+                self.summary.retried += r
+                self.summary.failed += f
+                changed = True
+                timeout = 0
+        except (queue_module.Empty, OSError, EOFError):
+            pass
+        if changed and self.on_progress is not None:
+            self.on_progress(self.summary)

@@ -1,0 +1,146 @@
+"""Task: a handle on one row of `tasks`, usable from any process.
+
+Reading `result` or `exception` verifies the signature before unpickling; an exception is
+only ever rebuilt from its signed pickle, never from stored class names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from dbqueue import config, database, errors, serializer, store
+from dbqueue.schema import FINISHED, Status
+
+_COLUMNS = (
+    "queue",
+    "priority",
+    "run_at",
+    "status",
+    "handler",
+    "attempts",
+    "max_attempts",
+    "timeout",
+    "locked_by",
+    "locked_at",
+    "error",
+    "unique_key",
+    "created_at",
+    "started_at",
+    "finished_at",
+)
+
+
+class Task:
+    """A queued, running or finished task. Attributes mirror the row as of the last refresh."""
+
+    queue: str
+    priority: int
+    run_at: dt.datetime
+    handler: str
+    attempts: int
+    max_attempts: int
+    timeout: float | None
+    locked_by: str | None
+    locked_at: dt.datetime | None
+    error: str | None
+    unique_key: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    def __init__(self, task_id: int, *, settings: config.Settings | None = None) -> None:
+        self.id = int(task_id)
+        self._settings = settings
+        self._row: Any = None
+
+    @property
+    def settings(self) -> config.Settings:
+        return self._settings or config.current()
+
+    @classmethod
+    def get(cls, task_id: int, *, settings: config.Settings | None = None) -> Task:
+        """The task with this id; TaskNotFound if there is none (it may have been pruned)."""
+        task = cls(task_id, settings=settings)
+        task.refresh()
+        return task
+
+    def refresh(self) -> Task:
+        """Re-read the row."""
+        settings = self.settings
+        with database.errors_translated(settings), settings.get_engine().connect() as conn:
+            row = store.get(conn, self.id)
+            conn.rollback()
+        if row is None:
+            raise errors.TaskNotFound(f"task {self.id} does not exist (it may have been pruned)")
+        self._row = row
+        return self
+
+    def _get_row(self) -> Any:
+        if self._row is None:
+            self.refresh()
+        return self._row
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _COLUMNS:
+            return getattr(self._get_row(), name)
+        raise AttributeError(name)
+
+    @property
+    def status(self) -> Status:
+        return Status(self._get_row().status)
+
+    @property
+    def success(self) -> bool:
+        """True once the task succeeded."""
+        return self.status is Status.SUCCEEDED
+
+    @property
+    def finished(self) -> bool:
+        return self.status.value in FINISHED
+
+    @property
+    def result(self) -> Any:
+        """The return value. ResultNotStored if it could not be stored or fails to verify."""
+        row = self._get_row()
+        if row.result is None:
+            if row.status == Status.SUCCEEDED.value and row.error:
+                raise errors.ResultNotStored(row.error)
+            return None
+        try:
+            return serializer.loads(self.settings.keyring(), "result", row.handler, row.result)
+        except errors.SignatureError as exc:
+            raise errors.ResultNotStored(str(exc)) from exc
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The last exception raised by the task, from its verified pickle; None if none."""
+        row = self._get_row()
+        if row.exception is None:
+            return None
+        value = serializer.loads(self.settings.keyring(), "exception", row.handler, row.exception)
+        return value if isinstance(value, BaseException) else None
+
+    def wait(self, timeout: float | None = None, poll: float = 0.05) -> Task:
+        """Block until the task is finished; TaskTimeout if `timeout` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.refresh().finished:
+                return self
+            if deadline is not None and time.monotonic() >= deadline:
+                raise errors.TaskTimeout(
+                    f"task {self.id} is still {self.status.value} after {timeout:g}s"
+                )
+            time.sleep(min(poll, 1.0))
+            poll *= 1.5
+
+    def __repr__(self) -> str:
+        status = self._row.status if self._row is not None else "?"
+        return f"<Task {self.id} {status}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Task) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)

@@ -1,0 +1,438 @@
+"""The worker loop: claim -> execute -> record, with heartbeats, rescue and signals.
+
+    work()        until stopped (SIGTERM/SIGINT), sleeping when idle
+    work_off()    until nothing is ready, then return a Summary
+    run_batch()   one claim, its tasks run one by one, their outcomes recorded together
+
+A heartbeat thread with its own connection stamps `workers`, rescues tasks of dead workers,
+and turns this worker into one that stops claiming when its heartbeats fail for longer than
+`rescue_after` (it may have been declared dead). No transaction is ever held while a task
+runs. SQL lives in store.py; running one task lives in executor.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from dbqueue import config, database, errors, executor, store
+from dbqueue.schema import Status
+
+log = logging.getLogger("dbqueue.worker")
+
+MAX_BATCH = 100
+BATCH_WINDOW = 0.05  # seconds of expected work claimed at once
+RECORD_EVERY = 0.5  # seconds a finished outcome may wait for its batch
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+@dataclasses.dataclass
+class Summary:
+    succeeded: int = 0
+    retried: int = 0
+    failed: int = 0
+    lost: int = 0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.retried + self.failed
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+    def count(self, outcome: store.Outcome) -> None:
+        if outcome.status is Status.SUCCEEDED:
+            self.succeeded += 1
+        elif outcome.status is Status.QUEUED:
+            self.retried += 1
+        else:
+            self.failed += 1
+
+
+class Worker:
+    """One worker process's loop. Configuration is passed in, never read from globals."""
+
+    def __init__(
+        self,
+        settings: config.Settings,
+        queues: Sequence[str] | None = None,
+        *,
+        name: str | None = None,
+        sleep_delay: float = 1.0,
+        rescue_after: float = 15.0,
+        default_timeout: float | None = None,
+        max_batch: int = MAX_BATCH,
+        max_tasks: int | None = None,
+        on_progress: Callable[[Summary], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.queues = list(queues) if queues else None
+        self.name = name or worker_name()
+        self.sleep_delay = sleep_delay
+        self.rescue_after = rescue_after
+        self.default_timeout = default_timeout
+        self.max_batch = max_batch
+        self.max_tasks = max_tasks
+        self.on_progress = on_progress
+        self.engine = settings.get_engine()
+        self.summary = Summary()
+        self.stopping = threading.Event()
+        self.wakeup = threading.Event()
+        self.zombie = False
+        self._avg_duration = 1.0  # seconds; pessimistic until measured, so the first claim is 1
+        self._heart: Heart | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register in `workers` and start heartbeating (retrying while the database is down)."""
+        self._with_db_retry(
+            lambda: self._transaction(
+                lambda c: store.register_worker(
+                    c, self.name, socket.gethostname(), os.getpid(), self.queues
+                )
+            ),
+            "register",
+        )
+        self._heart = Heart(self)
+        self._heart.start()
+        log.info(
+            "worker %s started (queues: %s)",
+            self.name,
+            ",".join(self.queues or ["*"]),
+            extra={"event": "worker_started", "worker": self.name},
+        )
+
+    def stop(self) -> None:
+        """Stop claiming; the running task finishes, the rest of its batch is released."""
+        self.stopping.set()
+        self.wakeup.set()
+
+    def shutdown(self) -> None:
+        if self._heart is not None:
+            self._heart.stop()
+        try:
+            self._transaction(lambda c: store.unregister_worker(c, self.name))
+        except sa.exc.DBAPIError:
+            log.warning("could not unregister %s; the rescue will remove it", self.name)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: stop gracefully; a second SIGINT exits at once (rescue recovers)."""
+
+        def graceful(signum: int, frame: Any) -> None:
+            if self.stopping.is_set() and signum == signal.SIGINT:
+                log.warning("second interrupt: exiting now; running tasks will be rescued")
+                os._exit(130)
+            log.info(
+                "%s received: finishing running tasks, then exiting",
+                signal.Signals(signum).name,
+                extra={"event": "stopping"},
+            )
+            self.stop()
+
+        signal.signal(signal.SIGTERM, graceful)
+        signal.signal(signal.SIGINT, graceful)
+
+    # -- loops --------------------------------------------------------------------------------
+
+    def work(self) -> Summary:
+        """Run until stopped, sleeping when idle (woken early by LISTEN/NOTIFY when enabled)."""
+        self.start()
+        try:
+            idle = self.sleep_delay
+            while not self._should_stop():
+                count = self._with_db_retry(self.run_batch, "claim")
+                if count:
+                    idle = self.sleep_delay
+                    continue
+                self.wakeup.wait(idle)
+                self.wakeup.clear()
+        finally:
+            self.shutdown()
+        return self.summary
+
+    def work_off(self) -> Summary:
+        """Run what is ready now, then return (delayed_job's work_off)."""
+        self.start()
+        try:
+            while not self._should_stop():
+                if not self._with_db_retry(self.run_batch, "claim"):
+                    break
+        finally:
+            self.shutdown()
+        return self.summary
+
+    def _should_stop(self) -> bool:
+        if self.zombie:
+            return True
+        if self.max_tasks is not None and self.summary.done >= self.max_tasks:
+            return True
+        return self.stopping.is_set()
+
+    # -- one batch ----------------------------------------------------------------------------
+
+    def batch_size(self) -> int:
+        """Claim about BATCH_WINDOW seconds of work: many no-ops, one long task."""
+        size = int(BATCH_WINDOW / max(self._avg_duration, 1e-6))
+        if self.max_tasks is not None:
+            size = min(size, self.max_tasks - self.summary.done)
+        return max(1, min(self.max_batch, size))
+
+    def claim(self, limit: int) -> list[sa.Row[Any]]:
+        return self._transaction(lambda c: store.claim(c, self.name, limit, self.queues))
+
+    def run_batch(self) -> int:
+        """Claim a batch, run its tasks in order, record outcomes; returns tasks claimed."""
+        rows = self.claim(self.batch_size())
+        pending: list[store.Outcome] = []
+        first_pending = 0.0
+        for index, row in enumerate(rows):
+            if self.stopping.is_set() or self.zombie:
+                unstarted = [(r.id, r.attempts) for r in rows[index:]]
+                self._transaction(lambda c, u=unstarted: store.release(c, self.name, u))
+                break
+            outcome = self.run_one(row)
+            if not pending:
+                first_pending = time.monotonic()
+            pending.append(outcome)
+            if time.monotonic() - first_pending > RECORD_EVERY:
+                self.record(pending)
+                pending = []
+        if pending:
+            self.record(pending)
+        return len(rows)
+
+    def run_one(self, row: Any) -> store.Outcome:
+        """Execute one claimed task and log its outcome."""
+        started = time.monotonic()
+        if self._heart is not None:
+            self._heart.watch(row, self.default_timeout)
+        try:
+            outcome = executor.execute(self.settings, row, self.default_timeout)
+        finally:
+            if self._heart is not None:
+                self._heart.watch(None, None)
+        duration = time.monotonic() - started
+        self._avg_duration = 0.8 * self._avg_duration + 0.2 * duration
+        self._log_outcome(row, outcome, duration)
+        return outcome
+
+    def record(self, outcomes: list[store.Outcome]) -> None:
+        """Write outcomes, retrying until the database answers: a result is never dropped."""
+        written = self._with_db_retry(
+            lambda: self._transaction(lambda c: store.record(c, self.name, outcomes)), "record"
+        )
+        self.summary.lost += len(outcomes) - written
+        for outcome in outcomes:
+            self.summary.count(outcome)
+        if self.on_progress is not None:
+            self.on_progress(self.summary)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _transaction(self, body: Callable[[sa.Connection], Any]) -> Any:
+        with self.engine.begin() as conn:
+            return body(conn)
+
+    def _with_db_retry(self, action: Callable[[], Any], what: str) -> Any:
+        """Run `action`, waiting out database outages with capped backoff (never giving up)."""
+        delay = 0.5
+        while True:
+            try:
+                return action()
+            except Exception as exc:
+                if not database.is_disconnect(exc) or self.zombie:
+                    raise
+                message = database.describe_error(self.settings, exc)
+                log.error(
+                    "%s; retrying %s in %.1fs",
+                    message,
+                    what,
+                    delay,
+                    extra={"event": "database_unavailable"},
+                )
+                if self.stopping.wait(delay) and what in {"register", "claim"}:
+                    return 0
+                delay = min(delay * 2, 10.0)
+
+    def _log_outcome(self, row: Any, outcome: store.Outcome, duration: float) -> None:
+        extra = {
+            "event": "task_finished",
+            "task_id": row.id,
+            "handler": row.handler,
+            "queue": row.queue,
+            "duration": round(duration, 6),
+            "outcome": outcome.status.value,
+            "attempt": row.attempts,
+        }
+        if outcome.status is Status.SUCCEEDED:
+            log.info("task %s %s succeeded in %.3fs", row.id, row.handler, duration, extra=extra)
+            return
+        first_line = (outcome.error or "").strip().splitlines()[-1:] or [""]
+        level = logging.WARNING
+        if "signature did not verify" in (outcome.error or ""):
+            level = logging.WARNING
+        verb = "will retry" if outcome.status is Status.QUEUED else "failed"
+        log.log(
+            level,
+            "task %s %s %s (attempt %s): %s",
+            row.id,
+            row.handler,
+            verb,
+            row.attempts,
+            first_line[0],
+            extra=extra,
+        )
+
+
+class Heart(threading.Thread):
+    """Heartbeats, rescue and the task watchdog, on a thread with its own connection.
+
+    It never shares the task's thread or connection, so a busy task cannot starve it.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(name=f"dbqueue-heart-{worker.name}", daemon=True)
+        self.worker = worker
+        self.interval = max(0.2, worker.rescue_after / 5)
+        self._stop_event = threading.Event()
+        self._watched: tuple[Any, float, float | None] | None = None
+        self._last_ok = time.monotonic()
+
+    def watch(self, row: Any, default_timeout: float | None) -> None:
+        """Tell the watchdog which task runs now (None: none)."""
+        if row is None:
+            self._watched = None
+            return
+        timeout = row.timeout if row.timeout is not None else default_timeout
+        self._watched = (row, time.monotonic(), timeout)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._tick_interval()):
+            self.beat()
+            self.check_timeout()
+
+    def _tick_interval(self) -> float:
+        return min(self.interval, 0.5) if self._watched and self._watched[2] else self.interval
+
+    def beat(self) -> None:
+        worker = self.worker
+        try:
+            with worker.engine.begin() as conn:
+                alive = store.heartbeat(conn, worker.name)
+                rescue(conn, worker.rescue_after)
+            if not alive:
+                self._become_zombie("its row in workers was removed (it was presumed dead)")
+                return
+            self._last_ok = time.monotonic()
+        except Exception as exc:
+            silent = time.monotonic() - self._last_ok
+            log.error(
+                "heartbeat of %s failed for %.0fs: %s",
+                worker.name,
+                silent,
+                database.describe_error(worker.settings, exc),
+                extra={"event": "heartbeat_failed"},
+            )
+            if silent > worker.rescue_after:
+                self._become_zombie(f"heartbeats failed for {silent:.0f}s")
+
+    def _become_zombie(self, why: str) -> None:
+        log.error(
+            "worker %s stops claiming and exits: %s",
+            self.worker.name,
+            why,
+            extra={"event": "zombie"},
+        )
+        self.worker.zombie = True
+        self.worker.stop()
+
+    def check_timeout(self) -> None:
+        """Hard limit: a task past timeout + grace that ignored TaskTimeout ends the process."""
+        watched = self._watched
+        if watched is None or watched[2] is None:
+            return
+        row, started, timeout = watched
+        if time.monotonic() - started < timeout + max(2.0, timeout * 0.1):
+            return
+        exc = errors.TaskTimeout(f"timed out after {timeout:g}s (the process was stopped)")
+        outcome = executor.failure(self.worker.settings, row, exc)
+        try:
+            with self.worker.engine.begin() as conn:
+                store.record(conn, self.worker.name, [outcome])
+        finally:
+            log.error(
+                "task %s %s timed out after %gs and did not stop: exiting the process",
+                row.id,
+                row.handler,
+                timeout,
+                extra={"event": "hard_timeout"},
+            )
+            os._exit(70)
+
+
+def rescue(conn: sa.Connection, rescue_after: float) -> list[int]:
+    """Return the tasks of dead workers to the queue: stale heartbeats, vanished local pids."""
+    dead = set(store.stale_workers(conn, rescue_after))
+    here = socket.gethostname()
+    for row in store.list_workers(conn):
+        if row.hostname == here and not _pid_alive(row.pid):
+            dead.add(row.name)
+    dead.update(store.orphaned_owners(conn))
+    if not dead:
+        return []
+    ids = store.rescue(conn, sorted(dead), "worker died while running the task (rescued)")
+    store.remove_workers(conn, sorted(dead))
+    if ids:
+        log.warning(
+            "rescued %d task(s) of dead worker(s) %s: %s",
+            len(ids),
+            ", ".join(sorted(dead)),
+            ids[:20],
+            extra={"event": "rescued"},
+        )
+    return ids
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_inline(settings: config.Settings, conn: sa.Connection, task_id: int) -> store.Outcome:
+    """Inline mode: claim the task just inserted on `conn`, run it here, record it there."""
+    name = f"inline:{os.getpid()}"
+    rows = [r for r in store.claim_by_id(conn, name, task_id)]
+    if not rows:
+        raise errors.DbqueueError(f"inline mode could not claim task {task_id}")
+    outcome = executor.execute(settings, rows[0], bind=conn)
+    store.record(conn, name, [outcome])
+    return outcome
