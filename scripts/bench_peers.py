@@ -587,7 +587,7 @@ def _proc_app(dsn: str, max_size: int, on_run: Callable[[int], None] | None = No
     """A procrastinate App with one async task ``bench_noop(i: int = 0)``."""
     from procrastinate import App, PsycopgConnector
 
-    app = App(connector=PsycopgConnector(conninfo=dsn, min_size=1, max_size=max_size))
+    app = App(connector=PsycopgConnector(conninfo=dsn, min_size=max_size, max_size=max_size))
 
     async def bench_noop(i: int = 0) -> None:
         if on_run is not None:

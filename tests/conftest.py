@@ -1,0 +1,172 @@
+"""The `db` fixture: every test runs on a real SQLite file and a real PostgreSQL database.
+
+PostgreSQL: a template database is migrated once per test run and cloned for each test
+(`CREATE DATABASE ... TEMPLATE`), so each test gets an empty, committed-to database in tens of
+milliseconds and drops it afterwards. The server is DBQUEUE_TEST_PG_URL, else the local one on
+127.0.0.1:5432. With CI set, an unreachable PostgreSQL fails the run: it never skips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import dbqueue
+from dbqueue import config, database
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get(
+    "DBQUEUE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+SECRET = "test-secret-key-that-is-long-enough-0123456789"
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--db", action="append", choices=["sqlite", "postgresql"],
+        help="run only against these databases (default: both)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "db" in metafunc.fixturenames:
+        kinds = metafunc.config.getoption("--db") or ["sqlite", "postgresql"]
+        marker = metafunc.definition.get_closest_marker("postgresql_only")
+        if marker is not None:
+            kinds = [k for k in kinds if k == "postgresql"]
+        metafunc.parametrize("db", kinds, indirect=True)
+
+
+def _admin_engine() -> sa.Engine:
+    return sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated template database, built once per run, dropped at the end."""
+    name = f"dbqueue_tpl_{RUN_ID}"
+    admin = _admin_engine()
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except sa.exc.OperationalError as exc:
+        message = f"PostgreSQL is not reachable at {config.redact(PG_ADMIN_URL)}: {exc.orig}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set: PostgreSQL tests must run)")
+        pytest.fail(message + " (start it, or set DBQUEUE_TEST_PG_URL)")
+    url = sa.make_url(PG_ADMIN_URL).set(database=name)
+    settings = config.Settings(database_url=url.render_as_string(hide_password=False))
+    database.migrate(settings)
+    settings.get_engine().dispose()
+    yield name
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@dataclasses.dataclass
+class DB:
+    """One test's database, its settings (also installed as dbqueue's default) and helpers."""
+
+    kind: str
+    url: str
+    settings: config.Settings
+    tmp_path: Path
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self.settings.get_engine()
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for subprocesses: same database, same key, tests importable."""
+        env = dict(os.environ)
+        env.update(
+            DBQUEUE_DATABASE_URL=self.url,
+            DBQUEUE_SECRET_KEY=SECRET,
+            PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        )
+        env.pop("DBQUEUE_INLINE", None)
+        return env
+
+    def cli(self, *args: str, input: str | None = None, timeout: float = 60) -> (
+            subprocess.CompletedProcess[str]):
+        """Run the real `dbqueue` command (as `python -m dbqueue`) against this database."""
+        return subprocess.run(
+            [sys.executable, "-m", "dbqueue", *args], env=self.env, cwd=self.tmp_path,
+            capture_output=True, text=True, input=input, timeout=timeout,
+        )
+
+    def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
+        """Start `dbqueue ARGS` in the background (a real worker process)."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "dbqueue", *args], env=self.env, cwd=self.tmp_path,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+        )
+
+    def scalar(self, sql: str, **params: Any) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text(sql), params).scalar()
+
+    def rows(self, sql: str, **params: Any) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.text(sql), params))
+
+    def wait_for(self, sql: str, expected: Any, timeout: float = 30, **params: Any) -> Any:
+        """Poll `sql` until it returns `expected`; fail with the last value otherwise."""
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = self.scalar(sql, **params)
+            if value == expected:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"{sql!r} returned {value!r}, expected {expected!r} in {timeout}s")
+
+
+@pytest.fixture
+def db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> (
+        Iterator[DB]):
+    kind = request.param
+    monkeypatch.setenv("DBQUEUE_SECRET_KEY", SECRET)
+    monkeypatch.delenv("DBQUEUE_INLINE", raising=False)
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'dbqueue.sqlite3'}"
+        settings = dbqueue.configure(database_url=url)
+        database.migrate(settings)
+        yield DB(kind, url, settings, tmp_path)
+        settings.get_engine().dispose()
+        return
+    template = request.getfixturevalue("pg_template")
+    name = f"dbqueue_test_{RUN_ID}_{uuid.uuid4().hex[:8]}"
+    admin = _admin_engine()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    url = sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    settings = dbqueue.configure(database_url=url)
+    try:
+        yield DB(kind, url, settings, tmp_path)
+    finally:
+        settings.get_engine().dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _reset_default_settings() -> Iterator[None]:
+    yield
+    if config._current is not None and config._current.engine is not None:
+        config._current.engine.dispose()
+    config._current = None

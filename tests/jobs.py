@@ -1,0 +1,110 @@
+"""Every task function the tests enqueue lives here, so worker processes can import them."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+from dbqueue import handle_asynchronously
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def echo(*args: Any, **kwargs: Any) -> Any:
+    return {"args": args, "kwargs": kwargs}
+
+
+def noop() -> None:
+    return None
+
+
+def raise_value_error(message: str = "boom") -> None:
+    raise ValueError(message)
+
+
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def record_run(url: str, label: str) -> str:
+    """Append (label, pid) to a `runs` table in its own transaction: counts executions."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO runs (label, pid) VALUES (:label, :pid)"),
+            {"label": label, "pid": os.getpid()},
+        )
+    engine.dispose()
+    return label
+
+
+@handle_asynchronously
+def decorated_add(a: int, b: int) -> int:
+    return a + b
+
+
+@handle_asynchronously(priority=5, queue="mail", max_attempts=3)
+def send_mail(address: str) -> str:
+    return f"sent to {address}"
+
+
+@handle_asynchronously(max_attempts=2)
+def always_fails() -> None:
+    raise RuntimeError("always fails")
+
+
+class Unpicklable(Exception):
+    """Pickles, but cannot be unpickled (its __init__ needs two arguments): cpython #98873."""
+
+    def __init__(self, message: str, other: str) -> None:
+        super().__init__(message)
+        self.other = other
+
+
+def raise_unpicklable() -> None:
+    raise Unpicklable("odd", "other")
+
+
+def return_lock() -> Any:
+    import threading
+
+    return threading.Lock()
+
+
+async def async_add(a: int, b: int) -> int:
+    import asyncio
+
+    await asyncio.sleep(0)
+    return a + b
+
+
+class Base(orm.DeclarativeBase):
+    pass
+
+
+class Photo(Base):
+    __tablename__ = "photos"
+    id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
+    title: orm.Mapped[str] = orm.mapped_column(sa.String(100))
+    uploaded: orm.Mapped[bool] = orm.mapped_column(default=False)
+
+    def upload(self, suffix: str = "") -> str:
+        self.uploaded = True
+        return f"uploaded {self.title}{suffix}"
+
+
+class Greeter:
+    """A plain picklable object whose method is delayed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def greet(self, greeting: str) -> str:
+        return f"{greeting}, {self.name}"
