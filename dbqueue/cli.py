@@ -21,7 +21,9 @@ EXIT_CONFIG = 2
 
 class Context:
     def __init__(self, database_url: str | None, log_level: str, log_format: str) -> None:
-        self.settings = config.Settings(**({"database_url": database_url} if database_url else {}))
+        self.settings = (
+            config.Settings(database_url=database_url) if database_url else config.Settings()
+        )
         self.log_level = log_level
         self.log_format = log_format
 
@@ -248,7 +250,7 @@ def clear(obj: Context, queues: tuple[str, ...], yes: bool) -> None:
     where = f"queue(s) {', '.join(queues)}" if queues else "all queues"
     with obj.settings.get_engine().begin() as conn:
         queued = sum(
-            r.count
+            r._mapping["count"]
             for r in store.counts(conn)
             if r.status == "queued" and (not queues or r.queue in queues)
         )
@@ -282,7 +284,7 @@ def status(obj: Context) -> None:
         workers = store.list_workers(conn)
     table: dict[str, dict[str, int]] = {}
     for row in rows:
-        table.setdefault(row.queue, {})[row.status] = row.count
+        table.setdefault(row.queue, {})[row.status] = row._mapping["count"]
     columns = ["queued", "running", "succeeded", "failed", "cancelled"]
     width = max([5, *(len(q) for q in table)])
     click.echo(f"{'queue':<{width}}  " + "  ".join(f"{c:>9}" for c in columns))

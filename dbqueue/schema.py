@@ -63,19 +63,20 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
                 f"naive datetime {value.isoformat()} is ambiguous; pass an aware datetime "
                 "(for example datetime.now(timezone.utc))"
             )
-        value = value.astimezone(dt.timezone.utc)
+        utc: dt.datetime = value.astimezone(dt.timezone.utc)
         if dialect.name == "sqlite":
-            return value.replace(tzinfo=None)
-        return value
+            return utc.replace(tzinfo=None)
+        return utc
 
     def process_result_value(self, value: Any, dialect: sa.Dialect) -> dt.datetime | None:
         if value is None:
             return None
         if isinstance(value, str):  # produced by db_now() on SQLite
             value = dt.datetime.fromisoformat(value)
-        if value.tzinfo is None:
-            return value.replace(tzinfo=dt.timezone.utc)
-        return value.astimezone(dt.timezone.utc)
+        stamp: dt.datetime = value
+        if stamp.tzinfo is None:
+            return stamp.replace(tzinfo=dt.timezone.utc)
+        return stamp.astimezone(dt.timezone.utc)
 
 
 class db_now(expression.FunctionElement[dt.datetime]):

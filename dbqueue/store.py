@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from dbqueue.schema import FINISHED, Status, db_now, tasks, workers
+from dbqueue.schema import FINISHED, Status, UTCDateTime, db_now, tasks, workers
 
 log = logging.getLogger("dbqueue.store")
 
@@ -565,8 +565,8 @@ def seconds_until_next(conn: sa.Connection, queues: Sequence[str] | None = None)
     if earliest is None:
         return None
     if isinstance(earliest, str):
-        earliest = tasks.c.run_at.type.process_result_value(earliest, conn.dialect)
-    return max(0.0, (earliest - now).total_seconds())
+        earliest = UTCDateTime().process_result_value(earliest, conn.dialect)
+    return max(0.0, float((earliest - now).total_seconds()))
 
 
 # -- workers ---------------------------------------------------------------------------------

@@ -98,6 +98,7 @@ class Worker:
         self.stopping = threading.Event()
         self.wakeup = threading.Event()
         self.zombie = False
+        self.recycle = False
         self._avg_duration = 1.0  # seconds; pessimistic until measured, so the first claim is 1
         self._heart: Heart | None = None
 
@@ -198,7 +199,8 @@ class Worker:
         return max(1, min(self.max_batch, size))
 
     def claim(self, limit: int) -> list[sa.Row[Any]]:
-        return self._transaction(lambda c: store.claim(c, self.name, limit, self.queues))
+        with self.engine.begin() as conn:
+            return store.claim(conn, self.name, limit, self.queues)
 
     def run_batch(self) -> int:
         """Claim a batch, run its tasks in order, record outcomes; returns tasks claimed."""
@@ -207,8 +209,7 @@ class Worker:
         first_pending = 0.0
         for index, row in enumerate(rows):
             if self.stopping.is_set() or self.zombie:
-                unstarted = [(r.id, r.attempts) for r in rows[index:]]
-                self._transaction(lambda c, u=unstarted: store.release(c, self.name, u))
+                self.release(rows[index:])
                 break
             outcome = self.run_one(row)
             if not pending:
@@ -220,6 +221,12 @@ class Worker:
         if pending:
             self.record(pending)
         return len(rows)
+
+    def release(self, rows: Sequence[Any]) -> None:
+        """Give claimed-but-unstarted tasks back to the queue (stopping mid-batch)."""
+        unstarted = [(r.id, r.attempts) for r in rows]
+        with self.engine.begin() as conn:
+            store.release(conn, self.name, unstarted)
 
     def run_one(self, row: Any) -> store.Outcome:
         """Execute one claimed task and log its outcome."""
@@ -376,7 +383,7 @@ class Heart(threading.Thread):
         if watched is None or watched[2] is None:
             return
         row, started, timeout = watched
-        if time.monotonic() - started < timeout + max(2.0, timeout * 0.1):
+        if timeout is None or time.monotonic() - started < timeout + max(2.0, timeout * 0.1):
             return
         exc = errors.TaskTimeout(f"timed out after {timeout:g}s (the process was stopped)")
         outcome = executor.failure(self.worker.settings, row, exc)

@@ -34,7 +34,9 @@ RUN_ID = uuid.uuid4().hex[:8]
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--db", action="append", choices=["sqlite", "postgresql"],
+        "--db",
+        action="append",
+        choices=["sqlite", "postgresql"],
         help="run only against these databases (default: both)",
     )
 
@@ -100,19 +102,30 @@ class DB:
         env.pop("DBQUEUE_INLINE", None)
         return env
 
-    def cli(self, *args: str, input: str | None = None, timeout: float = 60) -> (
-            subprocess.CompletedProcess[str]):
+    def cli(
+        self, *args: str, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """Run the real `dbqueue` command (as `python -m dbqueue`) against this database."""
         return subprocess.run(
-            [sys.executable, "-m", "dbqueue", *args], env=self.env, cwd=self.tmp_path,
-            capture_output=True, text=True, input=input, timeout=timeout,
+            [sys.executable, "-m", "dbqueue", *args],
+            env=self.env,
+            cwd=self.tmp_path,
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
         )
 
     def popen(self, *args: str, **kwargs: Any) -> subprocess.Popen[str]:
         """Start `dbqueue ARGS` in the background (a real worker process)."""
         return subprocess.Popen(
-            [sys.executable, "-m", "dbqueue", *args], env=self.env, cwd=self.tmp_path,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+            [sys.executable, "-m", "dbqueue", *args],
+            env=self.env,
+            cwd=self.tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kwargs,
         )
 
     def scalar(self, sql: str, **params: Any) -> Any:
@@ -136,8 +149,9 @@ class DB:
 
 
 @pytest.fixture
-def db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> (
-        Iterator[DB]):
+def db(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[DB]:
     kind = request.param
     monkeypatch.setenv("DBQUEUE_SECRET_KEY", SECRET)
     monkeypatch.delenv("DBQUEUE_INLINE", raising=False)

@@ -34,8 +34,14 @@ def test_decorator_options_are_stored(db):
 
 def test_enqueue_with_all_options(db):
     task = dbqueue.enqueue(
-        jobs.echo, args=(1, "x"), kwargs={"k": [1, 2]}, priority=-3, queue="reports",
-        max_attempts=7, timeout=12.5, unique_key="report-1",
+        jobs.echo,
+        args=(1, "x"),
+        kwargs={"k": [1, 2]},
+        priority=-3,
+        queue="reports",
+        max_attempts=7,
+        timeout=12.5,
+        unique_key="report-1",
     ).refresh()
     assert (task.priority, task.queue, task.max_attempts, task.timeout) == (-3, "reports", 7, 12.5)
     assert task.unique_key == "report-1"
@@ -98,9 +104,14 @@ def test_unimportable_callables_are_refused(db):
 
 @pytest.mark.parametrize(
     ("option", "value", "message"),
-    [("priority", True, "priority"), ("priority", 2**40, "out of range"),
-     ("queue", "", "queue"), ("queue", "q" * 101, "queue"), ("max_attempts", 0, "max_attempts"),
-     ("timeout", -1, "timeout")],
+    [
+        ("priority", True, "priority"),
+        ("priority", 2**40, "out of range"),
+        ("queue", "", "queue"),
+        ("queue", "q" * 101, "queue"),
+        ("max_attempts", 0, "max_attempts"),
+        ("timeout", -1, "timeout"),
+    ],
 )
 def test_invalid_options_name_the_parameter(db, option, value, message):
     with pytest.raises(dbqueue.EnqueueError, match=message):
@@ -109,7 +120,7 @@ def test_invalid_options_name_the_parameter(db, option, value, message):
 
 def test_payload_over_limit_is_refused(db):
     db.settings.max_payload_bytes = 1000
-    with pytest.raises(dbqueue.EnqueueError, match="limit is 1000.0 B|limit is 1.0 KiB"):
+    with pytest.raises(dbqueue.EnqueueError, match=r"limit is 1\.0 KiB"):
         dbqueue.enqueue(jobs.echo, args=("x" * 5000,))
 
 

@@ -35,12 +35,22 @@ def test_alembic_command_line_from_checkout(db):
     from tests.conftest import ROOT
 
     env = db.env
-    down = subprocess.run([sys.executable, "-m", "alembic", "downgrade", "base"], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
+    down = subprocess.run(
+        [sys.executable, "-m", "alembic", "downgrade", "base"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert down.returncode == 0, down.stderr
     assert "tasks" not in sa.inspect(db.engine).get_table_names()
-    up = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env,
-                        capture_output=True, text=True)
+    up = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert up.returncode == 0, up.stderr
     assert "tasks" in sa.inspect(db.engine).get_table_names()
 

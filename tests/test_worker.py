@@ -63,8 +63,9 @@ def test_missing_callable_fails_readably_and_worker_goes_on(db):
     # the payload signature covers the handler, so re-sign as a deploy that renamed it would
     from dbqueue import serializer
 
-    payload = serializer.dumps(db.settings.keyring(), "payload", "tests.jobs:gone",
-                               (("func",), (), {}))
+    payload = serializer.dumps(
+        db.settings.keyring(), "payload", "tests.jobs:gone", (("func",), (), {})
+    )
     with db.engine.begin() as conn:
         conn.execute(sa.text("UPDATE tasks SET payload = :p"), {"p": payload})
     ok = dbqueue.enqueue(jobs.add, args=(1, 1))
@@ -114,7 +115,7 @@ def test_fenced_write_from_a_worker_that_lost_ownership_is_dropped(db):
     with db.engine.begin() as conn:
         (row,) = store.claim(conn, "worker-a", 1)
         store.rescue(conn, ["worker-a"], "presumed dead")
-        (again,) = store.claim(conn, "worker-b", 1)
+        (_again,) = store.claim(conn, "worker-b", 1)
     late = store.Outcome(id=row.id, attempts=row.attempts, status=dbqueue.Status.SUCCEEDED)
     with db.engine.begin() as conn:
         assert store.record(conn, "worker-a", [late]) == 0
