@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dbqueue import bus
 from dbqueue.config import Settings, configure, inline
 from dbqueue.enqueue import (
     delay,
@@ -37,6 +38,7 @@ __all__ = [
     "Task",
     "TaskNotFound",
     "TaskTimeout",
+    "bus",
     "configure",
     "delay",
     "enqueue",

@@ -14,7 +14,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from dbqueue import config, database, errors, logs, store, supervisor, worker
+from dbqueue import bus, config, database, errors, logs, store, supervisor, worker
 
 EXIT_CONFIG = 2
 
@@ -230,14 +230,19 @@ class Progress:
         )
 
 
-def _preflight(obj: Context, imports: Sequence[str]) -> None:
-    """Fail fast, in one line, on a bad URL, a missing schema or a module that won't import."""
+def _preflight(obj: Context, imports: Sequence[str], *, bus_sync: bool = False) -> None:
+    """Fail fast, in one line, on a bad URL, a missing schema or a module that won't import.
+
+    Then store the imported code's bus subscriptions (always with `bus_sync`).
+    """
     database.check_schema(obj.settings)
     obj.settings.keyring()
     try:
         supervisor.import_modules(imports)
     except ImportError as exc:
         raise errors.ConfigurationError(f"--import {exc.name or ''}: {exc}") from exc
+    if bus_sync or bus.subscriptions():
+        bus.sync(settings=obj.settings)
 
 
 @cli.command()
@@ -358,6 +363,50 @@ def prune(obj: Context, older_than: str, batch_size: int) -> None:
         if deleted < batch_size:
             break
     click.echo(f"pruned {total} finished task(s) older than {older_than}")
+
+
+@cli.group("bus")
+def bus_group() -> None:
+    """Publish/subscribe between applications (see the README's Event bus section)."""
+
+
+@bus_group.command("sync")
+@import_option
+@pass_context
+def bus_sync(obj: Context, imports: tuple[str, ...]) -> None:
+    """Store the imported code's subscriptions for this app (DBQUEUE_APP_KEY), replacing its old."""
+    _preflight(obj, imports, bus_sync=True)
+    key = bus.app_key()
+    with obj.settings.get_engine().begin() as conn:
+        rows = [r for r in bus.list_subscriptions(conn) if r.app_key == key]
+    click.echo(f"{key}: {len(rows)} subscription(s)")
+    _echo_subscriptions(rows)
+
+
+@bus_group.command("list")
+@pass_context
+def bus_list(obj: Context) -> None:
+    """Every application's subscriptions, as last synced."""
+    database.check_schema(obj.settings)
+    with obj.settings.get_engine().begin() as conn:
+        rows = bus.list_subscriptions(conn)
+    if not rows:
+        click.echo("(no subscriptions: run `dbqueue bus sync --import APP_MODULE`)")
+    apps: dict[str, list[Any]] = {}
+    for row in rows:
+        apps.setdefault(row.app_key, []).append(row)
+    for key, app_rows in apps.items():
+        synced = max(r.updated_at for r in app_rows).strftime("%Y-%m-%d %H:%M:%S UTC")
+        click.echo(f"{key}: {len(app_rows)} subscription(s), synced {synced}")
+        _echo_subscriptions(app_rows)
+
+
+def _echo_subscriptions(rows: Sequence[Any]) -> None:
+    events = [f"/{r.matcher}/" if r.is_regex else r.matcher for r in rows]
+    width = max([5, *(len(e) for e in events)])
+    queue_width = max([5, *(len(r.queue) for r in rows)])
+    for event, row in zip(events, rows, strict=True):
+        click.echo(f"  {event:<{width}}  {row.queue:<{queue_width}}  {row.handler}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

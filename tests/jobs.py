@@ -108,3 +108,12 @@ class Greeter:
 
     def greet(self, greeting: str) -> str:
         return f"{greeting}, {self.name}"
+
+
+def record_bus_event(app: str, handler: str, attributes: dict[str, Any]) -> None:
+    """Bus test handlers call this: one JSON line in $BUS_EFFECTS_FILE per delivery."""
+    import json
+
+    line = json.dumps({"app": app, "handler": handler, "pid": os.getpid(), **attributes})
+    with open(os.environ["BUS_EFFECTS_FILE"], "a") as fh:
+        fh.write(line + "\n")

@@ -1,0 +1,482 @@
+"""Publish/subscribe between applications that share a database, not code (resque-bus's idea).
+
+Owns the in-code subscription registry (`subscribe`), the app key, every statement on
+`bus_subscriptions` (`sync`, `list_subscriptions`, the read in `publish`), the fan-out of one
+event into one task per matching subscription, and `dispatch`, the task every delivery runs.
+
+    app B, C:  @bus.subscribe("user_created")  --bus.sync()-->  bus_subscriptions rows
+    app A:     bus.publish("user_created", {...})  reads the rows, inserts one task per match
+               (queue `<app_key>_<queue>`, callable `dbqueue.bus:dispatch`) on A's connection
+    B's worker: dispatch("app_b.events:on_user_created", attributes) imports and calls it
+
+The publisher never imports subscriber code: a subscription row names its handler as
+`module:qualname`, and only the subscriber's worker imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+from sqlalchemy.dialects import postgresql, sqlite
+
+from dbqueue import config, errors, executor, serializer, store
+from dbqueue.enqueue import RunAt, _connection, build  # `dbqueue.enqueue` is the function
+from dbqueue.schema import bus_subscriptions, db_now
+
+log = logging.getLogger("dbqueue.bus")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RESERVED = ("bus_event_type", "bus_published_at", "bus_app_key")
+_FLAG_LETTERS = {re.IGNORECASE: "i", re.MULTILINE: "m", re.DOTALL: "s", re.VERBOSE: "x"}
+
+
+class PublishError(errors.EnqueueError):
+    """An event that cannot be published: a bad event name or attributes that are not JSON."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Subscription:
+    """One `@bus.subscribe` in this process's code; `queue` is the suffix, before the app key."""
+
+    matcher: str
+    is_regex: bool
+    queue: str
+    handler: str
+
+    def matches(self, event_type: str) -> bool:
+        return matches(self.matcher, self.is_regex, event_type)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncResult:
+    app_key: str
+    added: int
+    removed: int
+    total: int
+
+
+@dataclasses.dataclass
+class _State:
+    app_key: str | None = None
+    inline: bool | None = None
+    registry: list[Subscription] = dataclasses.field(default_factory=list)
+
+
+_state = _State()
+
+
+def configure(*, app_key: str | None = None, inline: bool | None = None) -> None:
+    """Name this application (default: DBQUEUE_APP_KEY) and/or switch inline dispatch."""
+    if app_key is not None:
+        _check_app_key(app_key)
+        _state.app_key = app_key
+    if inline is not None:
+        _state.inline = inline
+
+
+def app_key() -> str | None:
+    """This application's key: `configure(app_key=...)`, else DBQUEUE_APP_KEY, else None."""
+    return _state.app_key or os.environ.get("DBQUEUE_APP_KEY") or None
+
+
+def _require_app_key(why: str) -> str:
+    key = app_key()
+    if key is None:
+        raise errors.ConfigurationError(
+            f"{why} needs an application key: set DBQUEUE_APP_KEY or call "
+            "dbqueue.bus.configure(app_key='my_app')"
+        )
+    _check_app_key(key)
+    return key
+
+
+def _check_app_key(key: str) -> None:
+    if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,60}", key):
+        raise errors.ConfigurationError(
+            f"bus app key {key!r} must be 1-60 letters, digits, '_', '.' or '-'"
+        )
+
+
+def _inline_enabled() -> bool:
+    if _state.inline is not None:
+        return _state.inline
+    return config._env_bool("DBQUEUE_BUS_INLINE")
+
+
+@contextlib.contextmanager
+def inline(enabled: bool = True) -> Iterator[None]:
+    """Within the block, `publish` runs this process's subscribers at once (for tests)."""
+    before = _state.inline
+    _state.inline = enabled
+    try:
+        yield
+    finally:
+        _state.inline = before
+
+
+# -- subscribing, in code --------------------------------------------------------------
+
+
+def _matcher(event: str | re.Pattern[str]) -> tuple[str, bool]:
+    """(stored text, is_regex); a compiled pattern's flags become an inline `(?i)` prefix."""
+    if isinstance(event, re.Pattern):
+        if not isinstance(event.pattern, str):
+            raise errors.ConfigurationError(f"bus.subscribe: {event!r} is a bytes pattern")
+        flags = event.flags & ~re.UNICODE
+        letters = "".join(c for flag, c in _FLAG_LETTERS.items() if flags & flag)
+        if flags & re.ASCII:
+            letters += "a"
+        unknown = flags & ~(re.ASCII | sum(_FLAG_LETTERS))
+        if unknown:
+            raise errors.ConfigurationError(
+                f"bus.subscribe: regex flags {re.RegexFlag(unknown)!r} cannot be stored"
+            )
+        return (f"(?{letters})" if letters else "") + event.pattern, True
+    if isinstance(event, str) and event:
+        return event, False
+    raise errors.ConfigurationError(
+        f"bus.subscribe takes an event name or a compiled regex, not {event!r}"
+    )
+
+
+def subscribe(event: str | re.Pattern[str], *, queue: str = "default") -> Callable[[F], F]:
+    """Run the decorated `handler(attributes)` for every event named `event` (or matching it).
+
+    Deliveries go to the queue `<app_key>_<queue>`. The function is returned unchanged, and
+    can be decorated several times (a name and a regex: each matching subscription delivers).
+    """
+    matcher, is_regex = _matcher(event)
+    if not isinstance(queue, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,35}", queue):
+        raise errors.ConfigurationError(
+            f"bus.subscribe queue {queue!r} must be 1-35 letters, digits, '_', '.' or '-'"
+        )
+
+    def decorate(func: F) -> F:
+        handler = serializer.handler_name(func)
+        sub = Subscription(matcher, is_regex, queue, handler)
+        for other in _state.registry:
+            if (other.matcher, other.is_regex, other.handler) == (matcher, is_regex, handler):
+                if other.queue != queue:
+                    raise errors.ConfigurationError(
+                        f"{handler} subscribes to {matcher!r} twice, on queues "
+                        f"{other.queue!r} and {queue!r}"
+                    )
+                return func  # the same module imported twice (e.g. as __main__ and by name)
+        _state.registry.append(sub)
+        return func
+
+    return decorate
+
+
+def subscriptions() -> list[Subscription]:
+    """The subscriptions this process's code has registered, in registration order."""
+    return list(_state.registry)
+
+
+def queue_name(key: str, queue: str) -> str:
+    return f"{key}_{queue}"
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(pattern: str) -> re.Pattern[str] | None:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        log.error("bus: ignoring subscription with invalid regex %r: %s", pattern, exc)
+        return None
+
+
+def matches(matcher: str, is_regex: bool, event_type: str) -> bool:
+    """Name equality, or `re.search` for a regex."""
+    if not is_regex:
+        return matcher == event_type
+    pattern = _compiled(matcher)
+    return pattern is not None and pattern.search(event_type) is not None
+
+
+# -- statements on bus_subscriptions ---------------------------------------------------
+
+
+def _lock_app(conn: sa.Connection, key: str) -> None:
+    """Serialise syncs of one application (PostgreSQL; SQLite's BEGIN IMMEDIATE already does)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(f"dbqueue.bus:{key}")))
+        )
+
+
+def _stored(conn: sa.Connection, key: str) -> list[sa.Row[Any]]:
+    """The application's rows: (id, matcher, is_regex, handler)."""
+    cols = bus_subscriptions.c
+    stmt = sa.select(cols.id, cols.matcher, cols.is_regex, cols.handler).where(cols.app_key == key)
+    return list(conn.execute(stmt))
+
+
+def _delete(conn: sa.Connection, ids: Sequence[int]) -> None:
+    """Delete subscription rows by id."""
+    if ids:
+        conn.execute(sa.delete(bus_subscriptions).where(bus_subscriptions.c.id.in_(list(ids))))
+
+
+def _upsert(conn: sa.Connection, key: str, subs: Sequence[Subscription]) -> None:
+    """Insert the application's subscriptions, or update queue and updated_at of existing ones."""
+    if not subs:
+        return
+    cols = bus_subscriptions.c
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    stmt = dialect_insert(bus_subscriptions).values(
+        app_key=sa.bindparam("app_key"),
+        queue=sa.bindparam("queue"),
+        matcher=sa.bindparam("matcher"),
+        is_regex=sa.bindparam("is_regex"),
+        handler=sa.bindparam("handler"),
+        updated_at=db_now(),
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[cols.app_key, cols.matcher, cols.is_regex, cols.handler],
+        set_={"queue": stmt.excluded.queue, "updated_at": db_now()},
+    )
+    conn.execute(
+        stmt,
+        [
+            {
+                "app_key": key,
+                "queue": queue_name(key, s.queue),
+                "matcher": s.matcher,
+                "is_regex": s.is_regex,
+                "handler": s.handler,
+            }
+            for s in subs
+        ],
+    )
+
+
+def list_subscriptions(conn: sa.Connection) -> list[sa.Row[Any]]:
+    """Every application's subscriptions, by app key, queue and matcher."""
+    cols = bus_subscriptions.c
+    stmt = sa.select(
+        cols.app_key, cols.queue, cols.matcher, cols.is_regex, cols.handler, cols.updated_at
+    ).order_by(cols.app_key, cols.queue, cols.matcher, cols.handler)
+    return list(conn.execute(stmt))
+
+
+def _candidates(conn: sa.Connection, event_type: str) -> list[sa.Row[Any]]:
+    """Subscriptions that may match: every regex, and names equal to the event; with now().
+
+    The database clock comes back on each row, so a publish costs one read, not two.
+    """
+    cols = bus_subscriptions.c
+    stmt = (
+        sa.select(
+            cols.app_key,
+            cols.queue,
+            cols.matcher,
+            cols.is_regex,
+            cols.handler,
+            db_now().label("now"),
+        )
+        .where(sa.or_(cols.is_regex, cols.matcher == event_type))
+        .order_by(cols.id)
+    )
+    return list(conn.execute(stmt))
+
+
+def _database_now(conn: sa.Connection) -> Any:
+    """The database clock (inline mode, which reads no subscription rows)."""
+    return conn.execute(sa.select(db_now())).scalar_one()
+
+
+# -- sync ------------------------------------------------------------------------------
+
+
+def sync(
+    *, settings: config.Settings | None = None, connection: sa.Connection | None = None
+) -> SyncResult:
+    """Replace this application's rows in `bus_subscriptions` with its in-code subscriptions.
+
+    One transaction: a handler removed from the code disappears, a new one appears, a changed
+    queue is updated. Run by `dbqueue work`/`workoff` after `--import`, and `dbqueue bus sync`.
+    """
+    settings = settings or config.current()
+    key = _require_app_key("bus.sync()")
+    wanted = {(s.matcher, s.is_regex, s.handler): s for s in _state.registry}
+    with _connection(settings, None, connection) as conn:
+        _lock_app(conn, key)
+        stored = _stored(conn, key)
+        gone = [r.id for r in stored if (r.matcher, r.is_regex, r.handler) not in wanted]
+        _delete(conn, gone)
+        _upsert(conn, key, list(wanted.values()))
+    added = len(set(wanted) - {(r.matcher, r.is_regex, r.handler) for r in stored})
+    log.info(
+        "bus: %s has %d subscription(s) (%d added, %d removed)",
+        key,
+        len(wanted),
+        added,
+        len(gone),
+        extra={"event": "bus_sync", "app_key": key},
+    )
+    return SyncResult(key, added, len(gone), len(wanted))
+
+
+# -- publishing ------------------------------------------------------------------------
+
+
+def _json_problem(value: Any, path: str) -> str | None:
+    """Where and why `value` is not plain JSON, or None when it is."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is {value!r}, which JSON cannot hold"
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{path} has a key {k!r} that is not a string"
+            problem = _json_problem(v, f"{path}[{k!r}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            problem = _json_problem(v, f"{path}[{i}]")
+            if problem:
+                return problem
+        return None
+    return (
+        f"{path} is a {type(value).__name__}, which is not JSON: convert it to a string, "
+        "number, boolean, list or dict first (a datetime: .isoformat())"
+    )
+
+
+def message(event_type: str, attributes: Any, published_at: str, publisher: str | None) -> Any:
+    """The JSON-decoded attributes plus the bus fields: what a handler receives."""
+    decoded = json.loads(json.dumps(attributes, allow_nan=False))
+    decoded.update(bus_event_type=event_type, bus_published_at=published_at, bus_app_key=publisher)
+    return decoded
+
+
+def _validate(event_type: Any, attributes: Any) -> None:
+    if not isinstance(event_type, str) or not event_type:
+        raise PublishError(
+            f"bus.publish: event type must be a non-empty string, not {event_type!r}"
+        )
+    where = f"bus.publish({event_type!r})"
+    if not isinstance(attributes, Mapping):
+        raise PublishError(f"{where}: attributes must be a dict, not {type(attributes).__name__}")
+    for key in RESERVED:
+        if key in attributes:
+            raise PublishError(f"{where}: attribute {key!r} is reserved; the bus sets it")
+    for key, value in attributes.items():
+        if not isinstance(key, str):
+            raise PublishError(f"{where}: attribute key {key!r} is not a string")
+        problem = _json_problem(value, f"attribute {key!r}")
+        if problem:
+            raise PublishError(f"{where}: {problem}")
+
+
+def _targets(conn: sa.Connection, event_type: str) -> tuple[list[tuple[str, str]], Any]:
+    """[(queue, handler)] to deliver to, one per (application, handler), and the db time."""
+    seen: set[tuple[str, str]] = set()
+    targets: list[tuple[str, str]] = []
+    now = None
+    if _inline_enabled():
+        key = _require_app_key("bus inline mode")
+        rows = [
+            (key, queue_name(key, s.queue), s.handler)
+            for s in _state.registry
+            if s.matches(event_type)
+        ]
+        if rows:
+            now = _database_now(conn)
+    else:
+        candidates = _candidates(conn, event_type)
+        rows = [
+            (r.app_key, r.queue, r.handler)
+            for r in candidates
+            if matches(r.matcher, r.is_regex, event_type)
+        ]
+        now = candidates[0].now if candidates else None
+    for key, queue, handler in rows:
+        if (key, handler) not in seen:
+            seen.add((key, handler))
+            targets.append((queue, handler))
+    return targets, now
+
+
+def publish(
+    event_type: str,
+    attributes: Mapping[str, Any] | None = None,
+    *,
+    session: orm.Session | None = None,
+    connection: sa.Connection | None = None,
+    run_at: RunAt = None,
+    settings: config.Settings | None = None,
+) -> list[int]:
+    """Deliver an event to every application subscribed to it; returns the task ids.
+
+    One task per matching subscription (an application's handler matched by both a name and a
+    regex gets the event once), inserted on `session`/`connection` when given, so the event
+    exists only if the caller's transaction commits. Nobody subscribed: one read, no insert.
+    """
+    attributes = {} if attributes is None else attributes
+    _validate(event_type, attributes)
+    settings = settings or config.current()
+    with _connection(settings, session, connection) as conn:
+        targets, now = _targets(conn, event_type)
+        if not targets:
+            return []
+        body = message(event_type, attributes, now.isoformat(), app_key())
+        new = [
+            build(settings, dispatch, (handler, body), None, queue=queue, run_at=run_at)
+            for queue, handler in targets
+        ]
+        ids = store.insert(conn, new, notify=settings.notify)
+        if settings.inline or _inline_enabled():
+            from dbqueue import worker
+
+            for task_id in ids:
+                worker.run_inline(settings, conn, task_id)
+    return ids
+
+
+def publish_at(
+    when: RunAt,
+    event_type: str,
+    attributes: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> list[int]:
+    """`publish` delivered at `when` (a datetime, or a timedelta from the database's now)."""
+    return publish(event_type, attributes, run_at=when, **options)
+
+
+# -- delivering ------------------------------------------------------------------------
+
+
+def dispatch(handler: str, attributes: dict[str, Any]) -> Any:
+    """The task of every delivery: import the subscriber's handler by name and call it.
+
+    Runs in the subscriber's worker; its result, exception and retries are the task's.
+    """
+    allowed = config.current().allowed_modules
+    if not serializer.module_allowed(handler, allowed):
+        raise errors.HandlerNotAllowed(
+            f"bus handler {handler} is not allowed (DBQUEUE_ALLOWED_MODULES={','.join(allowed)})"
+        )
+    try:
+        func = serializer.import_handler(handler)
+    except (ImportError, AttributeError) as exc:
+        raise executor.HandlerImportError(
+            f"cannot import bus handler {handler!r} ({type(exc).__name__}: {exc})"
+        ) from exc
+    return func(attributes)
