@@ -5,7 +5,9 @@ Every DbqueueError becomes one line on stderr and a non-zero exit, never a trace
 
 from __future__ import annotations
 
+import random
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -154,7 +156,11 @@ def work(
     max_memory: float | None,
     grace: float,
 ) -> None:
-    """Run tasks until stopped (SIGTERM/SIGINT finish running tasks first)."""
+    """Run tasks until stopped (SIGTERM/SIGINT finish running tasks first).
+
+    A database that is down at start is waited for (capped backoff), not a reason to exit.
+    """
+    _wait_for_database(obj)
     _preflight(obj, imports)
     spec = obj.spec(
         queues,
@@ -165,7 +171,10 @@ def work(
         max_tasks=max_tasks,
         max_memory_mb=max_memory,
     )
-    supervisor.Supervisor(spec, concurrency, grace=grace).run()
+    boss = supervisor.Supervisor(spec, concurrency, grace=grace)
+    boss.run()
+    if boss.forced:
+        sys.exit(130)
 
 
 @cli.command()
@@ -228,6 +237,29 @@ class Progress:
             f"({summary.rate:.0f}/s): {summary.succeeded} succeeded, "
             f"{summary.retried} retried, {summary.failed} failed"
         )
+
+
+def _wait_for_database(obj: Context) -> None:
+    """Retry the schema check while the database is unavailable; SIGTERM/SIGINT exit 0."""
+
+    def leave(signum: int, frame: Any) -> None:
+        sys.exit(0)
+
+    previous = {s: signal.signal(s, leave) for s in (signal.SIGTERM, signal.SIGINT)}
+    delay = 0.5
+    try:
+        while True:
+            try:
+                database.check_schema(obj.settings)
+                return
+            except errors.DatabaseUnavailable as exc:
+                wait = delay * random.uniform(0.8, 1.2)
+                click.echo(f"dbqueue: {exc}; retrying in {wait:.1f}s", err=True)
+                time.sleep(wait)
+                delay = min(delay * 2, 15.0)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _preflight(obj: Context, imports: Sequence[str], *, bus_sync: bool = False) -> None:

@@ -155,6 +155,7 @@ class Supervisor:
         self.children: dict[str, multiprocessing.process.BaseProcess] = {}
         self.summary = worker.Summary()
         self.stopping = False
+        self.forced = False
         self.crashes = 0
         self.settings = config.Settings(database_url=spec.database_url)
 
@@ -170,6 +171,7 @@ class Supervisor:
         def stop(signum: int, frame: Any) -> None:
             if self.stopping and signum == signal.SIGINT:
                 log.warning("second interrupt: killing workers now")
+                self.forced = True
                 for process in self.children.values():
                     if process.pid:
                         os.kill(process.pid, signal.SIGKILL)

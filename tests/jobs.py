@@ -117,3 +117,45 @@ def record_bus_event(app: str, handler: str, attributes: dict[str, Any]) -> None
     line = json.dumps({"app": app, "handler": handler, "pid": os.getpid(), **attributes})
     with open(os.environ["BUS_EFFECTS_FILE"], "a") as fh:
         fh.write(line + "\n")
+
+
+def probe(url: str, label: str, max_sleep_ms: int = 50) -> str:
+    """Record one execution (committed at once), then sleep a random 0..max_sleep_ms ms."""
+    import random
+
+    record_run(url, label)
+    time.sleep(random.uniform(0, max_sleep_ms) / 1000)
+    return label
+
+
+def whoami(seconds: float) -> int:
+    """Sleep, then return the pid of the process that ran the task."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def stubborn(seconds: float) -> str:
+    """Ignore the soft timeout: only the hard limit (ending the process) stops it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except BaseException:
+            continue
+    return "finished"
+
+
+def exit_process(code: int = 1) -> None:
+    os._exit(code)
+
+
+def segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def kill_self() -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
