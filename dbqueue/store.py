@@ -442,6 +442,24 @@ def release(conn: sa.Connection, worker: str, claimed: Sequence[tuple[int, int]]
     return int(conn.execute(stmt, params).rowcount)
 
 
+def release_unknown(conn: sa.Connection, worker: str, keep: set[int]) -> int:
+    """running -> queued for this live worker's rows it does not know it holds (a claim whose
+    commit reply was lost), the attempt given back; `keep` are the tasks it does run."""
+    stmt = sa.update(tasks).where(
+        tasks.c.status == Status.RUNNING.value, tasks.c.locked_by == worker
+    )
+    if keep:
+        stmt = stmt.where(tasks.c.id.not_in(sorted(keep)))
+    stmt = stmt.values(
+        status=Status.QUEUED.value,
+        locked_by=None,
+        locked_at=None,
+        started_at=None,
+        attempts=tasks.c.attempts - 1,
+    )
+    return int(conn.execute(stmt).rowcount)
+
+
 def rescue(conn: sa.Connection, dead_workers: Sequence[str], reason: str) -> list[int]:
     """running -> queued (or failed when out of attempts) for tasks held by dead workers."""
     if not dead_workers:

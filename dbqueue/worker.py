@@ -99,6 +99,7 @@ class Worker:
         self.wakeup = threading.Event()
         self.zombie = False
         self.recycle = False
+        self._claim_uncertain = False
         self._avg_duration = 1.0  # seconds; pessimistic until measured, so the first claim is 1
         self._heart: Heart | None = None
 
@@ -199,8 +200,23 @@ class Worker:
         return max(1, min(self.max_batch, size))
 
     def claim(self, limit: int) -> list[sa.Row[Any]]:
-        with self.engine.begin() as conn:
-            return store.claim(conn, self.name, limit, self.queues)
+        """Claim a batch. After a claim whose commit was cut off, first give back what that
+        claim may have taken: the rows say `running` under this worker, which is alive, so no
+        rescue would ever return them."""
+        try:
+            with self.engine.begin() as conn:
+                if self._claim_uncertain:
+                    store.release_unknown(conn, self.name, self.in_flight())
+                    self._claim_uncertain = False
+                return store.claim(conn, self.name, limit, self.queues)
+        except Exception as exc:
+            if database.is_disconnect(exc):
+                self._claim_uncertain = True
+            raise
+
+    def in_flight(self) -> set[int]:
+        """Ids of tasks this process is running right now (none between batches)."""
+        return set()
 
     def run_batch(self) -> int:
         """Claim a batch, run its tasks in order, record outcomes; returns tasks claimed."""
@@ -324,6 +340,7 @@ class Heart(threading.Thread):
         self._stop_event = threading.Event()
         self._watched: tuple[Any, float, float | None] | None = None
         self._last_ok = time.monotonic()
+        self._next_complaint = 0.0
 
     def watch(self, row: Any, default_timeout: float | None) -> None:
         """Tell the watchdog which task runs now (None: none)."""
@@ -355,8 +372,14 @@ class Heart(threading.Thread):
                 self._become_zombie("its row in workers was removed (it was presumed dead)")
                 return
             self._last_ok = time.monotonic()
+            self._next_complaint = 0.0
         except Exception as exc:
             silent = time.monotonic() - self._last_ok
+            if silent < self._next_complaint:
+                if silent > worker.rescue_after:
+                    self._become_zombie(f"heartbeats failed for {silent:.0f}s")
+                return
+            self._next_complaint = silent + 10
             log.error(
                 "heartbeat of %s failed for %.0fs: %s",
                 worker.name,

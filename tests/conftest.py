@@ -12,6 +12,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -75,6 +76,40 @@ def pg_template() -> Iterator[str]:
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.dispose()
+
+
+class Background(subprocess.Popen[str]):
+    """A process whose output is read continuously, so a chatty worker never blocks on a
+    full pipe; `communicate()` waits for it and returns everything it wrote."""
+
+    def __init__(self, command: list[str], **kwargs: Any) -> None:
+        super().__init__(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+        )
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._drain, args=(self.stdout, self._out), daemon=True),
+            threading.Thread(target=self._drain, args=(self.stderr, self._err), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _drain(stream: Any, sink: list[str]) -> None:
+        for line in stream:
+            sink.append(line)
+        stream.close()
+
+    def output(self) -> str:
+        """stderr so far (the logs), without waiting."""
+        return "".join(self._err)
+
+    def communicate(self, input: Any = None, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return "".join(self._out), "".join(self._err)
 
 
 @dataclasses.dataclass

@@ -88,6 +88,7 @@ def test_dead_worker_on_another_host_is_rescued_by_heartbeat(db):
         stop(rescuer)
 
 
+@pytest.mark.timeout(600)
 def test_kill_storm_loses_nothing_and_bounds_duplicates(db):
     """R1, scaled to CI: SIGKILL worker processes again and again while tasks flow."""
     tasks, kills_wanted = 400, 12
