@@ -210,28 +210,41 @@ def workoff(
 
 
 class Progress:
-    """Progress lines while working off: at most one a second."""
+    """Workoff progress: a bar redrawn in place on a terminal, plain lines (one a second)
+    otherwise, so logs and CI output stay readable."""
+
+    WIDTH = 30
 
     def __init__(self, settings: config.Settings, queues: Sequence[str]) -> None:
         self.settings = settings
         self.queues = list(queues) or None
         self.last = 0.0
+        self.tty = sys.stderr.isatty()
 
     def __call__(self, summary: worker.Summary) -> None:
         now = time.monotonic()
-        if now - self.last < 1.0:
+        if now - self.last < (0.2 if self.tty else 1.0):
             return
         self.last = now
         with self.settings.get_engine().begin() as conn:
             ready = store.ready_count(conn, self.queues)
+        counts = (
+            f"{summary.done} done ({summary.succeeded} succeeded, {summary.retried} retried, "
+            f"{summary.failed} failed), {summary.rate:.0f}/s, {ready} ready"
+        )
+        if not self.tty:
+            click.echo(f"workoff: {counts}", err=True)
+            return
+        total = max(summary.done + ready, 1)
+        filled = int(self.WIDTH * summary.done / total)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
         click.echo(
-            f"workoff: {summary.done} done ({summary.succeeded} succeeded, "
-            f"{summary.retried} retried, {summary.failed} failed), "
-            f"{summary.rate:.0f}/s, {ready} ready",
-            err=True,
+            f"\r[{bar}] {100 * summary.done // total:3d}% {counts}\x1b[K", err=True, nl=False
         )
 
     def finish(self, summary: worker.Summary) -> None:
+        if self.tty and self.last:
+            click.echo("", err=True)
         click.echo(
             f"workoff: {summary.done} tasks in {summary.elapsed:.1f}s "
             f"({summary.rate:.0f}/s): {summary.succeeded} succeeded, "

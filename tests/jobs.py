@@ -159,3 +159,12 @@ def kill_self() -> None:
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def busy_loop(seconds: float) -> int:
+    """Hold the CPU in pure Python (no sleeping, no I/O) for `seconds`."""
+    deadline = time.monotonic() + seconds
+    spins = 0
+    while time.monotonic() < deadline:
+        spins += 1
+    return spins

@@ -241,3 +241,38 @@ def test_fencing_a_paused_worker_cannot_overwrite_the_run_that_replaced_it(db):
     assert task.status is dbqueue.Status.SUCCEEDED
     assert task.result == b_result and task.attempts == 2
     assert f"lost ownership of task {task.id}" in a_err
+
+
+def test_busy_task_does_not_starve_the_heartbeat(db):
+    """R5: a task spinning in pure Python for 3x rescue_after is not declared dead."""
+    task = dbqueue.enqueue(jobs.busy_loop, args=(6,))
+    a = db.popen("work", "--import", "tests.jobs", "--rescue-after", "2")
+    b = db.popen("work", "--import", "tests.jobs", "--rescue-after", "2", "-q", "other")
+    try:
+        task.wait(timeout=60)
+    finally:
+        stop(a)
+        stop(b)
+    assert task.status is dbqueue.Status.SUCCEEDED and task.attempts == 1
+    assert task.error is None
+
+
+def test_worker_declared_dead_stops_claiming_and_is_replaced(db):
+    """R4: a worker whose row was removed (presumed dead) exits; the supervisor replaces it."""
+    proc = db.popen("work", "--import", "tests.jobs", "--rescue-after", "2")
+    try:
+        (name,) = wait_workers(db, 1)
+        with db.engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM workers"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            names = set(worker_pids(db))
+            if names and name not in names:
+                break
+            time.sleep(0.1)
+        assert names and name not in names  # a new child registered
+        task = dbqueue.enqueue(jobs.add, args=(2, 2))
+        assert task.wait(timeout=30).result == 4
+    finally:
+        err = stop(proc)
+    assert "stops claiming and exits" in err
