@@ -332,6 +332,7 @@ def status(obj: Context) -> None:
     with obj.settings.get_engine().begin() as conn:
         rows = store.counts(conn)
         workers = store.list_workers(conn)
+        old_transactions = database.long_transactions(conn, older_than_seconds=60)
     table: dict[str, dict[str, int]] = {}
     for row in rows:
         table.setdefault(row.queue, {})[row.status] = row._mapping["count"]
@@ -349,6 +350,13 @@ def status(obj: Context) -> None:
     for w in workers:
         age = (w.now - w.heartbeat_at).total_seconds()
         click.echo(f"  {w.name}  queues={w.queues or '*'}  heartbeat {age:.1f}s ago")
+    for tx in old_transactions:
+        click.echo(
+            f"\nwarning: transaction open for {tx.age_s:.0f}s (pid {tx.pid}, "
+            f"{tx.application_name or 'no application name'}, {tx.state}) holds back vacuum: "
+            "dead task rows pile up and claims slow down until it ends",
+            err=True,
+        )
 
 
 @cli.command("retry")

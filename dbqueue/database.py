@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import command
@@ -87,6 +88,24 @@ def check_schema(settings: config.Settings) -> None:
         f"database schema is at revision {found}, this dbqueue needs {expected}: "
         "run `dbqueue migrate`"
     )
+
+
+def long_transactions(conn: sa.Connection, older_than_seconds: float) -> list[sa.Row[Any]]:
+    """PostgreSQL transactions holding back vacuum (an old xmin) for longer than the limit.
+
+    Finished task rows cannot be vacuumed while one is open, so the table and its indexes
+    bloat and claims slow down: the operator should hear about it.
+    """
+    if conn.dialect.name != "postgresql":
+        return []
+    stmt = sa.text(
+        "SELECT pid, application_name, state, "
+        "extract(epoch FROM clock_timestamp() - xact_start) AS age_s "
+        "FROM pg_stat_activity WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid() "
+        "AND xact_start < clock_timestamp() - make_interval(secs => :limit) "
+        "ORDER BY xact_start LIMIT 5"
+    )
+    return list(conn.execute(stmt, {"limit": older_than_seconds}))
 
 
 def describe_error(settings: config.Settings, exc: BaseException) -> errors.DbqueueError:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import sqlalchemy as sa
+
 import dbqueue
+from dbqueue import database
 from tests import jobs
 
 
@@ -50,3 +54,15 @@ def test_status_prints_counts_per_queue_and_workers(db):
     mail = next(line for line in lines if line.startswith("mail"))
     assert mail.split()[1] == "3"
     assert "workers: 0" in result.stdout
+
+
+@pytest.mark.postgresql_only
+def test_status_warns_about_a_transaction_holding_back_vacuum(db):
+    with db.engine.connect() as holder:
+        holder.execute(sa.text("SET application_name = 'long-report'"))
+        holder.execute(sa.text("BEGIN ISOLATION LEVEL REPEATABLE READ"))
+        holder.execute(sa.text("SELECT count(*) FROM tasks"))
+        with db.engine.begin() as conn:
+            rows = database.long_transactions(conn, older_than_seconds=0)
+        assert any(r.application_name == "long-report" for r in rows)
+        holder.rollback()
