@@ -616,10 +616,12 @@ def unregister_worker(conn: sa.Connection, name: str) -> None:
     conn.execute(sa.delete(workers).where(workers.c.name == name))
 
 
-def list_workers(conn: sa.Connection) -> list[sa.Row[Any]]:
-    """Every registered worker with the seconds since its heartbeat (database clock)."""
-    rows = conn.execute(sa.select(workers, db_now().label("now")).order_by(workers.c.name))
-    return list(rows)
+def list_workers(conn: sa.Connection, hostname: str | None = None) -> list[sa.Row[Any]]:
+    """Registered workers (of one host, or all) with the database's now, for heartbeat ages."""
+    stmt = sa.select(workers, db_now().label("now")).order_by(workers.c.name)
+    if hostname is not None:
+        stmt = stmt.where(workers.c.hostname == hostname)
+    return list(conn.execute(stmt))
 
 
 def stale_workers(conn: sa.Connection, after_seconds: float) -> list[str]:

@@ -33,6 +33,7 @@ log = logging.getLogger("dbqueue.worker")
 MAX_BATCH = 100
 BATCH_WINDOW = 0.05  # seconds of expected work claimed at once
 RECORD_EVERY = 0.5  # seconds a finished outcome may wait for its batch
+PROBE_INTERVAL = 1.0  # seconds between checks for dead worker processes on this host
 
 
 def worker_name() -> str:
@@ -355,12 +356,28 @@ class Heart(threading.Thread):
         self.join(timeout=5)
 
     def run(self) -> None:
+        next_beat = 0.0
         while not self._stop_event.wait(self._tick_interval()):
-            self.beat()
+            if time.monotonic() >= next_beat:
+                self.beat()
+                next_beat = time.monotonic() + self.interval
+            else:
+                self.probe_local()
             self.check_timeout()
 
     def _tick_interval(self) -> float:
-        return min(self.interval, 0.5) if self._watched and self._watched[2] else self.interval
+        """Tick at least every second: the local pid probe and the watchdog are cheap."""
+        return min(self.interval, PROBE_INTERVAL)
+
+    def probe_local(self) -> None:
+        """Rescue at once the tasks of workers on this host whose process is gone."""
+        try:
+            with self.worker.engine.begin() as conn:
+                here = socket.gethostname()
+                if any(not _pid_alive(w.pid) for w in store.list_workers(conn, hostname=here)):
+                    rescue(conn, self.worker.rescue_after)
+        except Exception:  # the next heartbeat reports database trouble
+            return
 
     def beat(self) -> None:
         worker = self.worker

@@ -66,26 +66,30 @@ def test_killed_child_is_rescued_at_once_by_the_supervisor(db):
 def test_dead_worker_on_another_host_is_rescued_by_heartbeat(db):
     """A worker whose whole process group died, on a host we cannot probe: heartbeat only."""
     dbqueue.enqueue_many(jobs.sleep, [(30,)] * 3, max_attempts=5)
+    rescuer = db.popen("work", "--import", "tests.jobs", "--rescue-after", "3", "-q", "other")
+    (rescuer_name,) = wait_workers(db, 1)
     victim = db.popen(
         "work", "--import", "tests.jobs", "--rescue-after", "3", start_new_session=True
     )
-    (name,) = wait_workers(db, 1)
-    db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 1)
-    with db.engine.begin() as conn:  # pretend it runs elsewhere: the pid probe cannot apply
-        conn.execute(sa.text("UPDATE workers SET hostname = 'elsewhere'"))
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.communicate(timeout=30)
-    killed = time.monotonic()
-    rescuer = db.popen("work", "--import", "tests.jobs", "--rescue-after", "3", "-q", "other")
     try:
+        names = wait_workers(db, 2)
+        (name,) = set(names) - {rescuer_name}
+        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 1)
+        with db.engine.begin() as conn:  # pretend it runs elsewhere: the pid probe cannot apply
+            conn.execute(
+                sa.text("UPDATE workers SET hostname = 'elsewhere' WHERE name = :n"), {"n": name}
+            )
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.communicate(timeout=30)
+        killed = time.monotonic()
         db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 0, timeout=30)
         detected = time.monotonic() - killed
-        print(f"RESCUE db={db.kind} detector=heartbeat rescue_after=3 seconds={detected:.2f}")
-        assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'queued'") == 3
-        assert db.scalar("SELECT count(*) FROM workers WHERE name = :n", n=name) == 0
-        assert detected < 3 + 3 + 5  # rescue_after + one interval + process start-up
     finally:
         stop(rescuer)
+    print(f"RESCUE db={db.kind} detector=heartbeat rescue_after=3 seconds={detected:.2f}")
+    assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'queued'") == 3
+    assert db.scalar("SELECT count(*) FROM workers WHERE name = :n", n=name) == 0
+    assert detected < 3 + 3  # rescue_after + one heartbeat interval, with room for load
 
 
 @pytest.mark.timeout(600)
@@ -276,3 +280,26 @@ def test_worker_declared_dead_stops_claiming_and_is_replaced(db):
     finally:
         err = stop(proc)
     assert "stops claiming and exits" in err
+
+
+def test_dead_worker_on_this_host_is_rescued_by_pid_probe_before_the_heartbeat_expires(db):
+    """R2 (pid probe): supervisor and child killed together; a worker on the same host sees the
+    pid is gone within about a second, long before the 30 s heartbeat window."""
+    dbqueue.enqueue(jobs.sleep, args=(60,), max_attempts=5)
+    rescuer = db.popen("work", "--import", "tests.jobs", "--rescue-after", "30", "-q", "other")
+    victim = db.popen(
+        "work", "--import", "tests.jobs", "--rescue-after", "30", start_new_session=True
+    )
+    try:
+        wait_workers(db, 2)
+        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 1)
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.communicate(timeout=30)
+        killed = time.monotonic()
+        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 0, timeout=25)
+        detected = time.monotonic() - killed
+    finally:
+        stop(rescuer)
+    print(f"RESCUE db={db.kind} detector=pid-probe rescue_after=30 seconds={detected:.2f}")
+    assert detected < 5
+    assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'queued'") == 1
