@@ -272,25 +272,31 @@ def list_subscriptions(conn: sa.Connection) -> list[sa.Row[Any]]:
     return list(conn.execute(stmt))
 
 
+_CANDIDATES = (
+    sa.select(
+        bus_subscriptions.c.app_key,
+        bus_subscriptions.c.queue,
+        bus_subscriptions.c.matcher,
+        bus_subscriptions.c.is_regex,
+        bus_subscriptions.c.handler,
+        db_now().label("now"),
+    )
+    .where(
+        sa.or_(
+            bus_subscriptions.c.is_regex,
+            bus_subscriptions.c.matcher == sa.bindparam("event_type", type_=sa.Text),
+        )
+    )
+    .order_by(bus_subscriptions.c.id)
+)
+
+
 def _candidates(conn: sa.Connection, event_type: str) -> list[sa.Row[Any]]:
     """Subscriptions that may match: every regex, and names equal to the event; with now().
 
     The database clock comes back on each row, so a publish costs one read, not two.
     """
-    cols = bus_subscriptions.c
-    stmt = (
-        sa.select(
-            cols.app_key,
-            cols.queue,
-            cols.matcher,
-            cols.is_regex,
-            cols.handler,
-            db_now().label("now"),
-        )
-        .where(sa.or_(cols.is_regex, cols.matcher == event_type))
-        .order_by(cols.id)
-    )
-    return list(conn.execute(stmt))
+    return list(conn.execute(_CANDIDATES, {"event_type": event_type}))
 
 
 def _database_now(conn: sa.Connection) -> Any:

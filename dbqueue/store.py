@@ -212,12 +212,15 @@ _limiter = _NotifyLimiter()
 
 
 def notify_queues(conn: sa.Connection, queues: Iterable[str]) -> None:
-    """Wake listening workers (PostgreSQL only); the payload is the queue name alone."""
+    """Wake listening workers (PostgreSQL only); the payload is the queue name alone.
+
+    One round trip however many queues are due (a bus publish fans out to many).
+    """
     if conn.dialect.name != "postgresql":
         return
-    for queue in queues:
-        if _limiter.due(queue):
-            conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, queue)))
+    due = sorted(q for q in set(queues) if _limiter.due(q))
+    if due:
+        conn.execute(sa.select(*(sa.func.pg_notify(NOTIFY_CHANNEL, q) for q in due)))
 
 
 def claim(
