@@ -462,6 +462,64 @@ def _echo_subscriptions(rows: Sequence[Any]) -> None:
         click.echo(f"  {event:<{width}}  {row.queue:<{queue_width}}  {row.handler}")
 
 
+WEB_TOKEN_MIN_LENGTH = 16
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@pass_context
+def web(obj: Context, host: str, port: int) -> None:
+    """Serve the dashboard and /metrics (uvicorn).
+
+    Binding to anything but loopback requires DBQUEUE_WEB_TOKEN: every request then needs it,
+    as `Authorization: Bearer <token>` or through the login form.
+    """
+    import os
+
+    token = os.environ.get("DBQUEUE_WEB_TOKEN") or None
+    if not _is_loopback(host) and token is None:
+        raise errors.ConfigurationError(
+            f"refusing to serve the dashboard on {host}: it is reachable from other machines "
+            "and its buttons change tasks. Set DBQUEUE_WEB_TOKEN to a long random secret "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))'), or bind to "
+            "127.0.0.1"
+        )
+    if token is not None and len(token) < WEB_TOKEN_MIN_LENGTH:
+        raise errors.ConfigurationError(
+            f"DBQUEUE_WEB_TOKEN is {len(token)} characters; use at least {WEB_TOKEN_MIN_LENGTH}"
+        )
+    try:
+        import uvicorn
+
+        from dbqueue import web as web_package
+    except ModuleNotFoundError as exc:
+        raise errors.ConfigurationError(
+            f"the dashboard needs {exc.name}: pip install 'dbqueue[web]'"
+        ) from exc
+    database.check_schema(obj.settings)
+    obj.settings.keyring()
+    app = web_package.create_app(obj.settings, token=token)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"dbqueue dashboard on http://{shown}:{port}/ "
+        f"({'access token required' if token else 'no access token: loopback only'})",
+        err=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level=obj.log_level.lower(), access_log=False)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: errors as one line, never a traceback."""
     try:

@@ -1,0 +1,600 @@
+"""The dashboard: pages, CSRF-checked actions, access token, /metrics, `dbqueue web`, a browser.
+
+Pages and actions are driven through Starlette's TestClient against the real app on the real
+database; `dbqueue web` runs as a real process for the access and browser tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import parser
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.testclient import TestClient
+
+import dbqueue
+from dbqueue import serializer, store
+from dbqueue.schema import bus_subscriptions, counter_deltas, db_now, tasks
+from dbqueue.web import create_app, queries
+from tests import jobs
+from tests.conftest import ROOT
+
+CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]+)"')
+CHROMIUM = os.environ.get("DBQUEUE_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def failed_task(message: str = "boom", queue: str = "default") -> dbqueue.Task:
+    """A task that really ran and failed for good (inline: a worker's code path, in process)."""
+    with dbqueue.inline():
+        task = dbqueue.enqueue(jobs.raise_value_error, (message,), queue=queue, max_attempts=1)
+    assert task.refresh().status is dbqueue.Status.FAILED
+    return task
+
+
+def succeeded_task(a: int = 1, b: int = 2, queue: str = "default") -> dbqueue.Task:
+    with dbqueue.inline():
+        task = dbqueue.enqueue(jobs.add, (a, b), queue=queue)
+    assert task.refresh().status is dbqueue.Status.SUCCEEDED
+    return task
+
+
+def set_row(db, task_id: int, **values) -> None:
+    """Put a row in any state (River's testfactory); `*_ago` values are seconds before now."""
+    for column in ("run_at", "started_at", "finished_at", "locked_at"):
+        ago = values.pop(f"{column}_ago", None)
+        if ago is not None:
+            values[column] = db_now(-float(ago))
+    with db.engine.begin() as conn:
+        conn.execute(sa.update(tasks).where(tasks.c.id == task_id).values(**values))
+
+
+def csrf_of(client: TestClient, path: str = "/") -> str:
+    match = CSRF.search(client.get(path).text)
+    assert match, f"no CSRF token on {path}"
+    return match.group(1)
+
+
+def snapshot(db) -> list[tuple]:
+    return [tuple(r) for r in db.rows("SELECT id, status, attempts, queue FROM tasks ORDER BY id")]
+
+
+def row_cells(html: str, first_cell: str) -> list[str]:
+    """The text of each cell of the table row whose first cell is `first_cell`."""
+    for row in re.findall(r"<tr>(.*?)</tr>", html, re.S):
+        cells = [
+            re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+        ]
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row for {first_cell!r}")
+
+
+@pytest.fixture
+def client(db) -> Iterator[TestClient]:
+    with TestClient(create_app(db.settings)) as c:
+        yield c
+
+
+# -- pages -----------------------------------------------------------------------------------
+
+
+def test_overview_counts_each_state_per_queue(db, client):
+    ready = dbqueue.enqueue(jobs.noop, queue="mail")
+    set_row(db, ready.id, run_at_ago=120)
+    dbqueue.enqueue(jobs.noop, queue="mail")
+    dbqueue.enqueue(jobs.noop, queue="mail", run_at=dt.timedelta(hours=1))
+    running = dbqueue.enqueue(jobs.noop, queue="mail")
+    set_row(db, running.id, status="running", locked_by="w1", started_at_ago=1)
+    failed_task(queue="mail")
+    succeeded_task(queue="mail")
+    old = succeeded_task(queue="mail")
+    set_row(db, old.id, finished_at_ago=3600)
+    cancelled = dbqueue.enqueue(jobs.noop, queue="mail")
+    with db.engine.begin() as conn:
+        store.cancel(conn, [cancelled.id])
+    succeeded_task(queue="other")
+
+    with db.engine.connect() as conn:
+        summary = {q.queue: q for q in queries.overview(conn)}
+    mail = summary["mail"]
+    assert (mail.ready, mail.scheduled, mail.running) == (2, 1, 1)
+    assert (mail.failed, mail.succeeded, mail.cancelled) == (1, 2, 1)
+    assert mail.recent_finished == 2  # the failed one and one succeeded; not the old one
+    assert 120 <= mail.oldest_ready_age < 3600
+    assert summary["other"].succeeded == 1 and summary["other"].oldest_ready_age is None
+
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["x-frame-options"] == "DENY"  # its buttons cannot be clickjacked
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    cells = row_cells(page.text, "mail")
+    assert cells[1:7] == ["2", "1", "1", "1", "2", "1"]
+    assert cells[7].startswith("2m")  # oldest waiting: 2 minutes and some seconds
+    assert cells[8] == "0.4"  # 2 finished in the last 5 minutes
+
+
+def test_tasks_list_filters_and_pages(db, client):
+    ids = dbqueue.enqueue_many(jobs.add, [(i, i) for i in range(55)], queue="bulk")
+    later = dbqueue.enqueue(jobs.noop, queue="bulk", run_at=dt.timedelta(hours=1))
+    failed = failed_task(queue="bulk")
+
+    first = client.get("/tasks?queue=bulk")
+    second = client.get("/tasks?queue=bulk&page=2")
+    shown = [int(i) for i in re.findall(r'<td class="num"><a href="/tasks/(\d+)">', first.text)]
+    shown2 = [int(i) for i in re.findall(r'<td class="num"><a href="/tasks/(\d+)">', second.text)]
+    assert len(shown) == 50 and len(shown2) == 7
+    assert shown + shown2 == sorted([*ids, later.id, failed.id], reverse=True)
+    assert "page 2 of 2 · 57 tasks" in second.text and 'rel="prev"' in second.text
+
+    only_failed = client.get("/tasks?status=failed&queue=bulk").text
+    assert re.findall(r'<a href="/tasks/(\d+)">\d+', only_failed) == [str(failed.id)]
+    scheduled = client.get("/tasks?status=scheduled").text
+    assert re.findall(r'<a href="/tasks/(\d+)">\d+', scheduled) == [str(later.id)]
+    assert client.get("/tasks?status=finished").status_code == 400
+    assert "unknown status &#39;finished&#39;" in client.get("/tasks?status=finished").text
+    assert client.get("/tasks?page=0").status_code == 400
+    assert client.get("/tasks?page=x").status_code == 400
+
+
+def test_task_page_shows_arguments_result_and_traceback_escaped(db, client):
+    task = failed_task("<script>alert(1)</script>")
+    page = client.get(f"/tasks/{task.id}").text
+    assert "tests.jobs:raise_value_error" in page
+    assert "(&#39;&lt;script&gt;alert(1)&lt;/script&gt;&#39;,)" in page
+    assert "<script>alert" not in page
+    assert "Traceback (most recent call last)" in page
+    assert "ValueError: &lt;script&gt;" in page
+    assert "1 of 1" in page  # attempts
+
+    done = succeeded_task(20, 22)
+    assert "<code>42</code>" in client.get(f"/tasks/{done.id}").text
+
+    big = dbqueue.enqueue(jobs.echo, ("x" * 100_000,), {"key": list(range(1000))})
+    page = client.get(f"/tasks/{big.id}").text
+    assert len(page) < 20_000 and "..." in page and "&#39;key&#39;" in page
+
+    assert client.get("/tasks/999999").status_code == 404
+
+
+class _Touch:
+    """Unpickling this creates a file: proof that a payload was (or was not) unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_unverified_payload_and_result_are_never_unpickled(db, client, tmp_path):
+    marker = tmp_path / "unpickled"
+    task = succeeded_task()
+    forged = serializer.Keyring(b"k" * 40)  # a key this dashboard does not have
+    evil = pickle.dumps((("func",), (_Touch(str(marker)),), {}))
+    set_row(
+        db,
+        task.id,
+        payload=serializer.sign(forged, "payload", task.handler, evil),
+        result=serializer.sign(forged, "result", task.handler, pickle.dumps(_Touch(str(marker)))),
+    )
+    page = client.get(f"/tasks/{task.id}").text
+    assert page.count("signature did not verify") == 3  # args, kwargs, result
+    assert not marker.exists()
+
+    # The right key over a different handler does not verify either (the MAC covers it).
+    good = serializer.Keyring(db.settings.keyring().current)
+    set_row(db, task.id, payload=serializer.sign(good, "payload", "tests.jobs:noop", evil))
+    assert "signature did not verify" in client.get(f"/tasks/{task.id}").text
+    assert not marker.exists()
+
+
+def test_workers_counters_and_bus_pages(db, client):
+    with db.engine.begin() as conn:
+        store.register_worker(conn, "host:1:abc", "host", 1, ["mail", "default"])
+        conn.execute(
+            sa.insert(counter_deltas).values(created_at=db_now()),
+            [
+                {"table_name": "posts", "row_id": "7", "column_name": "comments_count", "delta": d}
+                for d in (1, 1, 1, -1)
+            ],
+        )
+        conn.execute(
+            sa.insert(bus_subscriptions).values(
+                app_key="app_b",
+                queue="app_b_default",
+                matcher="user_created",
+                is_regex=False,
+                handler="app_b.handlers:on_user",
+                updated_at=db_now(),
+            )
+        )
+    running = dbqueue.enqueue(jobs.noop)
+    set_row(db, running.id, status="running", locked_by="host:1:abc")
+
+    workers = client.get("/workers").text
+    cells = row_cells(workers, "host:1:abc")
+    assert cells[1:5] == ["host", "1", "mail,default", "1"] and cells[6].endswith("s ago")
+    assert row_cells(client.get("/counters").text, "posts")[1:5] == [
+        "7",
+        "comments_count",
+        "2",
+        "4",
+    ]
+    bus = client.get("/bus").text
+    assert "app_b" in bus and row_cells(bus, "user_created")[1:3] == [
+        "app_b.handlers:on_user",
+        "app_b_default",
+    ]
+
+
+# -- actions ---------------------------------------------------------------------------------
+
+
+def test_actions_change_state_with_a_valid_csrf_token(db, client):
+    failed = failed_task(queue="q1")
+    queued = dbqueue.enqueue(jobs.noop, queue="q1")
+    doomed = succeeded_task(queue="q1")
+    token = csrf_of(client)
+
+    reply = client.post(
+        f"/tasks/{failed.id}/retry", data={"csrf_token": token}, follow_redirects=False
+    )
+    assert (
+        reply.status_code == 303 and reply.headers["location"] == f"/tasks/{failed.id}?done=retried"
+    )
+    assert failed.refresh().status is dbqueue.Status.QUEUED and failed.attempts == 0
+    assert "Task queued again." in client.get(reply.headers["location"]).text
+
+    client.post(f"/tasks/{queued.id}/cancel", data={"csrf_token": token})
+    assert queued.refresh().status is dbqueue.Status.CANCELLED
+    client.post(f"/tasks/{doomed.id}/delete", data={"csrf_token": token})
+    assert db.scalar("SELECT count(*) FROM tasks WHERE id = :i", i=doomed.id) == 0
+
+    # A second cancel of a cancelled task changes nothing and says so.
+    again = client.post(f"/tasks/{queued.id}/cancel", data={"csrf_token": token})
+    assert "Nothing changed" in again.text
+
+    more = [failed_task(queue="q2").id for _ in range(3)]
+    keep = failed_task(queue="q3")
+    client.post("/queues/retry-failed", data={"csrf_token": token, "queue": "q2"})
+    assert (
+        db.scalar(f"SELECT count(*) FROM tasks WHERE status = 'queued' AND id IN {tuple(more)}")
+        == 3
+    )
+    assert keep.refresh().status is dbqueue.Status.FAILED
+
+    client.post("/queues/clear", data={"csrf_token": token, "queue": "q2"})
+    assert db.scalar("SELECT count(*) FROM tasks WHERE queue = 'q2'") == 0
+    assert db.scalar("SELECT count(*) FROM tasks WHERE queue = 'q1'") == 2  # not its queue
+
+
+def test_posts_without_a_valid_csrf_token_are_refused_and_change_nothing(db, client):
+    failed = failed_task(queue="q")
+    queued = dbqueue.enqueue(jobs.noop, queue="q")
+    done = succeeded_task(queue="q")
+    token = csrf_of(client)
+    before = snapshot(db)
+    posts = [
+        (f"/tasks/{failed.id}/retry", {}),
+        (f"/tasks/{queued.id}/cancel", {}),
+        (f"/tasks/{done.id}/delete", {}),
+        ("/queues/retry-failed", {"queue": "q"}),
+        ("/queues/clear", {"queue": "q"}),
+    ]
+    altered = ("e" if token[0] == "f" else "f") + token[1:]
+    other_app = create_app(db.settings)
+    with TestClient(other_app) as stranger, TestClient(other_app) as cookieless:
+        stranger.get("/")  # another browser, with a CSRF cookie of its own
+        for path, fields in posts:
+            for bad in (None, "", "0" * 64, altered):
+                data = fields if bad is None else {**fields, "csrf_token": bad}
+                assert client.post(path, data=data).status_code == 403, (path, bad)
+            # A valid token sent with another session's cookie, or with none (a cross-site
+            # form post from a page that copied the token), is refused too.
+            assert stranger.post(path, data={**fields, "csrf_token": token}).status_code == 403
+            assert cookieless.post(path, data={**fields, "csrf_token": token}).status_code == 403
+    assert snapshot(db) == before
+
+
+def test_access_token_via_bearer_or_login_form(db):
+    secret_token = "s3cret-token-for-the-dashboard"
+    app = create_app(db.settings, token=secret_token)
+    failed = failed_task()
+    with TestClient(app) as anon:
+        reply = anon.get("/tasks", follow_redirects=False)
+        assert reply.status_code == 303 and reply.headers["location"] == "/login?next=%2Ftasks"
+        assert anon.get("/metrics").status_code == 401
+        assert anon.get("/", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert anon.get("/", headers={"Authorization": f"Bearer {secret_token}"}).status_code == 200
+        metrics = anon.get("/metrics", headers={"Authorization": f"Bearer {secret_token}"})
+        assert metrics.status_code == 200 and "dbqueue_tasks" in metrics.text
+
+        # Bearer alone is not enough to act: actions still need the CSRF token.
+        post = anon.post(
+            f"/tasks/{failed.id}/retry", headers={"Authorization": f"Bearer {secret_token}"}
+        )
+        assert post.status_code == 403 and failed.refresh().status is dbqueue.Status.FAILED
+        # No token at all: refused before anything else.
+        token = csrf_of(anon, "/login")
+        assert anon.post(f"/tasks/{failed.id}/retry", data={"csrf_token": token}).status_code == 401
+
+        bad = anon.post("/login", data={"csrf_token": token, "token": "nope", "next": "/tasks"})
+        assert bad.status_code == 401 and "not the dashboard" in bad.text
+        assert anon.post("/login", data={"token": secret_token}).status_code == 403
+        good = anon.post(
+            "/login",
+            data={"csrf_token": token, "token": secret_token, "next": "//evil.example/"},
+            follow_redirects=False,
+        )
+        assert good.status_code == 303 and good.headers["location"] == "/"
+        assert secret_token not in good.headers["set-cookie"]
+        assert anon.get("/tasks").status_code == 200
+        anon.post(f"/tasks/{failed.id}/retry", data={"csrf_token": token})
+        assert failed.refresh().status is dbqueue.Status.QUEUED
+
+
+def test_mounted_in_a_host_app_under_a_prefix(db):
+    failed = failed_task()
+    host = Starlette(routes=[Mount("/admin/queue", app=create_app(db.settings))])
+    with TestClient(host) as c:
+        page = c.get("/admin/queue/").text
+        assert 'href="/admin/queue/tasks?queue=default&amp;status=failed"' in page
+        assert c.cookies.get("dbqueue_csrf")
+        task_page = c.get(f"/admin/queue/tasks/{failed.id}").text
+        assert f'action="/admin/queue/tasks/{failed.id}/retry"' in task_page
+        token = CSRF.search(task_page).group(1)
+        reply = c.post(
+            f"/admin/queue/tasks/{failed.id}/retry",
+            data={"csrf_token": token},
+            follow_redirects=False,
+        )
+        assert reply.headers["location"] == f"/admin/queue/tasks/{failed.id}?done=retried"
+    assert failed.refresh().status is dbqueue.Status.QUEUED
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def scrape(client: TestClient) -> dict[tuple[str, tuple], float]:
+    reply = client.get("/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    values = {}
+    for family in parser.text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def test_metrics_in_prometheus_format(db, client):
+    waiting = dbqueue.enqueue(jobs.noop, queue="mail")
+    set_row(db, waiting.id, run_at_ago=90)
+    dbqueue.enqueue(jobs.noop, queue="mail", run_at=dt.timedelta(hours=1))
+    quick = succeeded_task(queue="mail")
+    set_row(db, quick.id, started_at_ago=60.5, finished_at_ago=60.49)  # 10 ms
+    slow = succeeded_task(queue="mail")
+    set_row(db, slow.id, started_at_ago=63, finished_at_ago=60)  # 3 s
+    bad = failed_task(queue="mail")
+    set_row(db, bad.id, started_at_ago=61, finished_at_ago=60)
+
+    first = scrape(client)
+    mail = (("queue", "mail"),)
+    assert first[("dbqueue_tasks", (("queue", "mail"), ("status", "queued")))] == 2
+    assert first[("dbqueue_tasks", (("queue", "mail"), ("status", "failed")))] == 1
+    assert first[("dbqueue_tasks", (("queue", "mail"), ("status", "running")))] == 0
+    assert first[("dbqueue_tasks_scheduled", mail)] == 1
+    assert 90 <= first[("dbqueue_oldest_queued_age_seconds", mail)] < 3600
+    assert first[("dbqueue_tasks_processed_total", mail)] == 3
+    assert first[("dbqueue_tasks_failed_total", mail)] == 1
+    add = (("handler", "tests.jobs:add"),)
+    assert first[("dbqueue_task_duration_seconds_count", add)] == 2
+    assert first[("dbqueue_task_duration_seconds_bucket", (*add, ("le", "0.025")))] == 1
+    assert first[("dbqueue_task_duration_seconds_bucket", (*add, ("le", "2.5")))] == 1
+    assert first[("dbqueue_task_duration_seconds_bucket", (*add, ("le", "5.0")))] == 2
+    assert first[("dbqueue_task_duration_seconds_bucket", (*add, ("le", "+Inf")))] == 2
+    assert 2.9 < first[("dbqueue_task_duration_seconds_sum", add)] < 3.1
+
+    # Totals only grow: pruning finished rows does not lower them, new ones add to them.
+    with db.engine.begin() as conn:
+        store.delete(conn, [quick.id, slow.id, bad.id])
+    time.sleep(0.6)  # so the next task's finished_at (5.5 s ago) is past the first watermark
+    again = failed_task(queue="mail")
+    set_row(db, again.id, started_at_ago=6, finished_at_ago=5.5)
+    second = scrape(client)
+    assert second[("dbqueue_tasks_processed_total", mail)] == 4
+    assert second[("dbqueue_tasks_failed_total", mail)] == 2
+    assert second[("dbqueue_task_duration_seconds_count", add)] == 2
+    assert scrape(client)[("dbqueue_tasks_processed_total", mail)] == 4  # not counted twice
+
+
+# -- the `dbqueue web` command ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(request, timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode()
+
+
+@contextlib.contextmanager
+def serve(db, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`dbqueue web` as a real process on a free port; yields its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dbqueue", "web", "--port", str(port), *args],
+        env={**db.env, **(env or {})},
+        cwd=db.tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                _, err = process.communicate()
+                raise AssertionError(f"dbqueue web exited {process.returncode}: {err}")
+            try:
+                fetch(base + "/login")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=15)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it: exit by that signal.
+    assert process.returncode in (0, -signal.SIGTERM), err
+
+
+def test_web_refuses_to_bind_beyond_loopback_without_a_token(db):
+    env_without = {k: v for k, v in db.env.items() if k != "DBQUEUE_WEB_TOKEN"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dbqueue", "web", "--host", "0.0.0.0", "--port", "1"],
+        env=env_without,
+        cwd=db.tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "refusing to serve the dashboard on 0.0.0.0" in result.stderr
+    assert "DBQUEUE_WEB_TOKEN" in result.stderr and "Traceback" not in result.stderr
+    short = subprocess.run(
+        [sys.executable, "-m", "dbqueue", "web", "--host", "::", "--port", "1"],
+        env={**env_without, "DBQUEUE_WEB_TOKEN": "short"},
+        cwd=db.tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert short.returncode == 2 and "at least 16" in short.stderr
+
+
+@pytest.mark.slow
+def test_web_beyond_loopback_serves_with_the_token(db):
+    token = "a-long-enough-dashboard-token"
+    with serve(db, "--host", "0.0.0.0", env={"DBQUEUE_WEB_TOKEN": token}) as base:
+        status, _ = fetch(base + "/")
+        assert status == 303
+        assert fetch(base + "/metrics")[0] == 401
+        status, body = fetch(base + "/", {"Authorization": f"Bearer {token}"})
+        assert status == 200 and "<h1>Queues</h1>" in body
+
+
+# -- in a real browser ------------------------------------------------------------------------
+
+
+def _browser_or_fail():
+    """Playwright and Debian's chromium; a clear failure under CI, a skip on a laptop without."""
+    problem = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ModuleNotFoundError:
+        problem = "Playwright for Python is not installed (pip install -e '.[dev,web]')"
+        sync_playwright = None
+    if problem is None and not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+        problem = (
+            f"chromium is not installed at {CHROMIUM} (apt-get install -y chromium; "
+            "or set DBQUEUE_TEST_CHROMIUM)"
+        )
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser test must run under CI: {problem}")
+        pytest.skip(problem)
+    return sync_playwright
+
+
+def _demo_data(db) -> dbqueue.Task:
+    """A few queues in several states, so the screenshot shows what an operator sees."""
+    for i in range(12):
+        succeeded_task(i, i, queue="default")
+    for i in range(4):
+        succeeded_task(i, 1, queue="mail")
+    dbqueue.enqueue_many(jobs.add, [(i, i) for i in range(7)], queue="default")
+    dbqueue.enqueue_many(jobs.noop, [()] * 3, queue="mail", run_at=dt.timedelta(minutes=30))
+    dbqueue.enqueue_many(jobs.noop, [()] * 5, queue="reports")
+    with db.engine.begin() as conn:
+        conn.execute(sa.update(tasks).where(tasks.c.queue == "reports").values(run_at=db_now(-95)))
+    return failed_task("card declined", queue="mail")
+
+
+@pytest.mark.slow
+def test_browser_retries_a_failed_task(db):
+    sync_playwright = _browser_or_fail()
+    failed = _demo_data(db)
+    screenshot = (
+        ROOT / "docs" / "dashboard.png"
+        if db.kind == "postgresql"
+        else (db.tmp_path / "dashboard.png")
+    )
+    screenshot.parent.mkdir(exist_ok=True)
+    with serve(db) as base, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 640})
+            page.goto(base + "/")
+            mail = page.locator("tr", has=page.locator("td", has_text="mail")).first
+            assert mail.locator("td").nth(4).inner_text() == "1"  # failed
+            page.screenshot(path=str(screenshot), full_page=True)
+            mail.locator("td").nth(4).get_by_role("link").click()
+            page.wait_for_url("**/tasks?queue=mail&status=failed")
+            page.get_by_role("link", name=str(failed.id), exact=True).click()
+            page.wait_for_url(f"**/tasks/{failed.id}")
+            assert "ValueError: card declined" in page.locator("pre").inner_text()
+            page.get_by_role("button", name="Retry").click()
+            page.wait_for_url(f"**/tasks/{failed.id}?done=retried")
+            assert page.get_by_role("status").inner_text() == "Task queued again."
+        finally:
+            browser.close()
+    assert db.scalar("SELECT status FROM tasks WHERE id = :i", i=failed.id) == "queued"
+    assert db.scalar("SELECT attempts FROM tasks WHERE id = :i", i=failed.id) == 0
+    assert screenshot.stat().st_size > 10_000
