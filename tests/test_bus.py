@@ -38,6 +38,10 @@ def broken(attributes: dict[str, Any]) -> None:
     raise RuntimeError("subscriber bug")
 
 
+async def got_async(attributes: dict[str, Any]) -> list[str]:
+    return sorted(attributes)
+
+
 @pytest.fixture
 def app(monkeypatch: pytest.MonkeyPatch) -> bus._State:
     """A fresh in-process registry for the application `app_t`."""
@@ -354,6 +358,15 @@ def test_inline_runs_in_process_subscribers_at_once(db, app):
     assert len(RECEIVED) == 1
 
 
+def test_async_handler_is_awaited_and_its_result_stored(db, app):
+    bus.subscribe("user_created")(got_async)
+    with bus.inline():
+        (task_id,) = bus.publish("user_created", {"id": 1})
+    task = dbqueue.Task.get(task_id)
+    assert task.status is dbqueue.Status.SUCCEEDED
+    assert task.result == ["bus_app_key", "bus_event_type", "bus_published_at", "id"]
+
+
 def test_inline_from_environment(db, app, monkeypatch):
     bus.subscribe("user_created")(got_user)
     monkeypatch.setenv("DBQUEUE_BUS_INLINE", "1")
@@ -392,3 +405,8 @@ def test_sync_without_app_key_is_one_clear_line(db):
         "dbqueue.bus.configure(app_key='my_app')"
     ]
     assert db.scalar("SELECT count(*) FROM bus_subscriptions") == 0
+    out = run(db, "-m", "dbqueue", "bus", "list")
+    assert (out.returncode, out.stdout.strip()) == (
+        0,
+        "(no subscriptions: run `dbqueue bus sync --import APP_MODULE`)",
+    )
