@@ -397,14 +397,13 @@ def _targets(conn: sa.Connection, event_type: str) -> tuple[list[tuple[str, str]
     targets: list[tuple[str, str]] = []
     now = None
     if _inline_enabled():
-        key = _require_app_key("bus inline mode")
-        rows = [
-            (key, queue_name(key, s.queue), s.handler)
-            for s in _state.registry
-            if s.matches(event_type)
-        ]
-        if rows:
+        matched = [s for s in _state.registry if s.matches(event_type)]
+        if matched:
+            key = _require_app_key("bus inline mode")
+            rows = [(key, queue_name(key, s.queue), s.handler) for s in matched]
             now = _database_now(conn)
+        else:
+            rows = []
     else:
         candidates = _candidates(conn, event_type)
         rows = [

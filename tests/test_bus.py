@@ -367,6 +367,15 @@ def test_async_handler_is_awaited_and_its_result_stored(db, app):
     assert task.result == ["bus_app_key", "bus_event_type", "bus_published_at", "id"]
 
 
+def test_inline_publisher_without_subscribers_needs_no_app_key(db, app):
+    app.app_key = None
+    with bus.inline():
+        assert bus.publish("user_created", {"id": 1}) == []
+        bus.subscribe("user_created")(got_user)
+        with pytest.raises(dbqueue.ConfigurationError, match="bus inline mode needs an app"):
+            bus.publish("user_created", {"id": 1})
+
+
 def test_inline_from_environment(db, app, monkeypatch):
     bus.subscribe("user_created")(got_user)
     monkeypatch.setenv("DBQUEUE_BUS_INLINE", "1")
