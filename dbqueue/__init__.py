@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dbqueue import bus
+from dbqueue.aio import enqueue_async, enqueue_many_async, schedule_async
 from dbqueue.config import Settings, configure, inline
 from dbqueue.enqueue import (
     delay,
@@ -22,6 +23,7 @@ from dbqueue.errors import (
     TaskNotFound,
     TaskTimeout,
 )
+from dbqueue.periodic import periodic
 from dbqueue.schema import Status
 from dbqueue.task import Task
 
@@ -42,8 +44,12 @@ __all__ = [
     "configure",
     "delay",
     "enqueue",
+    "enqueue_async",
     "enqueue_many",
+    "enqueue_many_async",
     "handle_asynchronously",
     "inline",
+    "periodic",
     "schedule",
+    "schedule_async",
 ]

@@ -520,6 +520,34 @@ def web(obj: Context, host: str, port: int) -> None:
     uvicorn.run(app, host=host, port=port, log_level=obj.log_level.lower(), access_log=False)
 
 
+@cli.group()
+def periodic() -> None:
+    """Periodic tasks (@periodic): their schedule and next run."""
+
+
+@periodic.command("list")
+@import_option
+@pass_context
+def periodic_list(obj: Context, imports: tuple[str, ...]) -> None:
+    """Show each periodic task of the imported modules: schedule, last slot, next run (UTC)."""
+    from dbqueue.periodic import registry, upcoming
+
+    _preflight(obj, imports)
+    if not registry:
+        click.echo("no periodic tasks registered (pass the module that defines them: --import)")
+        return
+    with obj.settings.get_engine().begin() as conn:
+        rows = upcoming(conn)
+    width = max(len(entry.name) for entry, _, _ in rows)
+    click.echo(f"{'task':<{width}}  {'schedule':<34}  {'last enqueued':<25}  next run")
+    for entry, last, next_run in rows:
+        last_text = last.isoformat(timespec="seconds") if last else "never"
+        click.echo(
+            f"{entry.name:<{width}}  {entry.schedule:<34}  {last_text:<25}  "
+            f"{next_run.isoformat(timespec='seconds')}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: errors as one line, never a traceback."""
     try:

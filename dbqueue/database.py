@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.operations import Operations
 from alembic.script import ScriptDirectory
 
 from dbqueue import config, errors
@@ -57,6 +58,25 @@ def migrate(settings: config.Settings, revision: str = "head") -> None:
     """Upgrade the schema (alembic upgrade, with dbqueue's own version table)."""
     with errors_translated(settings):
         command.upgrade(alembic_config(settings), revision)
+
+
+def upgrade_on(connection: sa.Connection, revision: str = "head") -> None:
+    """Upgrade dbqueue's tables on the caller's connection, from inside another alembic env.py.
+
+    `command.upgrade` cannot be nested in a running env.py (alembic's `context` and `op` are
+    module-wide proxies the inner command would remove), so this drives a MigrationContext
+    directly: dbqueue's scripts, dbqueue's version table, the application's connection.
+    """
+    script = ScriptDirectory(str(migrations_dir()))
+
+    def steps(current: Any, _context: MigrationContext) -> Any:
+        return script._upgrade_revs(revision, current)
+
+    context = MigrationContext.configure(
+        connection, opts={"version_table": VERSION_TABLE, "fn": steps, "script": script}
+    )
+    with Operations.context(context), context.begin_transaction():
+        context.run_migrations()
 
 
 def downgrade(settings: config.Settings, revision: str = "base") -> None:

@@ -25,7 +25,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 RunAt = dt.datetime | dt.timedelta | Callable[[], "dt.datetime | dt.timedelta"] | None
-Bind = orm.Session | sa.Connection | None
+Bind = orm.Session | orm.scoped_session[orm.Session] | sa.Connection | None
 
 
 def _run_at(run_at: RunAt) -> tuple[dt.datetime | None, float]:
@@ -154,6 +154,8 @@ def _connection(
 ) -> Iterator[sa.Connection]:
     """The caller's connection (their transaction), or a transaction of our own."""
     bind = session if session is not None else connection
+    if isinstance(bind, orm.scoped_session):  # Flask-SQLAlchemy's db.session, for one
+        bind = bind()
     if isinstance(bind, orm.Session):
         yield bind.connection()
     elif isinstance(bind, sa.Connection):
@@ -179,7 +181,7 @@ def enqueue(
     timeout: float | None = None,
     unique_key: str | None = None,
     on_conflict: str = "keep",
-    session: orm.Session | None = None,
+    session: orm.Session | orm.scoped_session[orm.Session] | None = None,
     connection: sa.Connection | None = None,
     settings: config.Settings | None = None,
 ) -> task_module.Task:
@@ -219,7 +221,7 @@ def enqueue_many(
     func: Callable[..., Any],
     items: Iterable[Any],
     *,
-    session: orm.Session | None = None,
+    session: orm.Session | orm.scoped_session[orm.Session] | None = None,
     connection: sa.Connection | None = None,
     settings: config.Settings | None = None,
     **options: Any,

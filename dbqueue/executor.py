@@ -11,6 +11,7 @@ here lets an exception escape: a bad task becomes a failed Outcome, never a dead
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import pickle
@@ -125,10 +126,21 @@ def call(
     with _Alarm(timeout):
         result = func(*args, **kwargs)
         if inspect.isawaitable(result):
-            result = asyncio.run(_await(result, timeout))
+            result = _run_coroutine(result, timeout)
     if inspect.isgenerator(result):
         raise TypeError("task returned a generator, which cannot be stored; return a list instead")
     return result
+
+
+def _run_coroutine(awaitable: Any, timeout: float | None) -> Any:
+    """Await in a fresh event loop; in a thread of its own if this thread already runs one
+    (inline mode under `enqueue_async`, where asyncio.run would refuse)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_await(awaitable, timeout))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, _await(awaitable, timeout)).result()
 
 
 async def _await(awaitable: Any, timeout: float | None) -> Any:

@@ -245,3 +245,16 @@ bus_subscriptions = sa.Table(
     sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.UniqueConstraint("app_key", "matcher", "is_regex", "handler"),
 )
+
+periodic_slots = sa.Table(
+    "periodic_slots",
+    metadata,
+    sa.Column("name", sa.String(300), primary_key=True, comment="the periodic task's handler"),
+    sa.Column(
+        "last_slot",
+        UTCDateTime(),
+        nullable=False,
+        comment="latest slot enqueued (first seen: the slot current then, not enqueued)",
+    ),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)

@@ -658,3 +658,14 @@ def running_tasks(conn: sa.Connection, worker: str | None = None) -> list[sa.Row
     if worker is not None:
         stmt = stmt.where(tasks.c.locked_by == worker)
     return list(conn.execute(stmt))
+
+
+def queued_by_handler(conn: sa.Connection, handler: str) -> list[sa.Row[Any]]:
+    """Queued tasks of one handler, oldest first, with their payloads (the pytest plugin)."""
+    return list(
+        conn.execute(
+            sa.select(tasks.c.id, tasks.c.queue, tasks.c.run_at, tasks.c.payload)
+            .where(tasks.c.status == Status.QUEUED.value, tasks.c.handler == handler)
+            .order_by(tasks.c.id)
+        )
+    )

@@ -26,6 +26,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from dbqueue import config, database, errors, executor, store
+
+# A name, not the module: `dbqueue.periodic` is the decorator once the package is imported.
+from dbqueue.periodic import Scheduler
 from dbqueue.schema import Status
 
 log = logging.getLogger("dbqueue.worker")
@@ -103,6 +106,7 @@ class Worker:
         self._claim_uncertain = False
         self._avg_duration = 1.0  # seconds; pessimistic until measured, so the first claim is 1
         self._heart: Heart | None = None
+        self.scheduler = Scheduler(settings, min(1.0, max(sleep_delay, 0.1)))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -163,6 +167,7 @@ class Worker:
         try:
             idle = self.sleep_delay
             while not self._should_stop():
+                self.scheduler.tick()  # enqueue due periodic tasks (at most once a second)
                 count = self._with_db_retry(self.run_batch, "claim")
                 if count:
                     idle = self.sleep_delay

@@ -168,3 +168,27 @@ def busy_loop(seconds: float) -> int:
     while time.monotonic() < deadline:
         spins += 1
     return spins
+
+
+async def async_rendezvous(url: str, label: str, expected: int, timeout: float = 30) -> int:
+    """Record this run, then await (yielding the loop) until `expected` runs are recorded.
+
+    Two of these finish only if they run at the same time: run one after the other, the first
+    times out.
+    """
+    import asyncio
+
+    record_run(url, label)
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with engine.connect() as conn:
+                count = conn.execute(sa.text("SELECT count(*) FROM runs")).scalar_one()
+            if count >= expected:
+                return int(count)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{label}: only {count} of {expected} runs arrived")
+            await asyncio.sleep(0.05)
+    finally:
+        engine.dispose()
