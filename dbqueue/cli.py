@@ -45,13 +45,19 @@ class Context:
 pass_context = click.make_pass_decorator(Context)
 
 queue_option = click.option(
-    "--queue", "-q", "queues", multiple=True, help="Only this queue (repeatable). Default: all."
+    "--queue",
+    "-q",
+    "queues",
+    multiple=True,
+    metavar="NAME",
+    help="Only this queue (repeatable). Default: all queues.",
 )
 import_option = click.option(
     "--import",
     "-i",
     "imports",
     multiple=True,
+    metavar="MODULE",
     help="Import this module first, so its tasks are known (repeatable).",
 )
 
@@ -68,9 +74,14 @@ import_option = click.option(
     default="INFO",
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Log lines at this level and above.",
 )
 @click.option(
-    "--log-format", default="text", show_default=True, type=click.Choice(["text", "json"])
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="One line per event, as text or as JSON objects.",
 )
 @click.version_option(package_name="dbqueue")
 @click.pass_context
@@ -82,6 +93,9 @@ def cli(ctx: click.Context, database_url: str | None, log_level: str, log_format
     Run tasks:       dbqueue work --import myapp.tasks
     Drain and exit:  dbqueue workoff --import myapp.tasks
     See the queues:  dbqueue status
+    Periodic tasks:  dbqueue periodic list --import myapp.tasks
+
+    Run `dbqueue COMMAND --help` for a command's options.
     """
     logs.setup(log_level, log_format)
     ctx.obj = Context(database_url, log_level, log_format)
@@ -98,6 +112,7 @@ def _worker_options(f: Any) -> Any:
                 default=1,
                 show_default=True,
                 type=click.IntRange(1),
+                metavar="N",
                 help="Worker processes.",
             ),
             click.option(
@@ -105,6 +120,7 @@ def _worker_options(f: Any) -> Any:
                 default=1.0,
                 show_default=True,
                 type=float,
+                metavar="SECONDS",
                 help="Seconds between polls when idle.",
             ),
             click.option(
@@ -112,6 +128,7 @@ def _worker_options(f: Any) -> Any:
                 default=15.0,
                 show_default=True,
                 type=float,
+                metavar="SECONDS",
                 help="Seconds without heartbeat after which a worker's tasks are rescued.",
             ),
             click.option(
@@ -119,6 +136,7 @@ def _worker_options(f: Any) -> Any:
                 "default_timeout",
                 type=float,
                 default=None,
+                metavar="SECONDS",
                 help="Default task timeout in seconds (a task's own timeout wins).",
             ),
         ]
@@ -127,9 +145,14 @@ def _worker_options(f: Any) -> Any:
     return f
 
 
-@cli.command()
+@cli.command(short_help="Run tasks until stopped.")
 @_worker_options
-@click.option("--max-tasks", type=click.IntRange(1), help="Recycle a worker process after N tasks.")
+@click.option(
+    "--max-tasks",
+    type=click.IntRange(1),
+    metavar="N",
+    help="Recycle a worker process after N tasks.",
+)
 @click.option(
     "--max-memory",
     type=float,
@@ -141,6 +164,7 @@ def _worker_options(f: Any) -> Any:
     default=30.0,
     show_default=True,
     type=float,
+    metavar="SECONDS",
     help="Seconds running tasks get to finish after SIGTERM.",
 )
 @pass_context
@@ -159,6 +183,7 @@ def work(
     """Run tasks until stopped (SIGTERM/SIGINT finish running tasks first).
 
     A database that is down at start is waited for (capped backoff), not a reason to exit.
+    Periodic tasks (@periodic) of the imported modules are enqueued when due.
     """
     _wait_for_database(obj)
     _preflight(obj, imports)
@@ -177,7 +202,7 @@ def work(
         sys.exit(130)
 
 
-@cli.command()
+@cli.command(short_help="Run what is ready, print a summary, exit.")
 @_worker_options
 @pass_context
 def workoff(
@@ -290,7 +315,7 @@ def _preflight(obj: Context, imports: Sequence[str], *, bus_sync: bool = False) 
         bus.sync(settings=obj.settings)
 
 
-@cli.command()
+@cli.command(short_help="Delete queued tasks.")
 @queue_option
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @pass_context
@@ -311,8 +336,14 @@ def clear(obj: Context, queues: tuple[str, ...], yes: bool) -> None:
     click.echo(f"deleted {deleted} queued task(s) in {where}")
 
 
-@cli.command()
-@click.option("--revision", default="head", show_default=True)
+@cli.command(short_help="Create or upgrade dbqueue's tables.")
+@click.option(
+    "--revision",
+    default="head",
+    show_default=True,
+    metavar="REV",
+    help="Upgrade (or downgrade) to this revision of dbqueue's schema.",
+)
 @pass_context
 def migrate(obj: Context, revision: str) -> None:
     """Create or upgrade dbqueue's tables (alembic, with its own version table)."""
@@ -324,7 +355,7 @@ def migrate(obj: Context, revision: str) -> None:
     )
 
 
-@cli.command()
+@cli.command(short_help="Tasks per queue and status; workers alive.")
 @pass_context
 def status(obj: Context) -> None:
     """Tasks per queue and status, and the workers alive."""
@@ -359,7 +390,7 @@ def status(obj: Context) -> None:
         )
 
 
-@cli.command("retry")
+@cli.command("retry", short_help="Queue failed or cancelled tasks again.")
 @click.argument("task_ids", nargs=-1, type=int)
 @click.option("--failed", "all_failed", is_flag=True, help="Every failed task.")
 @queue_option
@@ -393,14 +424,21 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * factor
 
 
-@cli.command()
+@cli.command(short_help="Delete old finished tasks.")
 @click.option(
     "--older-than",
     required=True,
     metavar="DURATION",
     help="Delete finished tasks older than this (30m, 12h, 7d).",
 )
-@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--batch-size",
+    default=5000,
+    show_default=True,
+    type=click.IntRange(1),
+    metavar="N",
+    help="Rows deleted per transaction.",
+)
 @pass_context
 def prune(obj: Context, older_than: str, batch_size: int) -> None:
     """Delete finished tasks in batches, each its own short transaction."""
@@ -418,7 +456,7 @@ def prune(obj: Context, older_than: str, batch_size: int) -> None:
     click.echo(f"pruned {total} finished task(s) older than {older_than}")
 
 
-@cli.group("bus")
+@cli.group("bus", short_help="Publish/subscribe between applications.")
 def bus_group() -> None:
     """Publish/subscribe between applications (see the README's Event bus section)."""
 
@@ -476,9 +514,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-@cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@cli.command(short_help="Serve the dashboard and /metrics.")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, metavar="HOST", help="Address to bind."
+)
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Port to listen on.",
+)
 @pass_context
 def web(obj: Context, host: str, port: int) -> None:
     """Serve the dashboard and /metrics (uvicorn).
@@ -520,12 +567,12 @@ def web(obj: Context, host: str, port: int) -> None:
     uvicorn.run(app, host=host, port=port, log_level=obj.log_level.lower(), access_log=False)
 
 
-@cli.group()
+@cli.group(short_help="Periodic tasks: schedule and next run.")
 def periodic() -> None:
     """Periodic tasks (@periodic): their schedule and next run."""
 
 
-@periodic.command("list")
+@periodic.command("list", short_help="Schedule, last slot and next run of each.")
 @import_option
 @pass_context
 def periodic_list(obj: Context, imports: tuple[str, ...]) -> None:

@@ -79,6 +79,13 @@ def upgrade_on(connection: sa.Connection, revision: str = "head") -> None:
         context.run_migrations()
 
 
+def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+    """`include_name=` for an application's autogenerate: dbqueue's tables are not its own."""
+    from dbqueue import schema
+
+    return type_ != "table" or (name not in schema.metadata.tables and name != VERSION_TABLE)
+
+
 def downgrade(settings: config.Settings, revision: str = "base") -> None:
     with errors_translated(settings):
         command.downgrade(alembic_config(settings), revision)

@@ -305,6 +305,7 @@ def handle_asynchronously(
     max_attempts: int = retry.DEFAULT_MAX_ATTEMPTS,
     timeout: float | None = None,
     unique_key: str | None = None,
+    on_conflict: str = "keep",
     retry_delay: Callable[[int, BaseException], float] | None = None,
 ) -> Any:
     """Make calling `func` enqueue it. Usable bare or with options, as delayed_job's macro."""
@@ -317,6 +318,7 @@ def handle_asynchronously(
     }
     if unique_key is not None:
         options["unique_key"] = unique_key
+        options["on_conflict"] = on_conflict
     _check_options(priority, queue, max_attempts, timeout)
 
     def decorate(f: Callable[P, R]) -> AsyncTaskFunction[P, R]:

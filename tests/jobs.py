@@ -192,3 +192,8 @@ async def async_rendezvous(url: str, label: str, expected: int, timeout: float =
             await asyncio.sleep(0.05)
     finally:
         engine.dispose()
+
+
+@handle_asynchronously(unique_key="nightly-rollup", on_conflict="replace")
+def unique_rollup(day: str) -> str:
+    return day

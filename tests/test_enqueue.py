@@ -226,3 +226,16 @@ def test_unmigrated_database_says_run_migrate(tmp_path):
     with pytest.raises(dbqueue.SchemaError, match="dbqueue migrate"):
         dbqueue.enqueue(jobs.noop)
     assert sa  # keep import used
+
+
+def test_decorator_unique_key_with_on_conflict(db):
+    first = jobs.unique_rollup("monday")
+    second = jobs.unique_rollup("tuesday")  # on_conflict="replace": same task, new arguments
+    assert first == second
+    assert db.scalar("SELECT count(*) FROM tasks") == 1
+    kept = jobs.unique_rollup.enqueue(("wednesday",), on_conflict="keep")
+    assert kept == first
+    from dbqueue.worker import Worker
+
+    assert Worker(db.settings).work_off().succeeded == 1
+    assert first.refresh().result == "tuesday"

@@ -23,7 +23,7 @@ class Base(orm.DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 
 
-class Order(db.Model):  # type: ignore[name-defined,misc]
+class Order(db.Model):
     __tablename__ = "orders"
     id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
     email: orm.Mapped[str]
@@ -37,7 +37,7 @@ def create_app(database_url: str | None = None) -> Flask:
 
     @app.post("/orders")
     def create_order() -> tuple[dict[str, int | str], int]:
-        order = Order(email=request.json["email"])  # type: ignore[index]
+        order = Order(email=request.json["email"])
         db.session.add(order)
         db.session.flush()  # the order has its id now
         task = send_receipt.enqueue((order.id,), session=db.session)
