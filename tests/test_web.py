@@ -30,8 +30,8 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 import dbqueue
-from dbqueue import serializer, store
-from dbqueue.schema import bus_subscriptions, counter_deltas, db_now, tasks
+from dbqueue import database, serializer, store
+from dbqueue.schema import counter_deltas, db_now, tasks
 from dbqueue.web import create_app, queries
 from tests import jobs
 from tests.conftest import ROOT
@@ -219,8 +219,22 @@ def test_unverified_payload_and_result_are_never_unpickled(db, client, tmp_path)
 
 
 def test_workers_counters_and_bus_pages(db, client):
+    synced = subprocess.run(
+        [sys.executable, "-m", "dbqueue", "bus", "sync", "--import", "tests.bus_app_b"],
+        env={**db.env, "DBQUEUE_APP_KEY": "app_b"},
+        cwd=db.tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert synced.returncode == 0, synced.stderr
     with db.engine.begin() as conn:
         store.register_worker(conn, "host:1:abc", "host", 1, ["mail", "default"])
+        store.register_worker(conn, "host:2:def", "host", 2, None)
+        conn.execute(
+            sa.text("UPDATE workers SET heartbeat_at = :t WHERE name = 'host:2:def'"),
+            {"t": dt.datetime(2020, 1, 1)},
+        )
         conn.execute(
             sa.insert(counter_deltas).values(created_at=db_now()),
             [
@@ -228,22 +242,14 @@ def test_workers_counters_and_bus_pages(db, client):
                 for d in (1, 1, 1, -1)
             ],
         )
-        conn.execute(
-            sa.insert(bus_subscriptions).values(
-                app_key="app_b",
-                queue="app_b_default",
-                matcher="user_created",
-                is_regex=False,
-                handler="app_b.handlers:on_user",
-                updated_at=db_now(),
-            )
-        )
     running = dbqueue.enqueue(jobs.noop)
     set_row(db, running.id, status="running", locked_by="host:1:abc")
 
     workers = client.get("/workers").text
     cells = row_cells(workers, "host:1:abc")
-    assert cells[1:5] == ["host", "1", "mail,default", "1"] and cells[6].endswith("s ago")
+    assert cells[1:5] == ["host", "1", "mail,default", "1"] and " ago" in cells[6]
+    silent = row_cells(workers, "host:2:def")
+    assert silent[3] == "all" and silent[6].endswith("ago (stale)")
     assert row_cells(client.get("/counters").text, "posts")[1:5] == [
         "7",
         "comments_count",
@@ -251,10 +257,16 @@ def test_workers_counters_and_bus_pages(db, client):
         "4",
     ]
     bus = client.get("/bus").text
-    assert "app_b" in bus and row_cells(bus, "user_created")[1:3] == [
-        "app_b.handlers:on_user",
-        "app_b_default",
-    ]
+    assert "<h2>app_b</h2>" in bus
+    assert row_cells(bus, "user_paid")[1:3] == ["tests.bus_app_b:on_user_paid", "app_b_critical"]
+    assert row_cells(bus, "/^user_/")[1:3] == ["tests.bus_app_b:on_any_user_event", "app_b_default"]
+
+
+def test_a_database_without_the_schema_gives_a_readable_503(db, client):
+    database.downgrade(db.settings, "base")
+    page = client.get("/")
+    assert page.status_code == 503
+    assert "no dbqueue tables" in page.text and "dbqueue migrate" in page.text
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -571,30 +583,41 @@ def _demo_data(db) -> dbqueue.Task:
 def test_browser_retries_a_failed_task(db):
     sync_playwright = _browser_or_fail()
     failed = _demo_data(db)
+    # The README's picture comes from the production database's run.
     screenshot = (
-        ROOT / "docs" / "dashboard.png"
-        if db.kind == "postgresql"
-        else (db.tmp_path / "dashboard.png")
+        ROOT / "docs" / "dashboard.png" if db.kind == "postgresql" else db.tmp_path / "s.png"
     )
     screenshot.parent.mkdir(exist_ok=True)
-    with serve(db) as base, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 640})
-            page.goto(base + "/")
-            mail = page.locator("tr", has=page.locator("td", has_text="mail")).first
-            assert mail.locator("td").nth(4).inner_text() == "1"  # failed
-            page.screenshot(path=str(screenshot), full_page=True)
-            mail.locator("td").nth(4).get_by_role("link").click()
-            page.wait_for_url("**/tasks?queue=mail&status=failed")
-            page.get_by_role("link", name=str(failed.id), exact=True).click()
-            page.wait_for_url(f"**/tasks/{failed.id}")
-            assert "ValueError: card declined" in page.locator("pre").inner_text()
-            page.get_by_role("button", name="Retry").click()
-            page.wait_for_url(f"**/tasks/{failed.id}?done=retried")
-            assert page.get_by_role("status").inner_text() == "Task queued again."
-        finally:
-            browser.close()
+    idle = db.popen("work", "--queue", "idle")  # a real worker, for the workers line
+    try:
+        db.wait_for("SELECT count(*) FROM workers", 1)
+        with serve(db) as base, sync_playwright() as pw:
+            _retry_in_browser(pw, base, failed, screenshot)
+    finally:
+        idle.terminate()
+        idle.communicate(timeout=30)
     assert db.scalar("SELECT status FROM tasks WHERE id = :i", i=failed.id) == "queued"
     assert db.scalar("SELECT attempts FROM tasks WHERE id = :i", i=failed.id) == 0
     assert screenshot.stat().st_size > 10_000
+
+
+def _retry_in_browser(pw, base: str, failed: dbqueue.Task, screenshot: Path) -> None:
+    """Overview -> the queue's failed count -> the task -> Retry, as an operator would."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+        page = browser.new_page(viewport={"width": 1200, "height": 640})
+        page.goto(base + "/")
+        mail = page.locator("tr", has=page.locator("td", has_text="mail")).first
+        assert mail.locator("td").nth(4).inner_text() == "1"  # failed
+        assert "1 worker process registered" in page.content()
+        page.screenshot(path=str(screenshot), full_page=True)
+        mail.locator("td").nth(4).get_by_role("link").click()
+        page.wait_for_url("**/tasks?queue=mail&status=failed")
+        page.get_by_role("link", name=str(failed.id), exact=True).click()
+        page.wait_for_url(f"**/tasks/{failed.id}")
+        assert "ValueError: card declined" in page.locator("pre").inner_text()
+        page.get_by_role("button", name="Retry").click()
+        page.wait_for_url(f"**/tasks/{failed.id}?done=retried")
+        assert page.get_by_role("status").inner_text() == "Task queued again."
+    finally:
+        browser.close()

@@ -22,11 +22,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from dbqueue import config, database, errors, store
+from dbqueue import bus, config, database, errors, store
 from dbqueue.schema import Status
 from dbqueue.web import display, metrics, queries, security
 
 PAGE_SIZE = 50
+STALE_AFTER = 15.0  # seconds: `dbqueue work --rescue-after`'s default
 # No script runs on these pages and no other site may frame them: a framed dashboard would
 # let another page trick an operator into pressing its buttons (clickjacking).
 SECURITY_HEADERS = {
@@ -231,14 +232,14 @@ class Dashboard:
 
     async def workers(self, request: Request) -> Response:
         rows, now = await run_in_threadpool(self.read, queries.list_workers)
-        return self.render(request, "workers.html", workers=rows, now=now)
+        return self.render(request, "workers.html", workers=rows, now=now, stale_after=STALE_AFTER)
 
     async def counters(self, request: Request) -> Response:
         rows = await run_in_threadpool(self.read, queries.pending_counters)
         return self.render(request, "counters.html", rows=rows)
 
     async def bus(self, request: Request) -> Response:
-        rows = await run_in_threadpool(self.read, queries.subscriptions)
+        rows = await run_in_threadpool(self.read, bus.list_subscriptions)
         apps: dict[str, list[Any]] = {}
         for row in rows:
             apps.setdefault(row.app_key, []).append(row)

@@ -1,8 +1,9 @@
-"""The dashboard's read-only statements: overview, task lists, workers, counters, bus, metrics.
+"""The dashboard's read-only statements: overview, task lists, workers, counters, metrics.
 
 Owns only SELECTs; every state change the dashboard makes goes through `store.py` (requeue,
-cancel, delete, clear). Times come from the database clock (`schema.db_now`), like the rest
-of dbqueue, so ages are right however far the web host's clock drifts.
+cancel, delete, clear), and the bus page reads through `bus.list_subscriptions`. Times come
+from the database clock (`schema.db_now`), like the rest of dbqueue, so ages are right however
+far the web host's clock drifts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from dbqueue import schema
-from dbqueue.schema import Status, bus_subscriptions, counter_deltas, db_now, tasks, workers
+from dbqueue.schema import Status, counter_deltas, db_now, tasks, workers
 
 THROUGHPUT_WINDOW = 300.0  # seconds: "finished in the last 5 minutes" on the overview
 SCHEDULED = "scheduled"  # a filter, not a stored status: queued with run_at in the future
@@ -174,14 +175,6 @@ def pending_counters(conn: sa.Connection, limit: int = 500) -> list[sa.Row[Any]]
         )
         .order_by(sa.func.count().desc(), counter_deltas.c.table_name, counter_deltas.c.row_id)
         .limit(limit)
-    )
-    return list(conn.execute(stmt))
-
-
-def subscriptions(conn: sa.Connection) -> list[sa.Row[Any]]:
-    """Every bus subscription, grouped by application."""
-    stmt = sa.select(bus_subscriptions).order_by(
-        bus_subscriptions.c.app_key, bus_subscriptions.c.matcher, bus_subscriptions.c.handler
     )
     return list(conn.execute(stmt))
 
