@@ -122,7 +122,9 @@ def test_sigterm_while_waiting_for_the_database_exits_zero(cluster):
     settings.get_engine().dispose()
     cluster.stop()
     worker = start_worker(cluster.url)
-    time.sleep(2)
+    deadline = time.monotonic() + 60  # wait until it is really waiting (handlers installed)
+    while "retrying in" not in worker.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
     worker.send_signal(signal.SIGTERM)
     _, err = worker.communicate(timeout=30)
     assert worker.returncode == 0, err
