@@ -307,10 +307,7 @@ def _preflight(obj: Context, imports: Sequence[str], *, bus_sync: bool = False) 
     """
     database.check_schema(obj.settings)
     obj.settings.keyring()
-    try:
-        supervisor.import_modules(imports)
-    except ImportError as exc:
-        raise errors.ConfigurationError(f"--import {exc.name or ''}: {exc}") from exc
+    supervisor.import_modules(imports)
     if bus_sync or bus.subscriptions():
         bus.sync(settings=obj.settings)
 
@@ -380,7 +377,7 @@ def status(obj: Context) -> None:
     click.echo(f"\nworkers: {len(workers)}")
     for w in workers:
         age = (w.now - w.heartbeat_at).total_seconds()
-        click.echo(f"  {w.name}  queues={w.queues or '*'}  heartbeat {age:.1f}s ago")
+        click.echo(f"  {w.name}  pid={w.pid}  queues={w.queues or '*'}  heartbeat {age:.1f}s ago")
     for tx in old_transactions:
         click.echo(
             f"\nwarning: transaction open for {tx.age_s:.0f}s (pid {tx.pid}, "
@@ -410,6 +407,20 @@ def retry_command(
             queues=list(queues) or None,
         )
     click.echo(f"queued {count} task(s) again")
+    if task_ids and count < len(task_ids):
+        with obj.settings.get_engine().begin() as conn:
+            for task_id in task_ids:
+                row = store.get(conn, task_id)
+                if row is None:
+                    click.echo(
+                        f"  task {task_id}: no such task (it may have been pruned)", err=True
+                    )
+                elif row.status not in ("failed", "cancelled", "queued"):
+                    click.echo(
+                        f"  task {task_id}: is {row.status}, only failed or cancelled "
+                        "tasks are retried",
+                        err=True,
+                    )
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")

@@ -181,8 +181,8 @@ def _create(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
         return sa.create_engine(url, **kwargs)
     except ModuleNotFoundError as exc:
         raise errors.ConfigurationError(
-            f"the driver for {redact(url)} is not installed ({exc.name}): "
-            "pip install 'psycopg[binary]' for PostgreSQL"
+            f"the driver for {redact(url)} is not installed (no module {exc.name!r}): dbqueue "
+            "supports sqlite:///path and postgresql+psycopg://user@host/db (psycopg 3)"
         ) from None
     except Exception as exc:
         raise errors.ConfigurationError(f"cannot use database URL {redact(url)}: {exc}") from None

@@ -104,6 +104,7 @@ def check_schema(settings: config.Settings) -> None:
     if found is None:
         raise errors.SchemaError(
             f"{url} has no dbqueue tables (expected revision {expected}): run `dbqueue migrate`"
+            " with DBQUEUE_DATABASE_URL (or --database-url) pointing at it"
         )
     known = {rev.revision for rev in script.walk_revisions()}
     if found not in known:
@@ -135,6 +136,16 @@ def long_transactions(conn: sa.Connection, older_than_seconds: float) -> list[sa
     return list(conn.execute(stmt, {"limit": older_than_seconds}))
 
 
+#: Connection failures that are configuration mistakes, not outages (PostgreSQL messages).
+_MISCONFIGURED = (
+    "password authentication failed",
+    "no password supplied",
+    'role "',
+    'database "',
+    "no pg_hba.conf entry",
+)
+
+
 def describe_error(settings: config.Settings, exc: BaseException) -> errors.DbqueueError:
     """A DbqueueError with a one-line message for a driver exception, password hidden."""
     url = config.redact(settings.database_url)
@@ -144,7 +155,13 @@ def describe_error(settings: config.Settings, exc: BaseException) -> errors.Dbqu
     if isinstance(exc, (sa.exc.ProgrammingError, sa.exc.OperationalError)) and (
         "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered)
     ):
-        return errors.SchemaError(f"{url} has no dbqueue tables ({first}): run `dbqueue migrate`")
+        return errors.SchemaError(
+            f"{url} has no dbqueue tables ({first}): run `dbqueue migrate` with "
+            "DBQUEUE_DATABASE_URL (or --database-url) pointing at it"
+        )
+    if any(marker in lowered for marker in _MISCONFIGURED):
+        # Waiting will not fix a typo: say so instead of retrying forever.
+        return errors.ConfigurationError(f"cannot connect to {url}: {first}")
     if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or (
         isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
     ):

@@ -161,6 +161,9 @@ tasks = sa.Table(
     sa.CheckConstraint(f"status IN {STATUSES!r}", name="status_known"),
     sa.CheckConstraint("attempts >= 0 AND max_attempts >= 1", name="attempts_valid"),
     sa.CheckConstraint("length(queue) > 0", name="queue_not_empty"),
+    # Never hand out an id twice on SQLite (pruned or rolled-back ids would be reused, and a
+    # stored task id would then name another task); PostgreSQL identities never go back.
+    sqlite_autoincrement=True,
 )
 
 # The claim reads exactly these rows in exactly this order; finished rows never enter the

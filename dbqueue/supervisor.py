@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dbqueue import config, logs, store, worker
+from dbqueue import config, errors, logs, store, worker
 
 log = logging.getLogger("dbqueue.supervisor")
 
@@ -52,7 +52,23 @@ def import_modules(modules: Sequence[str]) -> None:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            if exc.name is not None and module.startswith(exc.name):
+                raise errors.ConfigurationError(
+                    f"--import {module}: no module named {exc.name!r} (run from your project "
+                    "directory, or set PYTHONPATH)"
+                ) from exc
+            raise errors.ConfigurationError(
+                f"--import {module} failed: {type(exc).__name__}: {exc} "
+                f"(python -c 'import {module}' shows the traceback)"
+            ) from exc
+        except Exception as exc:
+            raise errors.ConfigurationError(
+                f"--import {module} failed: {type(exc).__name__}: {exc} "
+                f"(python -c 'import {module}' shows the traceback)"
+            ) from exc
 
 
 def rss_mb() -> float:
@@ -67,9 +83,23 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def die_with_parent() -> None:
+    """Ask Linux to send this child SIGTERM when its supervisor dies (even by SIGKILL), so no
+    orphaned worker keeps claiming; the worker's heartbeat thread also checks getppid()."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the getppid() check in the heartbeat thread covers it
+
+
 def child_main(spec: ChildSpec, name: str, progress: Any) -> None:
     """Entry point of a worker process."""
     sys.path[:] = spec.sys_path
+    die_with_parent()
     logs.setup(spec.log_level, spec.log_format)
     import_modules(spec.imports)
     settings = config.Settings(database_url=spec.database_url)
@@ -110,6 +140,7 @@ def child_main(spec: ChildSpec, name: str, progress: Any) -> None:
         default_timeout=spec.default_timeout,
         max_tasks=spec.max_tasks,
         on_progress=report,
+        parent_pid=os.getppid(),
     )
     w.install_signal_handlers()
     if spec.burst:

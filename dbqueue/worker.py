@@ -87,6 +87,7 @@ class Worker:
         max_batch: int = MAX_BATCH,
         max_tasks: int | None = None,
         on_progress: Callable[[Summary], None] | None = None,
+        parent_pid: int | None = None,
     ) -> None:
         self.settings = settings
         self.queues = list(queues) if queues else None
@@ -97,6 +98,7 @@ class Worker:
         self.max_batch = max_batch
         self.max_tasks = max_tasks
         self.on_progress = on_progress
+        self.parent_pid = parent_pid
         self.engine = settings.get_engine()
         self.summary = Summary()
         self.stopping = threading.Event()
@@ -369,10 +371,23 @@ class Heart(threading.Thread):
             else:
                 self.probe_local()
             self.check_timeout()
+            self.check_parent()
 
     def _tick_interval(self) -> float:
         """Tick at least every second: the local pid probe and the watchdog are cheap."""
         return min(self.interval, PROBE_INTERVAL)
+
+    def check_parent(self) -> None:
+        """A worker whose supervisor died stops (finishing its task) instead of living on."""
+        parent = self.worker.parent_pid
+        if parent is not None and os.getppid() != parent and not self.worker.stopping.is_set():
+            log.error(
+                "supervisor %s is gone: worker %s stops",
+                parent,
+                self.worker.name,
+                extra={"event": "orphaned"},
+            )
+            self.worker.stop()
 
     def probe_local(self) -> None:
         """Rescue at once the tasks of workers on this host whose process is gone."""

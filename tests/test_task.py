@@ -44,3 +44,22 @@ def test_exception_and_error_text(db):
     assert isinstance(task.exception, ValueError) and str(task.exception) == "bad input"
     assert "Traceback" in task.error and "ValueError: bad input" in task.error
     assert "jobs.py" in task.error
+
+
+def test_ids_are_never_reused_after_delete_or_rollback(db):
+    """A stored task id must not come to name another task (SQLite reuses rowids unless told).
+
+    A handle from an enqueue that rolled back names no task; on SQLite its id can be given to
+    the next task, as the README says."""
+    from sqlalchemy import orm
+
+    first = dbqueue.enqueue(jobs.noop)
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM tasks")
+    with orm.Session(db.engine) as session:
+        rolled_back = dbqueue.enqueue(jobs.noop, session=session)
+        session.rollback()
+    after = dbqueue.enqueue(jobs.noop)
+    assert after.id > first.id
+    if db.kind == "postgresql":  # SQLite rolls its sequence back with the insert
+        assert after.id != rolled_back.id

@@ -128,6 +128,7 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("length(queue) > 0", name=op.f("ck_tasks_queue_not_empty")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tasks")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("tasks", schema=None) as batch_op:
         batch_op.create_index(
