@@ -616,15 +616,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (errors.ConfigurationError, errors.SchemaError) as exc:
-        click.echo(f"dbqueue: error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
     except errors.DbqueueError as exc:
-        click.echo(f"dbqueue: error: {exc}", err=True)
-        sys.exit(1)
+        _fail(exc)
     except sa.exc.DBAPIError as exc:
-        click.echo(f"dbqueue: error: {database.describe_error(config.current(), exc)}", err=True)
-        sys.exit(1)
+        _fail(database.describe_error(config.current(), exc))
+
+
+def _fail(exc: errors.DbqueueError) -> None:
+    """One line on stderr; exit 2 for settings to fix, 1 for anything else (an outage)."""
+    click.echo(f"dbqueue: error: {exc}", err=True)
+    sys.exit(EXIT_CONFIG if isinstance(exc, (errors.ConfigurationError, errors.SchemaError)) else 1)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,19 @@ DEFAULT_DATABASE_URL = "sqlite:///dbqueue.sqlite3"
 
 def _env_bool(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise errors.ConfigurationError(f"{name}={text!r} is not a positive whole number of bytes")
+    return value
 
 
 def _env_list(name: str) -> tuple[str, ...]:
@@ -53,7 +67,7 @@ class Settings:
         default_factory=lambda: _env_list("DBQUEUE_ALLOWED_MODULES")
     )
     max_payload_bytes: int = dataclasses.field(
-        default_factory=lambda: int(os.environ.get("DBQUEUE_MAX_PAYLOAD_BYTES", 1024 * 1024))
+        default_factory=lambda: _env_int("DBQUEUE_MAX_PAYLOAD_BYTES", 1024 * 1024)
     )
     inline: bool = dataclasses.field(default_factory=lambda: _env_bool("DBQUEUE_INLINE"))
     notify: bool = dataclasses.field(default_factory=lambda: not _env_bool("DBQUEUE_NO_NOTIFY"))
@@ -122,12 +136,15 @@ def inline(enabled: bool = True) -> Iterator[None]:
         settings.inline = before
 
 
+_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
 def redact(url: str | sa.URL) -> str:
-    """A URL safe to print: the password hidden."""
+    """A URL safe to print: the password hidden, even in a URL that does not parse."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return "<unparseable URL>"
+        return _PASSWORD.sub(r"\1***@", str(url))
 
 
 def create_engine(url: str, **kwargs: Any) -> sa.Engine:
@@ -141,11 +158,16 @@ def create_engine(url: str, **kwargs: Any) -> sa.Engine:
         parsed = make_url(url)
     except Exception as exc:
         raise errors.ConfigurationError(
-            f"invalid database URL {url!r}: {exc}. Expected e.g. sqlite:///dbqueue.sqlite3 or "
-            "postgresql+psycopg://user@host/dbname"
+            f"invalid database URL {redact(url)!r}: {exc}. Expected e.g. "
+            "sqlite:///dbqueue.sqlite3 or postgresql+psycopg://user@host/dbname"
         ) from None
     if parsed.drivername in {"postgresql", "postgres"}:
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in {"sqlite", "postgresql"}:
+        raise errors.ConfigurationError(
+            f"cannot use database URL {redact(parsed)}: dbqueue works with SQLite and PostgreSQL, "
+            f"not {parsed.get_backend_name()}"
+        )
     if parsed.drivername.startswith("sqlite"):
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):

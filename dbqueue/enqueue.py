@@ -122,9 +122,12 @@ def build(
         payload = serializer.dumps(settings.keyring(), "payload", handler, body)
     except errors.DbqueueError:
         raise
-    except Exception:
-        serializer.pickle_args(handler, args, kwargs)
-        raise
+    except Exception as exc:
+        serializer.pickle_args(handler, args, kwargs, func)
+        # every argument pickles, so the reference does: the object whose method this is
+        raise errors.EnqueueError(
+            f"the object bound to {handler} cannot be pickled: {type(exc).__name__}: {exc}"
+        ) from exc
     if len(payload) > settings.max_payload_bytes:
         raise errors.EnqueueError(
             f"payload of {handler} is {_size(len(payload))}, limit is "

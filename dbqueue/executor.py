@@ -54,6 +54,8 @@ def load_call(
             f"handler {row.handler} is not allowed (DBQUEUE_ALLOWED_MODULES="
             f"{','.join(settings.allowed_modules)})"
         )
+    if not row.payload:
+        raise PayloadError("malformed task row: payload is empty")
     body = serializer.verify(settings.keyring(), "payload", row.handler, row.payload)
     try:
         ref, args, kwargs = pickle.loads(body)

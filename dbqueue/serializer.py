@@ -13,6 +13,7 @@ import functools
 import hashlib
 import hmac
 import importlib
+import inspect
 import os
 import pickle
 import secrets
@@ -190,12 +191,29 @@ def module_allowed(handler: str, allowed_modules: tuple[str, ...]) -> bool:
     return any(module == m or module.startswith(m + ".") for m in allowed_modules)
 
 
-def pickle_args(description: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise EnqueueError naming the first argument of `description` that does not pickle."""
+def pickle_args(
+    description: str, args: tuple[Any, ...], kwargs: dict[str, Any], func: Any = None
+) -> None:
+    """Raise EnqueueError naming the first argument of `description` that does not pickle.
+
+    Positional arguments are named by the function's parameter when it has one, so the
+    message reads `argument 'callback' (position 1) of app.mail:send`.
+    """
+    names = _positional_names(func)
     for position, value in enumerate(args):
-        _try_pickle(value, f"argument (position {position}) of {description}")
+        name = f"{names[position]!r} " if position < len(names) else ""
+        _try_pickle(value, f"argument {name}(position {position}) of {description}")
     for name, value in kwargs.items():
         _try_pickle(value, f"argument {name!r} of {description}")
+
+
+def _positional_names(func: Any) -> list[str]:
+    try:
+        signature = inspect.signature(getattr(func, "__dbqueue_func__", func))
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in signature.parameters.values() if p.kind in kinds]
 
 
 def _try_pickle(value: Any, what: str) -> None:

@@ -7,6 +7,7 @@ only ever rebuilt from its signed pickle, never from stored class names.
 from __future__ import annotations
 
 import datetime as dt
+import pickle
 import time
 from typing import Any
 
@@ -102,25 +103,40 @@ class Task:
 
     @property
     def result(self) -> Any:
-        """The return value. ResultNotStored if it could not be stored or fails to verify."""
+        """The return value. ResultNotStored if it could not be stored or read back."""
         row = self._get_row()
         if row.result is None:
             if row.status == Status.SUCCEEDED.value and row.error:
                 raise errors.ResultNotStored(row.error)
             return None
-        try:
-            return serializer.loads(self.settings.keyring(), "result", row.handler, row.result)
-        except errors.SignatureError as exc:
-            raise errors.ResultNotStored(str(exc)) from exc
+        return self._load("result", row)
 
     @property
     def exception(self) -> BaseException | None:
-        """The last exception raised by the task, from its verified pickle; None if none."""
+        """The last exception raised by the task, from its verified pickle; None if none.
+
+        ResultNotStored if the stored pickle does not verify or no longer unpickles.
+        """
         row = self._get_row()
         if row.exception is None:
             return None
-        value = serializer.loads(self.settings.keyring(), "exception", row.handler, row.exception)
+        value = self._load("exception", row)
         return value if isinstance(value, BaseException) else None
+
+    def _load(self, purpose: str, row: Any) -> Any:
+        """Verify, then unpickle, one stored column; any failure is a ResultNotStored."""
+        envelope = getattr(row, purpose)
+        try:
+            body = serializer.verify(self.settings.keyring(), purpose, row.handler, envelope)
+        except errors.SignatureError as exc:
+            raise errors.ResultNotStored(f"task {self.id}: {exc}") from exc
+        try:
+            return pickle.loads(body)
+        except Exception as exc:
+            raise errors.ResultNotStored(
+                f"task {self.id}: the stored {purpose} could not be unpickled: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     def wait(self, timeout: float | None = None, poll: float = 0.05) -> Task:
         """Block until the task is finished; TaskTimeout if `timeout` seconds pass first."""

@@ -197,3 +197,20 @@ async def async_rendezvous(url: str, label: str, expected: int, timeout: float =
 @handle_asynchronously(unique_key="nightly-rollup", on_conflict="replace")
 def unique_rollup(day: str) -> str:
     return day
+
+
+def make_bytes(size: int) -> bytes:
+    """A result of `size` bytes from a tiny payload (result size limits)."""
+    return b"x" * size
+
+
+def raise_with_lock() -> None:
+    """Raises an exception that cannot be pickled (it holds a lock)."""
+    import threading
+
+    raise ValueError("holding a lock", threading.Lock())
+
+
+def return_unpicklable() -> Any:
+    """Returns a value that pickles but cannot be unpickled (cpython #98873)."""
+    return Unpicklable("odd", "other")
