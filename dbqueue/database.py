@@ -153,6 +153,14 @@ def describe_error(settings: config.Settings, exc: BaseException) -> errors.Dbqu
     first = text[0] if text else type(exc).__name__
     lowered = " ".join(text).lower()
     if isinstance(exc, (sa.exc.ProgrammingError, sa.exc.OperationalError)) and (
+        "has no column named" in lowered
+        or "no such column" in lowered
+        or ("column" in lowered and "does not exist" in lowered)
+    ):
+        return errors.SchemaError(
+            f"{url} has an older dbqueue schema ({first}): run `dbqueue migrate`"
+        )
+    if isinstance(exc, (sa.exc.ProgrammingError, sa.exc.OperationalError)) and (
         "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered)
     ):
         return errors.SchemaError(

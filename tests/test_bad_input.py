@@ -579,3 +579,40 @@ def test_short_secret_key_stops_the_worker_at_start(db):
     env["DBQUEUE_SECRET_KEY"] = "short"
     proc = run([sys.executable, "-m", "dbqueue", "workoff"], env, db.tmp_path)
     assert_one_line(proc, 2, "the secret key from DBQUEUE_SECRET_KEY is 5 bytes; use at least 32")
+
+
+@pytest.mark.parametrize(
+    ("handler", "cause"),
+    [
+        ("tests.module_removed_after_enqueue:send", "ModuleNotFoundError"),
+        ("tests.jobs:renamed_away", "AttributeError"),
+    ],
+)
+def test_callable_that_no_longer_imports_is_retried_then_failed(db, handler, cause):
+    """A module removed or a function renamed after enqueue: named in the error, retried (a
+    rolling deploy may not have reached this worker yet), then failed; the worker goes on."""
+    task = dbqueue.enqueue(jobs.noop, max_attempts=2)
+    payload = serializer.dumps(db.settings.keyring(), "payload", handler, (("func",), (), {}))
+    with db.engine.begin() as conn:
+        conn.execute(sa.update(schema.tasks).values(handler=handler, payload=payload))
+    after = dbqueue.enqueue(jobs.add, args=(5, 5))
+    summary = work_off(db)
+    assert (summary.retried, summary.succeeded) == (1, 1)
+    task.refresh()
+    assert task.status is dbqueue.Status.QUEUED
+    assert f"cannot import handler '{handler}' ({cause}: " in task.error
+    assert after.refresh().result == 10
+    with db.engine.begin() as conn:
+        conn.execute(sa.update(schema.tasks).values(run_at=dt.datetime.now(dt.timezone.utc)))
+    assert work_off(db).failed == 1
+    assert task.refresh().status is dbqueue.Status.FAILED and task.attempts == 2
+
+
+def test_enqueue_into_an_older_table_says_to_migrate(db):
+    """A tasks table missing a column the code writes (an older schema): SchemaError."""
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE tasks DROP COLUMN timeout"))
+    db.engine.dispose()
+    with pytest.raises(dbqueue.SchemaError, match=r"run `dbqueue migrate`") as info:
+        dbqueue.enqueue(jobs.noop)
+    assert "timeout" in str(info.value)
