@@ -224,7 +224,7 @@ def test_status_lists_counts_per_queue_and_workers(db):
     rows = {line.split()[0]: [int(n) for n in line.split()[1:]] for line in lines[1:3]}
     assert rows == {"default": [3, 0, 0, 0, 0], "mail": [0, 0, 1, 1, 0]}
     assert "workers: 1" in proc.stdout
-    assert f"  {w.name}  queues=*  heartbeat " in proc.stdout
+    assert f"  {w.name}  pid={os.getpid()}  queues=*  heartbeat " in proc.stdout
 
 
 # -- migrate ---------------------------------------------------------------------------------
