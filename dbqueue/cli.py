@@ -116,6 +116,15 @@ def _worker_options(f: Any) -> Any:
                 help="Worker processes.",
             ),
             click.option(
+                "--threads",
+                "-t",
+                default=1,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Tasks run at once in each process, in threads (for I/O-bound tasks; "
+                "per-task timeouts then apply to async tasks only).",
+            ),
+            click.option(
                 "--sleep-delay",
                 default=1.0,
                 show_default=True,
@@ -173,6 +182,7 @@ def work(
     queues: tuple[str, ...],
     imports: tuple[str, ...],
     concurrency: int,
+    threads: int,
     sleep_delay: float,
     rescue_after: float,
     default_timeout: float | None,
@@ -195,6 +205,7 @@ def work(
         default_timeout=default_timeout,
         max_tasks=max_tasks,
         max_memory_mb=max_memory,
+        threads=threads,
     )
     boss = supervisor.Supervisor(spec, concurrency, grace=grace)
     boss.run()
@@ -210,6 +221,7 @@ def workoff(
     queues: tuple[str, ...],
     imports: tuple[str, ...],
     concurrency: int,
+    threads: int,
     sleep_delay: float,
     rescue_after: float,
     default_timeout: float | None,
@@ -223,6 +235,7 @@ def workoff(
         queues,
         imports,
         burst=True,
+        threads=threads,
         sleep_delay=sleep_delay,
         rescue_after=rescue_after,
         default_timeout=default_timeout,

@@ -42,6 +42,7 @@ class ChildSpec:
     default_timeout: float | None = None
     max_tasks: int | None = None
     max_memory_mb: float | None = None
+    threads: int = 1
     log_level: str = "INFO"
     log_format: str = "text"
     sys_path: list[str] = dataclasses.field(default_factory=lambda: list(sys.path))
@@ -141,6 +142,7 @@ def child_main(spec: ChildSpec, name: str, progress: Any) -> None:
         max_tasks=spec.max_tasks,
         on_progress=report,
         parent_pid=os.getppid(),
+        threads=spec.threads,
     )
     w.install_signal_handlers()
     if spec.burst:

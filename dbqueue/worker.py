@@ -21,11 +21,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from typing import Any
 
 import sqlalchemy as sa
 
-from dbqueue import config, database, errors, executor, store
+from dbqueue import config, database, errors, executor, listener, store
 
 # A name, not the module: `dbqueue.periodic` is the decorator once the package is imported.
 from dbqueue.periodic import Scheduler
@@ -88,7 +89,11 @@ class Worker:
         max_tasks: int | None = None,
         on_progress: Callable[[Summary], None] | None = None,
         parent_pid: int | None = None,
+        threads: int = 1,
+        listen: bool = True,
     ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
         self.settings = settings
         self.queues = list(queues) if queues else None
         self.name = name or worker_name()
@@ -109,6 +114,11 @@ class Worker:
         self._avg_duration = 1.0  # seconds; pessimistic until measured, so the first claim is 1
         self._heart: Heart | None = None
         self.scheduler = Scheduler(settings, min(1.0, max(sleep_delay, 0.1)))
+        self.threads = threads
+        self.listen = listen and settings.notify
+        self.listener: listener.Listener | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
+        self._running: set[futures.Future[store.Outcome]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -166,17 +176,20 @@ class Worker:
     def work(self) -> Summary:
         """Run until stopped, sleeping when idle (woken early by LISTEN/NOTIFY when enabled)."""
         self.start()
+        self._start_listener()
         try:
-            idle = self.sleep_delay
             while not self._should_stop():
                 self.scheduler.tick()  # enqueue due periodic tasks (at most once a second)
-                count = self._with_db_retry(self.run_batch, "claim")
-                if count:
-                    idle = self.sleep_delay
+                self.wakeup.clear()  # before the claim: a NOTIFY arriving during it still counts
+                if self._with_db_retry(self.run_batch, "claim"):
                     continue
-                self.wakeup.wait(idle)
-                self.wakeup.clear()
+                if self.stopping.is_set():
+                    break
+                self.wakeup.wait(self.idle_wait())
+            self._finish_threads()
         finally:
+            if self.listener is not None:
+                self.listener.stop()
             self.shutdown()
         return self.summary
 
@@ -185,11 +198,41 @@ class Worker:
         self.start()
         try:
             while not self._should_stop():
-                if not self._with_db_retry(self.run_batch, "claim"):
+                self.wakeup.clear()
+                if self._with_db_retry(self.run_batch, "claim"):
+                    continue
+                if not self._running:
                     break
+                self.wakeup.wait(self.sleep_delay)  # a finishing thread sets it
+            self._finish_threads()
         finally:
             self.shutdown()
         return self.summary
+
+    def _start_listener(self) -> None:
+        if not self.listen or not listener.supported(self.engine):
+            return
+        self.listener = listener.Listener(
+            self.engine, self.wakeup, self.queues, name=f"dbqueue-listener-{self.name}"
+        )
+        self.listener.start()
+
+    def idle_wait(self) -> float:
+        """Seconds to sleep with nothing ready: until the next run_at, at most --sleep-delay.
+
+        A NOTIFY (or a finishing thread in --threads mode) cuts the sleep short.
+        """
+        if self.threads > 1 and len(self._running) >= self.threads:
+            return self.sleep_delay  # no free slot: only a finishing task matters
+        try:
+            until_next: float | None = self._transaction(
+                lambda c: store.seconds_until_next(c, self.queues)
+            )
+        except sa.exc.DBAPIError:
+            return self.sleep_delay  # the next claim reports the outage
+        wait = self.sleep_delay if until_next is None else max(until_next, 0.005)
+        catch_up = self.listener.catch_up_in() if self.listener is not None else None
+        return min(self.sleep_delay, wait, catch_up if catch_up is not None else wait)
 
     def _should_stop(self) -> bool:
         if self.zombie:
@@ -228,6 +271,8 @@ class Worker:
 
     def run_batch(self) -> int:
         """Claim a batch, run its tasks in order, record outcomes; returns tasks claimed."""
+        if self.threads > 1:
+            return self.run_threaded()
         rows = self.claim(self.batch_size())
         pending: list[store.Outcome] = []
         first_pending = 0.0
@@ -277,6 +322,60 @@ class Worker:
             self.summary.count(outcome)
         if self.on_progress is not None:
             self.on_progress(self.summary)
+
+    # -- --threads T: T tasks at once in this process (I/O-bound work) ------------------------
+
+    def run_threaded(self) -> int:
+        """Record what finished, claim for the free slots, start those tasks; returns both.
+
+        Claims never exceed the free threads, so every claimed task starts at once and none
+        waits behind another. SIGALRM timeouts only work in the main thread: here a task's
+        timeout is enforced for coroutines (asyncio) only.
+        """
+        finished = self._collect_finished()
+        free = self.threads - len(self._running)
+        if free <= 0 or self.stopping.is_set() or self.zombie:
+            return finished
+        limit = free
+        if self.max_tasks is not None:
+            limit = min(limit, self.max_tasks - self.summary.done - len(self._running))
+        if limit <= 0:
+            return finished
+        if self._pool is None:
+            self._pool = futures.ThreadPoolExecutor(
+                self.threads, thread_name_prefix=f"dbqueue-task-{self.name}"
+            )
+        rows = self.claim(limit)
+        for row in rows:
+            future = self._pool.submit(self._run_in_thread, row)
+            self._running.add(future)
+            future.add_done_callback(self._thread_done)
+        return finished + len(rows)
+
+    def _thread_done(self, future: futures.Future[store.Outcome]) -> None:
+        self.wakeup.set()
+
+    def _run_in_thread(self, row: Any) -> store.Outcome:
+        started = time.monotonic()
+        outcome = executor.execute(self.settings, row, self.default_timeout)
+        self._log_outcome(row, outcome, time.monotonic() - started)
+        return outcome
+
+    def _collect_finished(self) -> int:
+        done = [f for f in self._running if f.done()]
+        if done:
+            self._running.difference_update(done)
+            self.record([f.result() for f in done])
+        return len(done)
+
+    def _finish_threads(self) -> None:
+        """Wait for running threads and record their outcomes (graceful stop, end of drain)."""
+        if self._running:
+            futures.wait(self._running)
+            self._collect_finished()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # -- helpers ------------------------------------------------------------------------------
 

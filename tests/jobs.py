@@ -214,3 +214,20 @@ def raise_with_lock() -> None:
 def return_unpicklable() -> Any:
     """Returns a value that pickles but cannot be unpickled (cpython #98873)."""
     return Unpicklable("odd", "other")
+
+
+def rendezvous(directory: str, parties: int, timeout: float = 30.0) -> int:
+    """Leave a mark in `directory`, then wait until `parties` marks are there (all running at
+    once), or raise TimeoutError: succeeds only when that many tasks run concurrently."""
+    import pathlib
+    import threading
+    import uuid
+
+    folder = pathlib.Path(directory)
+    (folder / f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex}").touch()
+    deadline = time.monotonic() + timeout
+    while len(list(folder.iterdir())) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(folder.iterdir()))} of {parties} ran at once")
+        time.sleep(0.01)
+    return threading.get_ident()
