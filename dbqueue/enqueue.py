@@ -153,9 +153,13 @@ def _size(n: int) -> str:
 
 @contextmanager
 def _connection(
-    settings: config.Settings, session: Bind, connection: Bind
+    settings: config.Settings, session: Bind, connection: Bind, single_statement: bool = False
 ) -> Iterator[sa.Connection]:
-    """The caller's connection (their transaction), or a transaction of our own."""
+    """The caller's connection (their transaction), or a transaction of our own.
+
+    `single_statement`: our own work is one statement, which PostgreSQL runs atomically on its
+    own, so it is sent in autocommit mode: no BEGIN and COMMIT round trips.
+    """
     bind = session if session is not None else connection
     if isinstance(bind, orm.scoped_session):  # Flask-SQLAlchemy's db.session, for one
         bind = bind()
@@ -163,6 +167,9 @@ def _connection(
         yield bind.connection()
     elif isinstance(bind, sa.Connection):
         yield bind
+    elif bind is None and single_statement and settings.get_engine().dialect.name == "postgresql":
+        with database.errors_translated(settings), settings.get_engine().connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
     elif bind is None:
         with database.errors_translated(settings), settings.get_engine().begin() as conn:
             yield conn
@@ -209,7 +216,8 @@ def enqueue(
         timeout=timeout,
         unique_key=unique_key,
     )
-    with _connection(settings, session, connection) as conn:
+    one_statement = unique_key is None and not settings.inline
+    with _connection(settings, session, connection, one_statement) as conn:
         (task_id,) = store.insert(
             conn, [new], replace=on_conflict == "replace", notify=settings.notify
         )

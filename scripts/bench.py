@@ -1,0 +1,654 @@
+"""dbqueue's benchmark: throughput, latency and scale against the raw-SQL limit and the peers.
+
+Every PostgreSQL scenario runs in its own throwaway database (created from ``--dsn`` and
+dropped afterwards, see bench_peers.throwaway_db); SQLite in a temporary file. Worker figures
+come from real ``dbqueue work`` / ``dbqueue workoff`` processes. Repeated scenarios report the
+median. The table goes to stdout and to ``bench-results.md``, every figure to
+``bench-results.json`` (both at the repository root).
+
+Scenarios (the issue's point 1 and 7):
+
+* raw limit: bench_peers.raw_limit (2 processes claiming 100 rows FOR UPDATE SKIP LOCKED,
+  marking them done in a second transaction), raw single-row INSERT commits, raw batches;
+* enqueue one by one (each its own commit) and ``enqueue_many`` in batches of 1,000;
+* drain of ``--jobs`` no-op tasks with ``dbqueue workoff --concurrency 2``: the rate is
+  tasks / (last finished_at - first started_at), both from the database clock, so process
+  start-up is not counted (as the peers' drains start at a gate); the wall-clock rate
+  including start-up is in the JSON;
+* idle enqueue-to-start latency over ``--latency-n`` tasks with a running ``dbqueue work``:
+  time.monotonic() before enqueue() to time.monotonic() at the task's start (sent by UDP);
+* claim speed (claims of 100) with ``--finished-rows`` finished rows vs an empty table;
+* worker RSS over ``--rss-tasks`` tasks (probe tasks report the worker's own RSS);
+* SQLite: enqueue and drain;
+* PgQueuer and procrastinate side by side when installed (``pip install -e '.[bench]'``);
+* scripts/bench_counters.py and scripts/bench_bus.py tables when those files exist.
+
+The machine's other load shows in the figures: the JSON records the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from psycopg.conninfo import conninfo_to_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+sys.path[:0] = [str(SCRIPTS), str(ROOT)]
+
+import bench_peers  # noqa: E402
+import bench_tasks  # noqa: E402
+
+import dbqueue  # noqa: E402
+from dbqueue import config, database, store, task  # noqa: E402
+from dbqueue.schema import tasks  # noqa: E402
+
+Figures = dict[str, Any]
+SECRET = "bench-" + secrets.token_hex(24)
+WORKER_TIMEOUT = 600  # seconds a workoff may take before the scenario is reported as an error
+
+# -- settings, databases, worker processes -----------------------------------------------------
+
+
+def sa_url(dsn: str) -> str:
+    """A libpq DSN (bench_peers' throwaway databases) as a SQLAlchemy psycopg URL."""
+    params = conninfo_to_dict(dsn)
+    return sa.URL.create(
+        "postgresql+psycopg",
+        username=params.get("user"),
+        password=params.get("password"),
+        host=params.get("host"),
+        port=int(params["port"]) if params.get("port") else None,
+        database=params.get("dbname"),
+    ).render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def pg_settings(admin_dsn: str, name: str) -> Iterator[config.Settings]:
+    """A migrated throwaway PostgreSQL database, dropped afterwards."""
+    with bench_peers.throwaway_db(admin_dsn, name) as dsn:
+        settings = config.Settings(database_url=sa_url(dsn), secret_key=SECRET)
+        try:
+            database.migrate(settings)
+            yield settings
+        finally:
+            settings.get_engine().dispose()
+
+
+@contextlib.contextmanager
+def sqlite_settings() -> Iterator[config.Settings]:
+    with tempfile.TemporaryDirectory(prefix="dbqueue_bench_") as tmp:
+        settings = config.Settings(
+            database_url=f"sqlite:///{Path(tmp) / 'bench.sqlite3'}", secret_key=SECRET
+        )
+        try:
+            database.migrate(settings)
+            yield settings
+        finally:
+            settings.get_engine().dispose()
+
+
+def worker_env(settings: config.Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DBQUEUE_DATABASE_URL=settings.database_url,
+        DBQUEUE_SECRET_KEY=SECRET,
+        PYTHONPATH=os.pathsep.join([str(SCRIPTS), str(ROOT), env.get("PYTHONPATH", "")]),
+    )
+    env.pop("DBQUEUE_INLINE", None)
+    return env
+
+
+def dbqueue_command(*args: str) -> list[str]:
+    # WARNING: no per-task INFO line (the peers' loggers are silenced too)
+    return [sys.executable, "-m", "dbqueue", "--log-level", "WARNING", *args]
+
+
+def workoff(settings: config.Settings, concurrency: int, *extra: str) -> float:
+    """Run `dbqueue workoff` to the end; returns its wall-clock seconds."""
+    started = time.monotonic()
+    done = subprocess.run(
+        dbqueue_command(
+            "workoff", "--concurrency", str(concurrency), "--import", "bench_tasks", *extra
+        ),
+        env=worker_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT,
+    )
+    elapsed = time.monotonic() - started
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"dbqueue workoff exited {done.returncode}: {tail}")
+    return elapsed
+
+
+def scalar(settings: config.Settings, sql: str) -> Any:
+    with settings.get_engine().connect() as conn:
+        return conn.execute(sa.text(sql)).scalar()
+
+
+def vacuum(settings: config.Settings) -> None:
+    if settings.get_engine().dialect.name != "postgresql":
+        return
+    with settings.get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.exec_driver_sql("VACUUM ANALYZE tasks")
+
+
+def guarded(run: Callable[[], Figures]) -> Figures:
+    """A scenario's figures, or {"error": ...}: one failure does not end the benchmark."""
+    try:
+        return run()
+    except Exception as exc:
+        return bench_peers._error(exc)
+
+
+def median_of(runs: list[Figures]) -> Figures:
+    return bench_peers._median_of(runs)
+
+
+# -- dbqueue scenarios ---------------------------------------------------------------------------
+
+
+def enqueue_rates(settings: config.Settings, single_n: int, jobs: int, batch: int) -> Figures:
+    """Single enqueues (each its own commit), then `jobs` tasks by enqueue_many(batch)."""
+    for _ in range(min(50, single_n)):  # warm up: imports, pool, prepared statements
+        dbqueue.enqueue(bench_tasks.noop, settings=settings)
+    started = time.perf_counter()
+    for _ in range(single_n):
+        dbqueue.enqueue(bench_tasks.noop, settings=settings)
+    single_s = time.perf_counter() - started
+    with settings.get_engine().begin() as conn:
+        conn.execute(sa.delete(tasks))
+    items = [()] * batch
+    started = time.perf_counter()
+    for _ in range(jobs // batch):
+        dbqueue.enqueue_many(bench_tasks.noop, items, settings=settings)
+    batch_s = time.perf_counter() - started
+    return {
+        "enqueue_single_per_s": single_n / single_s,
+        "enqueue_batch_per_s": (jobs // batch * batch) / batch_s,
+    }
+
+
+def drain_rate(settings: config.Settings, jobs: int, concurrency: int) -> Figures:
+    """`dbqueue workoff --concurrency N` over the queued tasks; the rate from the DB clock."""
+    vacuum(settings)
+    wall = workoff(settings, concurrency)
+    with settings.get_engine().connect() as conn:
+        first, last, done = conn.execute(
+            sa.select(
+                sa.func.min(tasks.c.started_at),
+                sa.func.max(tasks.c.finished_at),
+                sa.func.count(),
+            ).where(tasks.c.status == "succeeded")
+        ).one()
+    if done != jobs:
+        raise RuntimeError(f"{done} of {jobs} tasks succeeded")
+    span = (last - first).total_seconds()
+    return {"drain_per_s": jobs / span, "drain_wall_per_s": jobs / wall, "drain_seconds": span}
+
+
+def enqueue_and_drain(
+    settings: config.Settings, jobs: int, single_n: int, concurrency: int = 2
+) -> Figures:
+    figures = enqueue_rates(settings, single_n, jobs, 1000)
+    figures.update(drain_rate(settings, jobs // 1000 * 1000, concurrency))
+    return figures
+
+
+def _listener_ready(settings: config.Settings, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if scalar(
+            settings,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'dbqueue-listener'",
+        ):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the worker's LISTEN connection did not appear")
+
+
+def idle_latency(settings: config.Settings, n: int, warmup: int = 10) -> Figures:
+    """Enqueue one task at a time to an idle `dbqueue work`; ms from enqueue() to its start."""
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(bench_peers.LATENCY_WAIT_S)
+        port = sock.getsockname()[1]
+        log = stack.enter_context(tempfile.TemporaryFile("w+"))
+        proc = subprocess.Popen(
+            dbqueue_command("work", "--import", "bench_tasks"),
+            env=worker_env(settings),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        try:
+            _listener_ready(settings)
+            time.sleep(0.5)
+            latencies = []
+            for i in range(warmup + n):
+                t0 = time.monotonic()
+                dbqueue.enqueue(bench_tasks.stamp, args=(port,), settings=settings)
+                (started,) = struct.unpack("!d", sock.recv(64))
+                if i >= warmup:
+                    latencies.append((started - t0) * 1000)
+                time.sleep(0.02)  # the worker records the outcome and goes idle again
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        latencies.sort()
+        return {
+            "latency_p50_ms": bench_peers._percentile(latencies, 50),
+            "latency_p99_ms": bench_peers._percentile(latencies, 99),
+        }
+
+
+FILL_FINISHED = """
+INSERT INTO tasks (queue, priority, run_at, status, handler, payload, attempts, max_attempts,
+                   created_at, started_at, finished_at)
+SELECT 'default', 0, now() - interval '1 day', 'succeeded', 'bench_tasks:noop', '\\x00'::bytea,
+       1, 25, now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
+FROM generate_series(1, {n})
+"""
+
+
+def _claim_pass(settings: config.Settings, queued: int, limit: int) -> float:
+    """Seconds spent in claim transactions taking `queued` fresh tasks, `limit` at a time."""
+    dbqueue.enqueue_many(bench_tasks.noop, [()] * queued, settings=settings)
+    vacuum(settings)
+    engine = settings.get_engine()
+    spent = 0.0
+    while True:
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            rows = store.claim(conn, "bench-claim", limit)
+        spent += time.perf_counter() - started
+        if not rows:
+            break
+    with engine.begin() as conn:
+        conn.execute(sa.delete(tasks).where(tasks.c.status == "running"))
+    return spent
+
+
+def claim_speed(
+    settings: config.Settings, finished: int, queued: int, rounds: int, limit: int = 100
+) -> Figures:
+    """Claimed rows/s with an empty table, then with `finished` finished rows in it."""
+    empty = [queued / _claim_pass(settings, queued, limit) for _ in range(rounds)]
+    with settings.get_engine().begin() as conn:
+        conn.execute(sa.text(FILL_FINISHED.format(n=int(finished))))
+    full = [queued / _claim_pass(settings, queued, limit) for _ in range(rounds)]
+    figures = {
+        "claim_empty_per_s": statistics.median(empty),
+        "claim_full_per_s": statistics.median(full),
+        "finished_rows": float(finished),
+    }
+    figures["claim_full_vs_empty"] = figures["claim_full_per_s"] / figures["claim_empty_per_s"]
+    return figures
+
+
+def worker_rss(settings: config.Settings, total: int) -> Figures:
+    """RSS of one worker process at points over `total` no-op tasks (probe tasks report it)."""
+    points = sorted({max(2, total // 100), max(3, total // 10), total // 2, total})
+    probes: list[tuple[int, int]] = []
+    position = 0
+    for point in points:
+        while position < point - 1:
+            k = min(1000, point - 1 - position)
+            dbqueue.enqueue_many(bench_tasks.noop, [()] * k, settings=settings)
+            position += k
+        (probe,) = dbqueue.enqueue_many(bench_tasks.rss, [()], settings=settings)
+        probes.append((point, probe))
+        position += 1
+    workoff(settings, 1)
+    figures: Figures = {}
+    for point, probe in probes:
+        figures[f"rss_mb_at_{point}"] = float(task.Task(probe, settings=settings).result)
+    first, last = probes[0][0], probes[-1][0]
+    figures["rss_growth_mb"] = figures[f"rss_mb_at_{last}"] - figures[f"rss_mb_at_{first}"]
+    return figures
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def repeat(times: int, run: Callable[[], Figures]) -> Figures:
+    runs = []
+    for _ in range(max(1, times)):
+        runs.append(guarded(run))
+        if "error" in runs[-1] or "skipped" in runs[-1]:
+            return runs[-1]
+    return median_of(runs)
+
+
+@contextlib.contextmanager
+def _cwd(path: str) -> Iterator[None]:
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def optional_benches(names: tuple[str, ...]) -> dict[str, Figures]:
+    """Other helpers' benchmarks (scripts/bench_<name>.py), when present: main()'s figures and
+    its printed table."""
+    out: dict[str, Figures] = {}
+    for name in names:
+        if not (SCRIPTS / f"bench_{name}.py").is_file():
+            continue
+        printed = io.StringIO()
+        try:
+            module = importlib.import_module(f"bench_{name}")
+            with tempfile.TemporaryDirectory() as tmp, _cwd(tmp):
+                with contextlib.redirect_stdout(printed):
+                    result = module.main([])
+            out[name] = {"figures": result, "table": printed.getvalue()}
+        except BaseException as exc:  # SystemExit from argparse included
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            out[name] = {**bench_peers._error(exc), "table": printed.getvalue()}
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    admin = args.dsn
+    step = Stepper()
+    results: dict[str, Any] = {"environment": environment(admin), "parameters": vars(args)}
+    step("raw limit")
+    results["raw_limit"] = repeat(args.repeats, lambda: bench_peers.raw_limit(admin, args.jobs))
+    results["raw_single_insert"] = repeat(
+        args.repeats, lambda: bench_peers.raw_single_insert(admin, args.single_n)
+    )
+    results["raw_batch_insert"] = repeat(
+        args.repeats, lambda: bench_peers.raw_batch_insert(admin, args.jobs)
+    )
+
+    def pg_run(body: Callable[[config.Settings], Figures], name: str) -> Figures:
+        with pg_settings(admin, name) as settings:
+            return body(settings)
+
+    step("dbqueue enqueue + drain (PostgreSQL)")
+    results["dbqueue"] = repeat(
+        args.repeats,
+        lambda: pg_run(lambda s: enqueue_and_drain(s, args.jobs, args.single_n), "dbq"),
+    )
+    step("dbqueue idle latency")
+    results["dbqueue_latency"] = repeat(
+        args.repeats, lambda: pg_run(lambda s: idle_latency(s, args.latency_n), "dbqlat")
+    )
+    step(f"dbqueue claim with {args.finished_rows:,} finished rows")
+    results["dbqueue_claim"] = guarded(
+        lambda: pg_run(
+            lambda s: claim_speed(s, args.finished_rows, args.claim_queued, args.repeats),
+            "dbqclaim",
+        )
+    )
+    step(f"dbqueue worker RSS over {args.rss_tasks:,} tasks")
+    results["dbqueue_rss"] = guarded(
+        lambda: pg_run(lambda s: worker_rss(s, args.rss_tasks), "dbqrss")
+    )
+    step("dbqueue on SQLite")
+
+    def sqlite_run() -> Figures:
+        with sqlite_settings() as settings:
+            return enqueue_and_drain(settings, args.sqlite_jobs, args.single_n // 2)
+
+    results["dbqueue_sqlite"] = repeat(args.repeats, sqlite_run)
+    if not args.no_peers:
+        step("PgQueuer")
+        results["pgqueuer"] = repeat(
+            args.repeats,
+            lambda: bench_peers.pgqueuer_scenarios(
+                admin, jobs=args.jobs, single_n=args.single_n, latency_n=args.latency_n
+            ),
+        )
+        step("procrastinate")
+        results["procrastinate"] = repeat(
+            args.repeats,
+            lambda: bench_peers.procrastinate_scenarios(
+                admin,
+                jobs=args.procrastinate_jobs,
+                single_n=args.single_n,
+                latency_n=args.latency_n,
+            ),
+        )
+    if not args.no_extras:
+        step("counters / bus benchmarks")
+        results["extras"] = optional_benches(("counters", "bus"))
+    results["seconds"] = step.total()
+    return results
+
+
+class Stepper:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, what: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.0f}s] {what}", file=sys.stderr, flush=True)
+
+    def total(self) -> float:
+        return time.monotonic() - self.started
+
+
+def environment(admin: str) -> Figures:
+    try:
+        with psycopg.connect(admin, connect_timeout=10) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            server = str(row[0]) if row else "?"
+    except psycopg.Error as exc:
+        server = f"unreachable: {exc}"
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "postgresql": server,
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "dbqueue": getattr(dbqueue, "__version__", "?"),
+    }
+
+
+# -- the table -----------------------------------------------------------------------------------
+
+
+def _num(figures: Figures, key: str) -> float | None:
+    value = figures.get(key) if isinstance(figures, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _cell(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if unit == "ms":
+        return f"{value:.2f} ms"
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit == "MiB":
+        return f"{value:.1f} MiB"
+    return f"{value:,.0f}/s"
+
+
+def _peer(figures: Figures, key: str, unit: str = "") -> str:
+    if "skipped" in figures:
+        return "not installed"
+    if "error" in figures:
+        return "error"
+    return _cell(_num(figures, key), unit)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+
+def table(results: dict[str, Any]) -> str:
+    raw = results.get("raw_limit", {})
+    single_raw = results.get("raw_single_insert", {})
+    batch_raw = results.get("raw_batch_insert", {})
+    dbq = results.get("dbqueue", {})
+    lat = results.get("dbqueue_latency", {})
+    claim = results.get("dbqueue_claim", {})
+    rss = results.get("dbqueue_rss", {})
+    lite = results.get("dbqueue_sqlite", {})
+    pgq = results.get("pgqueuer", {"skipped": "not run"})
+    proc = results.get("procrastinate", {"skipped": "not run"})
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    def at_least(value: float | None, bound: float) -> str:
+        return _verdict(None if value is None else value >= bound)
+
+    drain = _num(dbq, "drain_per_s")
+    raw_drain = _num(raw, "drain_per_s")
+    many = _num(dbq, "enqueue_batch_per_s")
+    pgq_many = _num(pgq, "enqueue_batch_per_s")
+    one = _num(dbq, "enqueue_single_per_s")
+    raw_one = _num(single_raw, "insert_per_s")
+    p50 = _num(lat, "latency_p50_ms")
+    full_vs_empty = _num(claim, "claim_full_vs_empty")
+    rows = [
+        "| scenario (PostgreSQL) | dbqueue | PgQueuer | procrastinate | raw SQL | "
+        "dbqueue / raw | target | |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| drain {int(_num(raw, 'jobs') or 0):,} no-op tasks, 2 processes | {_cell(drain)} | "
+        f"{_peer(pgq, 'drain_per_s')} | {_peer(proc, 'drain_per_s')} | {_cell(raw_drain)} | "
+        f"{_cell(ratio(drain, raw_drain), 'x')} | >= 0.40x raw | "
+        f"{at_least(ratio(drain, raw_drain), 0.4)} |",
+        f"| enqueue_many, batches of 1,000 | {_cell(many)} | {_peer(pgq, 'enqueue_batch_per_s')} "
+        f"| {_peer(proc, 'enqueue_batch_per_s')} | {_cell(_num(batch_raw, 'executemany_per_s'))} "
+        f"(COPY {_cell(_num(batch_raw, 'insert_per_s'))}) | "
+        f"{_cell(ratio(many, _num(batch_raw, 'executemany_per_s')), 'x')} | >= 1.0x PgQueuer "
+        f"({_cell(ratio(many, pgq_many), 'x')}) | "
+        f"{at_least(ratio(many, pgq_many), 1.0)} |",
+        f"| enqueue one by one, own commit | {_cell(one)} | "
+        f"{_peer(pgq, 'enqueue_single_per_s')} | {_peer(proc, 'enqueue_single_per_s')} | "
+        f"{_cell(raw_one)} | {_cell(ratio(one, raw_one), 'x')} | >= 0.5x raw | "
+        f"{at_least(ratio(one, raw_one), 0.5)} |",
+        f"| idle latency p50, enqueue to start | {_cell(p50, 'ms')} | "
+        f"{_peer(pgq, 'latency_p50_ms', 'ms')} | {_peer(proc, 'latency_p50_ms', 'ms')} | | | "
+        f"<= 3 ms | {_verdict(None if p50 is None else p50 <= 3.0)} |",
+        f"| idle latency p99 | {_cell(_num(lat, 'latency_p99_ms'), 'ms')} | "
+        f"{_peer(pgq, 'latency_p99_ms', 'ms')} | {_peer(proc, 'latency_p99_ms', 'ms')} | | | | |",
+        f"| claim (100 at a time), empty table | {_cell(_num(claim, 'claim_empty_per_s'))} "
+        "| | | | | | |",
+        f"| claim with {int(_num(claim, 'finished_rows') or 0):,} finished rows | "
+        f"{_cell(_num(claim, 'claim_full_per_s'))} | | | | "
+        f"{_cell(full_vs_empty, 'x')} of empty | >= 0.90x empty | "
+        f"{at_least(full_vs_empty, 0.9)} |",
+    ]
+    rss_points = sorted(
+        (int(k.rsplit("_", 1)[1]), v) for k, v in rss.items() if k.startswith("rss_mb_at_")
+    )
+    if rss_points:
+        points = ", ".join(f"{n:,}: {v:.1f}" for n, v in rss_points)
+        rows.append(
+            f"| worker RSS (MiB) after N tasks | {points} | | | | | flat | "
+            f"growth {rss.get('rss_growth_mb', 0):+.1f} MiB |"
+        )
+    elif "error" in rss:
+        rows.append(f"| worker RSS | error: {rss['error']} | | | | | | |")
+    rows += [
+        "",
+        "| scenario (SQLite file, WAL) | dbqueue |",
+        "| --- | --- |",
+        f"| drain {int(results.get('parameters', {}).get('sqlite_jobs', 0)):,} no-op tasks, "
+        f"2 processes | {_cell(_num(lite, 'drain_per_s'))} |",
+        f"| enqueue_many, batches of 1,000 | {_cell(_num(lite, 'enqueue_batch_per_s'))} |",
+        f"| enqueue one by one, own commit | {_cell(_num(lite, 'enqueue_single_per_s'))} |",
+    ]
+    errors = [
+        f"- {name}: {figures['error']}"
+        for name, figures in results.items()
+        if isinstance(figures, dict) and "error" in figures
+    ]
+    if errors:
+        rows += ["", "Errors:", *errors]
+    return "\n".join(rows)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    load = ", ".join(f"{x:.1f}" for x in env["load_average_at_start"])
+    parts = [
+        "# dbqueue benchmark",
+        "",
+        f"{env['when']}; PostgreSQL {env['postgresql']} on loopback; Python {env['python']}; "
+        f"{env['cpus']} CPUs, load average at start {load}; medians of "
+        f"{results['parameters']['repeats']} runs; {results['seconds']:.0f} s in all. "
+        "Rates are tasks per second. Produced by `scripts/bench`.",
+        "",
+        table(results),
+    ]
+    for name, extra in results.get("extras", {}).items():
+        parts += ["", f"## {name}", "", "```", extra.get("table", "").rstrip(), "```"]
+        if "error" in extra:
+            parts.append(f"error: {extra['error']}")
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get("DBQUEUE_BENCH_DSN", bench_peers.DEFAULT_ADMIN_DSN),
+        help="admin DSN: throwaway databases are created and dropped through it",
+    )
+    parser.add_argument("--jobs", type=int, default=50_000, help="tasks per drain")
+    parser.add_argument("--single-n", type=int, default=2_000, help="single enqueues")
+    parser.add_argument("--latency-n", type=int, default=200)
+    parser.add_argument("--finished-rows", type=int, default=1_000_000)
+    parser.add_argument("--claim-queued", type=int, default=10_000)
+    parser.add_argument("--rss-tasks", type=int, default=100_000)
+    parser.add_argument("--sqlite-jobs", type=int, default=20_000)
+    parser.add_argument("--procrastinate-jobs", type=int, default=5_000)
+    parser.add_argument("--repeats", type=int, default=3, help="median over this many runs")
+    parser.add_argument("--no-peers", action="store_true", help="skip PgQueuer, procrastinate")
+    parser.add_argument("--no-extras", action="store_true", help="skip counters/bus benches")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, one run: a smoke test of the bench"
+    )
+    parser.add_argument("--out", default=str(ROOT / "bench-results"), help="path without suffix")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.jobs, args.single_n, args.latency_n = 5_000, 300, 30
+        args.finished_rows, args.claim_queued, args.rss_tasks = 50_000, 2_000, 5_000
+        args.sqlite_jobs, args.procrastinate_jobs, args.repeats = 2_000, 1_000, 1
+    bench_peers._silence_peers()
+    results = run(args)
+    text = markdown(results)
+    print(text)
+    Path(args.out + ".md").write_text(text)
+    Path(args.out + ".json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"written: {args.out}.md, {args.out}.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
