@@ -12,6 +12,7 @@ runs. SQL lives in store.py; running one task lives in executor.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,7 +21,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -118,7 +119,7 @@ class Worker:
         self.listen = listen and settings.notify
         self.listener: listener.Listener | None = None
         self._pool: futures.ThreadPoolExecutor | None = None
-        self._running: set[futures.Future[store.Outcome]] = set()
+        self._running: dict[futures.Future[store.Outcome], int] = {}  # --threads: future -> id
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -225,7 +226,7 @@ class Worker:
         if self.threads > 1 and len(self._running) >= self.threads:
             return self.sleep_delay  # no free slot: only a finishing task matters
         try:
-            until_next: float | None = self._transaction(
+            until_next: float | None = self._single_statement(
                 lambda c: store.seconds_until_next(c, self.queues)
             )
         except sa.exc.DBAPIError:
@@ -253,12 +254,15 @@ class Worker:
     def claim(self, limit: int) -> list[sa.Row[Any]]:
         """Claim a batch. After a claim whose commit was cut off, first give back what that
         claim may have taken: the rows say `running` under this worker, which is alive, so no
-        rescue would ever return them."""
+        rescue would ever return them. The usual claim is one statement, sent in autocommit
+        on PostgreSQL (no BEGIN/COMMIT round trips)."""
         try:
-            with self.engine.begin() as conn:
-                if self._claim_uncertain:
+            if self._claim_uncertain:
+                with self.engine.begin() as conn:
                     store.release_unknown(conn, self.name, self.in_flight())
                     self._claim_uncertain = False
+                    return store.claim(conn, self.name, limit, self.queues)
+            with self._one_statement() as conn:
                 return store.claim(conn, self.name, limit, self.queues)
         except Exception as exc:
             if database.is_disconnect(exc):
@@ -266,8 +270,9 @@ class Worker:
             raise
 
     def in_flight(self) -> set[int]:
-        """Ids of tasks this process is running right now (none between batches)."""
-        return set()
+        """Ids of tasks this process is running right now (none between batches, except in
+        --threads mode)."""
+        return set(self._running.values())
 
     def run_batch(self) -> int:
         """Claim a batch, run its tasks in order, record outcomes; returns tasks claimed."""
@@ -314,9 +319,16 @@ class Worker:
 
     def record(self, outcomes: list[store.Outcome]) -> None:
         """Write outcomes, retrying until the database answers: a result is never dropped."""
-        written = self._with_db_retry(
-            lambda: self._transaction(lambda c: store.record(c, self.name, outcomes)), "record"
-        )
+        if len({o.status for o in outcomes}) == 1:  # one statement: no BEGIN/COMMIT needed
+            written = self._with_db_retry(
+                lambda: self._single_statement(lambda c: store.record(c, self.name, outcomes)),
+                "record",
+            )
+        else:
+            written = self._with_db_retry(
+                lambda: self._transaction(lambda c: store.record(c, self.name, outcomes)),
+                "record",
+            )
         self.summary.lost += len(outcomes) - written
         for outcome in outcomes:
             self.summary.count(outcome)
@@ -348,7 +360,7 @@ class Worker:
         rows = self.claim(limit)
         for row in rows:
             future = self._pool.submit(self._run_in_thread, row)
-            self._running.add(future)
+            self._running[future] = row.id
             future.add_done_callback(self._thread_done)
         return finished + len(rows)
 
@@ -364,7 +376,8 @@ class Worker:
     def _collect_finished(self) -> int:
         done = [f for f in self._running if f.done()]
         if done:
-            self._running.difference_update(done)
+            for future in done:
+                del self._running[future]
             self.record([f.result() for f in done])
         return len(done)
 
@@ -378,6 +391,22 @@ class Worker:
             self._pool = None
 
     # -- helpers ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _one_statement(self) -> Iterator[sa.Connection]:
+        """A connection for work that is one statement: autocommit on PostgreSQL, where a
+        statement is atomic on its own (saving the BEGIN and COMMIT round trips); a
+        transaction elsewhere (SQLite's BEGIN IMMEDIATE serialises the claim)."""
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.connect() as conn:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        else:
+            with self.engine.begin() as conn:
+                yield conn
+
+    def _single_statement(self, body: Callable[[sa.Connection], Any]) -> Any:
+        with self._one_statement() as conn:
+            return body(conn)
 
     def _transaction(self, body: Callable[[sa.Connection], Any]) -> Any:
         with self.engine.begin() as conn:

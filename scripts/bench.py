@@ -60,8 +60,10 @@ import bench_peers  # noqa: E402
 import bench_tasks  # noqa: E402
 
 import dbqueue  # noqa: E402
-from dbqueue import config, database, store, task  # noqa: E402
+from dbqueue import config, database, serializer, store, task  # noqa: E402
 from dbqueue.schema import tasks  # noqa: E402
+
+enqueue_module = importlib.import_module("dbqueue.enqueue")  # the name `enqueue` is the function
 
 Figures = dict[str, Any]
 SECRET = "bench-" + secrets.token_hex(24)
@@ -132,6 +134,7 @@ def workoff(settings: config.Settings, concurrency: int, *extra: str) -> float:
             "workoff", "--concurrency", str(concurrency), "--import", "bench_tasks", *extra
         ),
         env=worker_env(settings),
+        cwd=ROOT,  # `python -m` puts the current directory first on sys.path
         capture_output=True,
         text=True,
         timeout=WORKER_TIMEOUT,
@@ -241,6 +244,7 @@ def idle_latency(settings: config.Settings, n: int, warmup: int = 10) -> Figures
         proc = subprocess.Popen(
             dbqueue_command("work", "--import", "bench_tasks"),
             env=worker_env(settings),
+            cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
@@ -335,6 +339,36 @@ def worker_rss(settings: config.Settings, total: int) -> Figures:
     return figures
 
 
+def codec_costs(n: int = 20_000) -> Figures:
+    """Microseconds per task spent pickling + signing at enqueue (enqueue.build, with its
+    validation) and verifying + unpickling at the worker, for a small typical call."""
+    settings = config.Settings(database_url="sqlite://", secret_key=SECRET)
+    keyring = settings.keyring()
+    handler = "bench_tasks:noop"
+    body = (("func",), (42, "someone@example.com"), {"retry": True})
+    started = time.perf_counter()
+    for _ in range(n):
+        enqueue_module.build(
+            settings, bench_tasks.noop, (42, "someone@example.com"), {"retry": True}
+        )
+    build_us = (time.perf_counter() - started) / n * 1e6
+    envelope = serializer.dumps(keyring, "payload", handler, body)
+    started = time.perf_counter()
+    for _ in range(n):
+        serializer.dumps(keyring, "payload", handler, body)
+    sign_us = (time.perf_counter() - started) / n * 1e6
+    started = time.perf_counter()
+    for _ in range(n):
+        serializer.loads(keyring, "payload", handler, envelope)
+    verify_us = (time.perf_counter() - started) / n * 1e6
+    return {
+        "build_us": build_us,
+        "pickle_sign_us": sign_us,
+        "verify_unpickle_us": verify_us,
+        "payload_bytes": float(len(envelope)),
+    }
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -382,6 +416,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     admin = args.dsn
     step = Stepper()
     results: dict[str, Any] = {"environment": environment(admin), "parameters": vars(args)}
+    step("pickling and signing")
+    results["codec"] = guarded(codec_costs)
     step("raw limit")
     results["raw_limit"] = repeat(args.repeats, lambda: bench_peers.raw_limit(admin, args.jobs))
     results["raw_single_insert"] = repeat(
@@ -574,6 +610,13 @@ def table(results: dict[str, Any]) -> str:
         )
     elif "error" in rss:
         rows.append(f"| worker RSS | error: {rss['error']} | | | | | | |")
+    codec = results.get("codec", {})
+    if "build_us" in codec:
+        rows.append(
+            f"| pickling + signing per task (enqueue / worker) | "
+            f"{codec['build_us']:.0f} µs / {codec['verify_unpickle_us']:.0f} µs "
+            f"({codec['payload_bytes']:.0f}-byte payload) | | | | | measured | |"
+        )
     rows += [
         "",
         "| scenario (SQLite file, WAL) | dbqueue |",

@@ -1,0 +1,72 @@
+"""Batch statements of the hot path: enqueue_many and a batch of outcomes, on both databases.
+
+On PostgreSQL these go through array (unnest) statements; the ids, the per-task options and
+the fencing must be exactly those of the one-row statements.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dbqueue
+from dbqueue import store, worker
+from dbqueue.schema import Status
+from tests import jobs
+
+
+def test_enqueue_many_ids_in_order_with_options(db):
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    ids = dbqueue.enqueue_many(jobs.add, [(i, i) for i in range(2_500)], priority=3, queue="q")
+    assert ids == sorted(ids) and len(set(ids)) == 2_500
+    rows = db.rows(
+        "SELECT id, priority, queue, status, attempts, max_attempts FROM tasks ORDER BY id"
+    )
+    assert [r.id for r in rows] == ids
+    assert {(r.priority, r.queue, r.status, r.attempts, r.max_attempts) for r in rows} == {
+        (3, "q", "queued", 0, 25)
+    }
+    delayed = dbqueue.enqueue_many(jobs.noop, [(), ()], run_at=later, timeout=2.5)
+    in_a_minute = dbqueue.enqueue_many(jobs.noop, [()], run_at=dt.timedelta(minutes=1))
+    assert (
+        db.scalar(
+            f"SELECT count(*) FROM tasks WHERE id IN ({delayed[0]}, {delayed[1]}) "
+            "AND timeout = 2.5 AND run_at > created_at"
+        )
+        == 2
+    )
+    (minute_id,) = in_a_minute
+    assert db.scalar(f"SELECT count(*) FROM tasks WHERE id = {minute_id} AND run_at > created_at")
+    assert worker.Worker(db.settings, queues=["q"]).work_off().succeeded == 2_500
+    assert dbqueue.Task(ids[7]).result == 14
+    assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'queued'") == 3
+
+
+def test_batch_of_outcomes_is_fenced(db):
+    dbqueue.enqueue_many(jobs.noop, [()] * 4)
+    with db.engine.begin() as conn:
+        rows = store.claim(conn, "w1", 4)
+    stolen = rows[1]
+    # the task was rescued and claimed again by another worker meanwhile
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE tasks SET locked_by = 'w2', attempts = attempts + 1 WHERE id = {stolen.id}"
+        )
+    lost_before = store.LOST_WRITES.value
+    outcomes = [
+        store.Outcome(id=r.id, attempts=r.attempts, status=Status.SUCCEEDED, result=None)
+        for r in rows
+    ]
+    with db.engine.begin() as conn:
+        written = store.record(conn, "w1", outcomes)
+    assert written == 3
+    assert store.LOST_WRITES.value == lost_before + 1
+    assert db.scalar(f"SELECT status FROM tasks WHERE id = {stolen.id}") == "running"
+    assert db.scalar(f"SELECT locked_by FROM tasks WHERE id = {stolen.id}") == "w2"
+    assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'succeeded'") == 3
+    assert (
+        db.scalar(
+            "SELECT count(*) FROM tasks WHERE status = 'succeeded' "
+            "AND finished_at IS NOT NULL AND locked_by IS NULL"
+        )
+        == 3
+    )
