@@ -119,6 +119,7 @@ class Worker:
         self.listen = listen and settings.notify
         self.listener: listener.Listener | None = None
         self._pool: futures.ThreadPoolExecutor | None = None
+        self._conn: sa.Connection | None = None  # autocommit statements on PostgreSQL
         self._running: dict[futures.Future[store.Outcome], int] = {}  # --threads: future -> id
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -191,6 +192,7 @@ class Worker:
         finally:
             if self.listener is not None:
                 self.listener.stop()
+            self._close_conn()
             self.shutdown()
         return self.summary
 
@@ -207,6 +209,7 @@ class Worker:
                 self.wakeup.wait(self.sleep_delay)  # a finishing thread sets it
             self._finish_threads()
         finally:
+            self._close_conn()
             self.shutdown()
         return self.summary
 
@@ -398,11 +401,28 @@ class Worker:
         statement is atomic on its own (saving the BEGIN and COMMIT round trips); a
         transaction elsewhere (SQLite's BEGIN IMMEDIATE serialises the claim)."""
         if self.engine.dialect.name == "postgresql":
-            with self.engine.connect() as conn:
-                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+            # Kept between statements (no transaction is open on it), so the pool's pre-ping
+            # round trip is not paid twice a batch; a broken one is dropped and replaced, and
+            # _with_db_retry waits out the outage.
+            if self._conn is None or self._conn.invalidated or self._conn.closed:
+                conn = self.engine.connect()
+                self._conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                yield self._conn
+            except BaseException:
+                self._close_conn()
+                raise
         else:
             with self.engine.begin() as conn:
                 yield conn
+
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # a broken connection may fail to close; it is discarded
+                log.debug("closing the worker's connection failed", exc_info=True)
 
     def _single_statement(self, body: Callable[[sa.Connection], Any]) -> Any:
         with self._one_statement() as conn:

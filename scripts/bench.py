@@ -670,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--claim-queued", type=int, default=10_000)
     parser.add_argument("--rss-tasks", type=int, default=100_000)
     parser.add_argument("--sqlite-jobs", type=int, default=20_000)
-    parser.add_argument("--procrastinate-jobs", type=int, default=5_000)
+    parser.add_argument("--procrastinate-jobs", type=int, default=2_000)
     parser.add_argument("--repeats", type=int, default=3, help="median over this many runs")
     parser.add_argument("--no-peers", action="store_true", help="skip PgQueuer, procrastinate")
     parser.add_argument("--no-extras", action="store_true", help="skip counters/bus benches")
