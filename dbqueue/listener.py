@@ -20,12 +20,14 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 import sqlalchemy as sa
 
 from dbqueue import store
+
+if TYPE_CHECKING:  # imported when a listener starts: `dbqueue` stays quick to start
+    import psycopg
 
 log = logging.getLogger("dbqueue.listener")
 
@@ -98,6 +100,8 @@ class Listener(threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
+        import psycopg
+
         delay = RECONNECT_FIRST
         lost = False
         while not self._stop_event.is_set():
@@ -132,6 +136,8 @@ class Listener(threading.Thread):
         self.connected.clear()
 
     def _connect(self) -> psycopg.Connection[Any]:
+        import psycopg
+
         conn = psycopg.connect(**self.params)
         self._conn = conn
         conn.execute(f"LISTEN {store.NOTIFY_CHANNEL}")
@@ -148,6 +154,8 @@ class Listener(threading.Thread):
                     self.last_notify = time.monotonic()
                     self.wakeup.set()
             if conn.closed or conn.broken:
+                import psycopg
+
                 raise psycopg.OperationalError("the LISTEN connection was closed")
 
     def _close(self) -> None:
