@@ -118,6 +118,7 @@ def _worker_options(f: Any) -> Any:
             click.option(
                 "--threads",
                 "-t",
+                metavar="T",
                 default=1,
                 show_default=True,
                 type=click.IntRange(1),
