@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dbqueue import bus
+from dbqueue import bus, counters
 from dbqueue.aio import enqueue_async, enqueue_many_async, schedule_async
 from dbqueue.config import Settings, configure, inline
+from dbqueue.counters import async_counter_cache
 from dbqueue.enqueue import (
     delay,
     enqueue,
@@ -40,8 +41,10 @@ __all__ = [
     "Task",
     "TaskNotFound",
     "TaskTimeout",
+    "async_counter_cache",
     "bus",
     "configure",
+    "counters",
     "delay",
     "enqueue",
     "enqueue_async",

@@ -16,7 +16,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from dbqueue import bus, config, database, errors, logs, store, supervisor, worker
+from dbqueue import bus, config, counters, database, errors, logs, store, supervisor, worker
 
 EXIT_CONFIG = 2
 
@@ -617,6 +617,41 @@ def periodic_list(obj: Context, imports: tuple[str, ...]) -> None:
         click.echo(
             f"{entry.name:<{width}}  {entry.schedule:<34}  {last_text:<25}  "
             f"{next_run.isoformat(timespec='seconds')}"
+        )
+
+
+@cli.group("counters")
+def counters_group() -> None:
+    """Counter caches (async_counter_cache): recount them from the rows."""
+
+
+@counters_group.command("reconcile")
+@import_option
+@click.option(
+    "--only",
+    "only",
+    multiple=True,
+    metavar="CHILD.RELATIONSHIP",
+    help="Only this counter, e.g. Comment.post (repeatable). Default: every registered one.",
+)
+@pass_context
+def counters_reconcile(obj: Context, imports: tuple[str, ...], only: tuple[str, ...]) -> None:
+    """Set every counter cache to count(*) of its rows and drop their pending deltas.
+
+    The counters are the ones the --import modules declare with async_counter_cache().
+    """
+    _preflight(obj, imports)
+    chosen = [c for c in counters.registered() if not only or c.name in only]
+    if not chosen:
+        raise errors.ConfigurationError(
+            "no counter caches to reconcile: --import the module that calls "
+            "async_counter_cache()" + (f" (and check --only {', '.join(only)})" if only else "")
+        )
+    engine = obj.settings.get_engine()
+    for counter in chosen:
+        fixed = counters.reconcile_counter(counter, engine=engine)
+        click.echo(
+            f"{counter.parent_table.fullname}.{counter.column} ({counter.name}): {fixed} corrected"
         )
 
 

@@ -7,6 +7,7 @@
     retry     running            -> queued     (run_at = now + backoff)
     fail      running            -> failed
     release   running            -> queued     (claimed but never started: graceful shutdown)
+    release_unique_key  running  -> running    (unique_key dropped: the counter flush)
     rescue    running (dead/expired worker) -> queued, or failed when out of attempts
     cancel    queued             -> cancelled
     requeue   failed/cancelled   -> queued     (`dbqueue retry`, the dashboard)
@@ -201,9 +202,15 @@ def _insert_unique(conn: sa.Connection, task: NewTask, values: Any, replace: boo
         .values(values)
         .on_conflict_do_nothing(
             index_elements=[tasks.c.unique_key],
+            # Literal values, not bound parameters: once psycopg prepares the statement (the
+            # 6th run on a connection), PostgreSQL plans it generically and cannot match a
+            # parameterised predicate to the partial index ("no unique or exclusion
+            # constraint matching the ON CONFLICT specification").
             index_where=sa.and_(
                 tasks.c.unique_key.is_not(None),
-                tasks.c.status.in_((Status.QUEUED.value, Status.RUNNING.value)),
+                tasks.c.status.in_(
+                    [sa.literal_column(f"'{s.value}'") for s in (Status.QUEUED, Status.RUNNING)]
+                ),
             ),
         )
         .returning(tasks.c.id)
@@ -584,6 +591,21 @@ def release_unknown(conn: sa.Connection, worker: str, keep: set[int]) -> int:
         attempts=tasks.c.attempts - 1,
     )
     return int(conn.execute(stmt).rowcount)
+
+
+def release_unique_key(conn: sa.Connection, unique_key: str) -> list[int]:
+    """running -> running without its unique_key: the next enqueue with the key queues anew.
+
+    For a task that has started reading what it was enqueued for (the counter flush): a
+    later enqueue must not count on this run. Returns the ids of the tasks changed.
+    """
+    stmt = (
+        sa.update(tasks)
+        .where(tasks.c.unique_key == unique_key, tasks.c.status == Status.RUNNING.value)
+        .values(unique_key=None)
+        .returning(tasks.c.id)
+    )
+    return [int(r[0]) for r in conn.execute(stmt)]
 
 
 def rescue(conn: sa.Connection, dead_workers: Sequence[str], reason: str) -> list[int]:
