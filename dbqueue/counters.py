@@ -27,6 +27,7 @@ import dataclasses
 import decimal
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -42,8 +43,12 @@ log = logging.getLogger("dbqueue.counters")
 
 DEFAULT_QUEUE = "counter_caches"
 FLUSH_BATCH = 10_000  # deltas one flush applies; it enqueues a successor for the rest
-LOCK_TIMEOUT_MS = 2000  # how long a flush waits for writers in flight before retrying later
+# How long a flush or a recount waits for a lock (writers in flight, the parent row) before it
+# gives up and tries again later. Below PostgreSQL's deadlock_timeout (1 s by default), so in a
+# lock cycle with an application transaction the flush gives way, never the application.
+LOCK_TIMEOUT_MS = 500
 RECONCILE_BATCH = 200  # parent rows recounted per transaction
+RECONCILE_TRIES = 50  # attempts at one batch whose locks keep timing out
 
 # Advisory-lock namespace (the two-int form, so it cannot collide with one-bigint locks).
 _LOCK_NAMESPACE = 0x64627163  # "dbqc"
@@ -278,10 +283,6 @@ class Delta:
     delta: int
     queue: str = DEFAULT_QUEUE
 
-    @property
-    def unique_key(self) -> str:
-        return unique_key(self.table, self.row_id, self.column)
-
 
 def unique_key(table: str, row_id: str, column: str) -> str:
     """The flush task's unique_key: one queued flush per counter."""
@@ -304,9 +305,7 @@ def write(conn: sa.Connection, deltas: Sequence[Delta]) -> None:
     if not deltas:
         return
     deltas = sorted(deltas, key=lambda d: (d.table, d.row_id, d.column))
-    if conn.dialect.name == "postgresql":
-        for key in sorted({_lock_key(d.table, d.row_id, d.column) for d in deltas}):
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock_shared(_LOCK_NAMESPACE, key)))
+    lock_shared(conn, [(d.table, d.row_id, d.column) for d in deltas])
     insert_deltas(conn, deltas)
     settings = config.current()
     for d in deltas:
@@ -328,6 +327,29 @@ def _enqueue_flush(conn: sa.Connection, table: str, row_id: str, column: str, qu
     )
 
 
+def lock_shared(conn: sa.Connection, counters: Iterable[tuple[str, str, str]]) -> None:
+    """PostgreSQL: mark this transaction as a writer of these counters, until it ends.
+
+    Writers share the lock, so they never wait for one another; a flush waits for them.
+    """
+    if conn.dialect.name != "postgresql":
+        return  # SQLite: the writer's write lock, held until commit, does the same
+    for key in sorted({_lock_key(*c) for c in counters}):
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock_shared(_LOCK_NAMESPACE, key)))
+
+
+def lock_exclusive(conn: sa.Connection, counters: Iterable[tuple[str, str, str]]) -> None:
+    """PostgreSQL: wait until no writer of these counters is in flight, and keep them out.
+
+    Held to the end of the transaction; gives up after LOCK_TIMEOUT_MS (LockNotAvailable).
+    """
+    if conn.dialect.name != "postgresql":
+        return  # SQLite: the transaction's write lock already excludes every writer
+    conn.execute(sa.text(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}"))
+    for key in sorted({_lock_key(*c) for c in counters}):
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCK_NAMESPACE, key)))
+
+
 def _lock_key(table: str, row_id: str, column: str) -> int:
     digest = hashlib.blake2b(f"{table}\0{row_id}\0{column}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big", signed=True)
@@ -346,10 +368,11 @@ def insert_deltas(conn: sa.Connection, deltas: Sequence[Delta]) -> None:
 
 def _remember_model(table: sa.Table, cls: type) -> None:
     """Note which class maps a parent table, so flush tasks can name it to the worker."""
-    try:
-        _models.setdefault(table.fullname, serializer.handler_name(cls))
-    except errors.EnqueueError:  # defined in __main__: the worker reflects the table instead
-        pass
+    # A class of the main script (`__mp_main__` in multiprocessing children) is not importable
+    # by a worker: the worker reflects the table instead.
+    if cls.__module__ in ("__main__", "__mp_main__"):
+        return
+    _models.setdefault(table.fullname, serializer.handler_name(cls))
 
 
 def _resolve(model: Any) -> sa.Table:
@@ -416,10 +439,7 @@ def flush(
     """
     engine = config.current().get_engine()
     with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.text(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}"))
-            key = _lock_key(table, row_id, column)
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCK_NAMESPACE, key)))
+        lock_exclusive(conn, [(table, row_id, column)])
         store.release_unique_key(conn, unique_key(table, row_id, column))
         total, count = take(conn, table, row_id, column, FLUSH_BATCH)
         if total:
@@ -571,13 +591,26 @@ def reconcile_counter(
     engine = engine or config.current().get_engine()
     fixed = 0
     last: Any = None
+    tries = 0
     while True:
-        with engine.begin() as conn:
-            pks = parent_ids(conn, counter, last, batch_size)
-            if not pks:
-                return fixed
-            fixed += recount(conn, counter, pks)
+        try:
+            with engine.begin() as conn:
+                pks = parent_ids(conn, counter, last, batch_size)
+                if not pks:
+                    return fixed
+                fixed += recount(conn, counter, pks)
+        except sa.exc.OperationalError as exc:
+            tries += 1
+            if not _lock_timed_out(exc) or tries > RECONCILE_TRIES:
+                raise
+            time.sleep(0.1 * tries)  # writers were in flight: let them commit, try the batch again
+            continue
+        tries = 0
         last = pks[-1]
+
+
+def _lock_timed_out(exc: sa.exc.OperationalError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
 
 
 def parent_ids(conn: sa.Connection, counter: Counter, after: Any, limit: int) -> list[Any]:
@@ -593,9 +626,7 @@ def recount(conn: sa.Connection, counter: Counter, pks: Sequence[Any]) -> int:
     """Set the counter of these parents from count(*) and drop their pending deltas."""
     table, column = counter.parent_table.fullname, counter.column
     row_ids = [row_id_text(pk) for pk in pks]
-    if conn.dialect.name == "postgresql":
-        for key in sorted({_lock_key(table, r, column) for r in row_ids}):
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCK_NAMESPACE, key)))
+    lock_exclusive(conn, [(table, r, column) for r in row_ids])
     child_table = counter.fk_column.table
     actual = (
         sa.select(sa.func.count())

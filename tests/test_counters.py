@@ -292,8 +292,9 @@ def test_a_delta_written_while_its_flush_runs_gets_a_new_flush(models):
     assert db.scalar("SELECT count(*) FROM counter_deltas") == 0
 
 
-def test_flush_waits_for_a_writer_in_flight(models):
+def test_flush_waits_for_a_writer_in_flight(models, monkeypatch):
     db = models
+    monkeypatch.setattr(counters, "LOCK_TIMEOUT_MS", 20_000)  # wait here rather than retry
     post_id = new_post(db)
     add_comments(db, post_id, 1)
     writer = session(db)
@@ -330,6 +331,7 @@ def test_writer_processes_and_a_worker_keep_the_hot_counter_exact(models):
         "--sleep-delay",
         "0.1",
     )
+    db.wait_for("SELECT count(*) FROM workers", 2, timeout=60)  # flushing before writes start
     writers = [
         subprocess.Popen(
             [
@@ -346,7 +348,19 @@ def test_writer_processes_and_a_worker_keep_the_hot_counter_exact(models):
         )
         for seed in range(4)
     ]
+    # counter + pending deltas = count(*) in every committed state, sampled in one statement.
+    drift = sa.text(
+        "SELECT (SELECT comments_count FROM posts WHERE id = :id)"
+        " + (SELECT coalesce(sum(delta), 0) FROM counter_deltas WHERE row_id = :rid"
+        "    AND column_name = 'comments_count')"
+        " - (SELECT count(*) FROM comments WHERE post_id = :id)"
+    )
+    samples = []
     try:
+        while any(w.poll() is None for w in writers):
+            with db.engine.connect() as conn:
+                samples.append(conn.execute(drift, {"id": post_id, "rid": str(post_id)}).scalar())
+            time.sleep(0.05)
         for w in writers:
             assert w.wait(240) == 0
         db.wait_for("SELECT count(*) FROM counter_deltas", 0, timeout=60)
@@ -360,3 +374,37 @@ def test_writer_processes_and_a_worker_keep_the_hot_counter_exact(models):
     assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'failed'") == 0
     assert comments_count(db, post_id) == total
     assert db.scalar(FLUSHES) > 1  # many flushes ran while the writers wrote
+    assert len(samples) > 10 and set(samples) == {0}
+
+
+def test_a_lock_cycle_with_the_application_costs_the_flush_not_the_writer(models):
+    """The writer updates the post, then adds a comment; a flush between them holds the lock."""
+    db = models
+    post_id = new_post(db)
+    add_comments(db, post_id, 1)
+    writer = session(db)
+    writer.begin()
+    writer.get(m.Post, post_id).title = "edited"
+    writer.flush()  # the writer holds the post row
+    outcome: list[object] = []
+
+    def run_flush():
+        try:
+            outcome.append(counters.flush("posts", str(post_id), "comments_count"))
+        except sa.exc.OperationalError as exc:
+            outcome.append(exc)
+
+    flusher = threading.Thread(target=run_flush)
+    flusher.start()
+    time.sleep(0.2)  # the flush holds the counter's lock and waits for the post row
+    writer.add(m.Comment(post_id=post_id))
+    writer.commit()  # the writer is never the one that fails
+    writer.close()
+    flusher.join(30)
+    if db.kind == "postgresql":
+        assert "lock timeout" in str(outcome[0])  # retried later by the worker
+    else:
+        assert outcome == [2]  # SQLite: the flush waited for the writer to commit
+    work_off(db)
+    assert comments_count(db, post_id) == 2
+    assert db.scalar("SELECT title FROM posts") == "edited"
