@@ -408,3 +408,54 @@ def test_a_lock_cycle_with_the_application_costs_the_flush_not_the_writer(models
     work_off(db)
     assert comments_count(db, post_id) == 2
     assert db.scalar("SELECT title FROM posts") == "edited"
+
+
+def insert_deltas(db, post_id: int, n: int) -> None:
+    with db.engine.begin() as conn:
+        counters.insert_deltas(
+            conn, [counters.Delta("posts", str(post_id), "comments_count", 1)] * n
+        )
+
+
+def test_concurrent_flushes_apply_each_delta_once(models):
+    db = models
+    post_id = new_post(db)
+    insert_deltas(db, post_id, 50)
+    results: list[int] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(counters.flush("posts", str(post_id), "comments_count"))
+        )
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results, reverse=True)[:1] == [50] and sum(results) == 50
+    assert comments_count(db, post_id) == 50
+
+
+def test_a_long_backlog_is_applied_in_batches(models, monkeypatch):
+    db = models
+    monkeypatch.setattr(counters, "FLUSH_BATCH", 3)
+    post_id = new_post(db)
+    insert_deltas(db, post_id, 7)
+    assert counters.flush("posts", str(post_id), "comments_count") == 3
+    assert db.scalar(QUEUED_FLUSHES) == 1  # a successor for the rest
+    assert work_off(db).succeeded == 2
+    assert comments_count(db, post_id) == 7
+    assert db.scalar("SELECT count(*) FROM counter_deltas") == 0
+
+
+def test_deltas_of_a_deleted_parent_are_dropped(models):
+    db = models
+    post_id = new_post(db)
+    add_comments(db, post_id, 2)
+    with session(db) as s, s.begin():
+        for comment in s.scalars(sa.select(m.Comment)):
+            s.delete(comment)
+        s.flush()
+        s.delete(s.get(m.Post, post_id))
+    assert work_off(db).succeeded == 1
+    assert db.scalar("SELECT count(*) FROM counter_deltas") == 0
