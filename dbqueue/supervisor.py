@@ -12,9 +12,9 @@ import dataclasses
 import importlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.process
 import os
-import queue as queue_module
 import signal
 import sys
 import time
@@ -109,7 +109,7 @@ def child_main(spec: ChildSpec, name: str, progress: Any) -> None:
 
     def report(summary: worker.Summary) -> None:
         if progress is not None:
-            progress.put(
+            progress.send(
                 (
                     summary.succeeded - last.succeeded,
                     summary.retried - last.retried,
@@ -184,7 +184,9 @@ class Supervisor:
         self.grace = grace
         self.on_progress = on_progress
         self.context = multiprocessing.get_context("spawn")
-        self.progress: Any = self.context.Queue()
+        # One pipe per child, never a shared Queue: a child SIGKILLed while writing to a shared
+        # Queue leaves its lock held, and every other process then blocks on it forever.
+        self.pipes: dict[str, Any] = {}
         self.children: dict[str, multiprocessing.process.BaseProcess] = {}
         self.summary = worker.Summary()
         self.stopping = False
@@ -193,12 +195,15 @@ class Supervisor:
         self.settings = config.Settings(database_url=spec.database_url)
 
     def _start_child(self) -> None:
-        name = worker.worker_name() + f":{len(self.children)}"
+        name = worker.worker_name()
+        reader, writer = self.context.Pipe(duplex=False)
         process = self.context.Process(
-            target=child_main, args=(self.spec, name, self.progress), name=name, daemon=False
+            target=child_main, args=(self.spec, name, writer), name=name, daemon=False
         )
         process.start()
+        writer.close()
         self.children[name] = process
+        self.pipes[name] = reader
 
     def _signals(self) -> None:
         def stop(signum: int, frame: Any) -> None:
@@ -237,7 +242,10 @@ class Supervisor:
                     if process.pid:
                         os.kill(process.pid, signal.SIGKILL)
                 self.stop_deadline = float("inf")
-        self._drain_progress(timeout=0)
+        for _ in range(50):  # every child has exited: read what their pipes still hold
+            if not self.pipes:
+                break
+            self._drain_progress(timeout=0.1)
         return self.summary
 
     def _reap(self, name: str, exitcode: int | None) -> None:
@@ -260,6 +268,12 @@ class Supervisor:
             time.sleep(min(5.0, 0.1 * 2 ** min(self.crashes, 6)))
         self._start_child()
 
+    def _close_pipe(self, reader: Any) -> None:
+        for name, pipe in list(self.pipes.items()):
+            if pipe is reader:
+                del self.pipes[name]
+        reader.close()
+
     def _rescue(self, name: str, reason: str) -> list[int]:
         try:
             with self.settings.get_engine().begin() as conn:
@@ -272,15 +286,20 @@ class Supervisor:
 
     def _drain_progress(self, timeout: float) -> None:
         changed = False
-        try:
-            while True:
-                s, r, f = self.progress.get(timeout=timeout)
-                self.summary.succeeded += s
-                self.summary.retried += r
-                self.summary.failed += f
-                changed = True
-                timeout = 0
-        except (queue_module.Empty, OSError, EOFError):
-            pass
+        readers = list(self.pipes.values())
+        ready = multiprocessing.connection.wait(readers, timeout) if readers else []
+        if not readers:
+            time.sleep(timeout)
+        for reader in ready:
+            assert isinstance(reader, multiprocessing.connection.Connection)
+            try:
+                while reader.poll():
+                    s, r, f = reader.recv()
+                    self.summary.succeeded += s
+                    self.summary.retried += r
+                    self.summary.failed += f
+                    changed = True
+            except (EOFError, OSError):  # the child exited: its pipe is done
+                self._close_pipe(reader)
         if changed and self.on_progress is not None:
             self.on_progress(self.summary)
