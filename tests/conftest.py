@@ -84,7 +84,13 @@ class Background(subprocess.Popen[str]):
 
     def __init__(self, command: list[str], **kwargs: Any) -> None:
         super().__init__(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            **kwargs,
         )
         self._out: list[str] = []
         self._err: list[str] = []

@@ -97,11 +97,21 @@ def test_dead_worker_on_another_host_is_rescued_by_heartbeat(db):
 @pytest.mark.timeout(600)
 def test_kill_storm_loses_nothing_and_bounds_duplicates(db):
     """R1, scaled to CI: SIGKILL worker processes again and again while tasks flow."""
-    tasks, kills_wanted = 400, 12
+    tasks, kills_wanted = 1000, 12
     make_runs_table(db)
-    dbqueue.enqueue_many(jobs.probe, [(db.url, f"t{i}", 20) for i in range(tasks)], max_attempts=25)
+    dbqueue.enqueue_many(jobs.probe, [(db.url, f"t{i}", 50) for i in range(tasks)], max_attempts=25)
     supervisors = [
-        db.popen("work", "--import", "tests.jobs", "-c", "2", "--rescue-after", "5")
+        db.popen(
+            "--log-level",
+            "WARNING",
+            "work",
+            "--import",
+            "tests.jobs",
+            "-c",
+            "2",
+            "--rescue-after",
+            "5",
+        )
         for _ in range(2)
     ]
     kills, in_flight, recoveries = 0, 0, []
@@ -113,7 +123,7 @@ def test_kill_storm_loses_nothing_and_bounds_duplicates(db):
             left = db.scalar("SELECT count(*) FROM tasks WHERE status <> 'succeeded'")
             if left == 0:
                 break
-            time.sleep(rng.uniform(0.3, 1.0))
+            time.sleep(rng.uniform(0.2, 0.6))
             if kills >= kills_wanted:
                 continue
             alive = worker_pids(db)
