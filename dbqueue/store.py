@@ -464,19 +464,6 @@ def _holds(conn: sa.Connection, outcome: Outcome) -> bool:
     return row is not None
 
 
-def owns(conn: sa.Connection, worker: str, task_id: int, attempts: int) -> bool:
-    """Whether `worker` still holds this run of the task."""
-    row = conn.execute(
-        sa.select(tasks.c.id).where(
-            tasks.c.id == task_id,
-            tasks.c.status == Status.RUNNING.value,
-            tasks.c.locked_by == worker,
-            tasks.c.attempts == attempts,
-        )
-    ).first()
-    return row is not None
-
-
 _COMPLETE_MANY_PG = sa.text(
     """
     UPDATE tasks
@@ -524,16 +511,26 @@ def complete(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> i
 
 def retry(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
     """running -> queued again, `retry_in` seconds from now, keeping the exception."""
+    return _end_run(
+        conn,
+        worker,
+        outcomes,
+        status=Status.QUEUED.value,
+        run_at=db_now(sa.bindparam("retry_in", type_=sa.Float)),
+    )
+
+
+def _end_run(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome], **values: Any) -> int:
+    """The fenced UPDATE that ends a run with an exception (retry or fail)."""
     stmt = (
         sa.update(tasks)
         .where(_fence(worker))
         .values(
-            status=Status.QUEUED.value,
             exception=sa.bindparam("new_exception", type_=sa.LargeBinary),
             error=sa.bindparam("new_error", type_=sa.Text),
             locked_by=None,
             locked_at=None,
-            run_at=db_now(sa.bindparam("retry_in", type_=sa.Float)),
+            **values,
         )
     )
     return _execute_fenced(conn, stmt, worker, outcomes)
@@ -541,19 +538,7 @@ def retry(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
 
 def fail(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
     """running -> failed (final), keeping the exception and the readable error."""
-    stmt = (
-        sa.update(tasks)
-        .where(_fence(worker))
-        .values(
-            status=Status.FAILED.value,
-            exception=sa.bindparam("new_exception", type_=sa.LargeBinary),
-            error=sa.bindparam("new_error", type_=sa.Text),
-            locked_by=None,
-            locked_at=None,
-            finished_at=db_now(),
-        )
-    )
-    return _execute_fenced(conn, stmt, worker, outcomes)
+    return _end_run(conn, worker, outcomes, status=Status.FAILED.value, finished_at=db_now())
 
 
 def release(conn: sa.Connection, worker: str, claimed: Sequence[tuple[int, int]]) -> int:
