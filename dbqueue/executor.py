@@ -178,6 +178,10 @@ def _store_exception(
 def _store_result(
     settings: config.Settings, handler: str, value: Any
 ) -> tuple[bytes | None, str | None]:
+    """Signed pickle of the return value; None for None (most tasks return nothing), which the
+    row stores as NULL and Task.result reads back as None, so there is nothing to sign."""
+    if value is None:
+        return None, None
     try:
         body = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as why:

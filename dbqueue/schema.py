@@ -43,6 +43,28 @@ STATUSES = tuple(s.value for s in Status)
 FINISHED = (Status.SUCCEEDED.value, Status.FAILED.value, Status.CANCELLED.value)
 
 
+def status_is(*statuses: str) -> sa.ColumnElement[bool]:
+    """`tasks.status = 'queued'` (or `IN (...)`) with the statuses as SQL literals, never
+    bound parameters.
+
+    The partial indexes are defined on literal statuses, and a planner can only match a
+    predicate it can see: once psycopg prepares a statement (its 6th run on a connection),
+    PostgreSQL may switch to a generic plan in which `status = $1` matches no partial index,
+    and the claim becomes a sequential scan and sort of the whole table (measured: 7 ms
+    instead of 1.5 ms with 20,000 rows, growing with history). SQLite never uses a partial
+    index for a parameterised term either.
+    """
+    unknown = set(statuses) - set(STATUSES)
+    if unknown or not statuses:
+        raise ValueError(f"unknown task status(es): {sorted(unknown)}")
+    literals: list[sa.ColumnElement[Any]] = [
+        sa.literal_column(f"'{Status(s).value}'") for s in statuses
+    ]
+    if len(literals) == 1:
+        return tasks.c.status == literals[0]
+    return tasks.c.status.in_(literals)
+
+
 class UTCDateTime(TypeDecorator[dt.datetime]):
     """Timezone-aware datetimes everywhere; stored as naive UTC text on SQLite.
 

@@ -38,13 +38,26 @@ class Keyring:
 
     @staticmethod
     def key_id(key: bytes) -> bytes:
-        return hashlib.sha256(b"dbqueue-key-id" + key).digest()[:8]
+        return _key_id(key)
 
     def find(self, key_id: bytes) -> bytes | None:
         for key in (self.current, *self.fallbacks):
-            if hmac.compare_digest(self.key_id(key), key_id):
+            if hmac.compare_digest(_key_id(key), key_id):
                 return key
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _key_id(key: bytes) -> bytes:
+    # Cached: signing and verifying each task would otherwise hash every key again.
+    return hashlib.sha256(b"dbqueue-key-id" + key).digest()[:8]
+
+
+@functools.lru_cache(maxsize=64)
+def _keyed(key: bytes) -> Any:
+    """An HMAC already keyed and fed the constant prefix; each MAC starts from a copy of it,
+    which skips re-deriving the padded key for every task (measured: a third of a MAC)."""
+    return hmac.new(key, b"dbqueue\0", hashlib.sha256)
 
 
 def default_key_file() -> Path:
@@ -101,15 +114,16 @@ def load_keyring(
 
 
 def _mac(key: bytes, purpose: str, handler: str, key_id: bytes, body: bytes) -> bytes:
-    message = b"".join(
-        (b"dbqueue\0", purpose.encode(), b"\0", handler.encode(), b"\0", VERSION, key_id, body)
-    )
-    return hmac.new(key, message, hashlib.sha256).digest()
+    mac = _keyed(key).copy()
+    mac.update(b"".join((purpose.encode(), b"\0", handler.encode(), b"\0", VERSION, key_id)))
+    mac.update(body)
+    digest: bytes = mac.digest()
+    return digest
 
 
 def sign(keyring: Keyring, purpose: str, handler: str, body: bytes) -> bytes:
     """Wrap a pickle in an envelope signed with the current key."""
-    key_id = Keyring.key_id(keyring.current)
+    key_id = _key_id(keyring.current)
     return VERSION + key_id + _mac(keyring.current, purpose, handler, key_id, body) + body
 
 

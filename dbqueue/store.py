@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
+import operator
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -32,7 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from dbqueue.schema import FINISHED, Status, UTCDateTime, db_now, tasks, workers
+from dbqueue.schema import FINISHED, Status, UTCDateTime, db_now, status_is, tasks, workers
 
 log = logging.getLogger("dbqueue.store")
 
@@ -202,15 +204,11 @@ def _insert_unique(conn: sa.Connection, task: NewTask, values: Any, replace: boo
         .values(values)
         .on_conflict_do_nothing(
             index_elements=[tasks.c.unique_key],
-            # Literal values, not bound parameters: once psycopg prepares the statement (the
-            # 6th run on a connection), PostgreSQL plans it generically and cannot match a
-            # parameterised predicate to the partial index ("no unique or exclusion
+            # Literal statuses (status_is): a prepared statement's generic plan could not
+            # match a parameterised predicate to the partial index ("no unique or exclusion
             # constraint matching the ON CONFLICT specification").
             index_where=sa.and_(
-                tasks.c.unique_key.is_not(None),
-                tasks.c.status.in_(
-                    [sa.literal_column(f"'{s.value}'") for s in (Status.QUEUED, Status.RUNNING)]
-                ),
+                tasks.c.unique_key.is_not(None), status_is(Status.QUEUED, Status.RUNNING)
             ),
         )
         .returning(tasks.c.id)
@@ -221,7 +219,7 @@ def _insert_unique(conn: sa.Connection, task: NewTask, values: Any, replace: boo
     existing = conn.execute(
         sa.select(tasks.c.id, tasks.c.status).where(
             tasks.c.unique_key == task.unique_key,
-            tasks.c.status.in_((Status.QUEUED.value, Status.RUNNING.value)),
+            status_is(Status.QUEUED, Status.RUNNING),
         )
     ).one_or_none()
     if existing is None:  # finished between our insert and select: try once more
@@ -229,7 +227,7 @@ def _insert_unique(conn: sa.Connection, task: NewTask, values: Any, replace: boo
     if replace and existing.status == Status.QUEUED.value:
         conn.execute(
             sa.update(tasks)
-            .where(tasks.c.id == existing.id, tasks.c.status == Status.QUEUED.value)
+            .where(tasks.c.id == existing.id, status_is(Status.QUEUED))
             .values(
                 payload=task.payload,
                 handler=task.handler,
@@ -309,32 +307,43 @@ def claim(
     (https://www.postgresql.org/docs/current/sql-select.html#SQL-FOR-UPDATE-SHARE).
     SQLite: the caller's transaction began with BEGIN IMMEDIATE, so one claimer at a time.
     """
+    stmt = _claim_statement(tuple(queues) if queues else None)
+    rows = list(conn.execute(stmt, {"claim_limit": limit, "claim_worker": worker}).all())
+    rows.sort(key=_CLAIM_ORDER)  # RETURNING comes in no particular order
+    return rows
+
+
+_CLAIM_ORDER = operator.itemgetter(2, 3, 0)  # priority, run_at, id in CLAIM_COLUMNS
+
+
+@functools.lru_cache(maxsize=32)
+def _claim_statement(queues: tuple[str, ...] | None) -> Any:
+    """The claim, built once per set of queues: building the construct and its cache key on
+    every call cost more client time than the database spent running it (measured: 1.6 ms
+    of 2.3 ms per claim of 100)."""
     candidates = (
         sa.select(tasks.c.id)
-        .where(tasks.c.status == Status.QUEUED.value, tasks.c.run_at <= db_now())
+        .where(status_is(Status.QUEUED), tasks.c.run_at <= db_now())
         .order_by(tasks.c.priority, tasks.c.run_at, tasks.c.id)
-        .limit(limit)
+        .limit(sa.bindparam("claim_limit", type_=sa.Integer))
         .with_for_update(skip_locked=True)
     )
     if queues:
         candidates = candidates.where(tasks.c.queue.in_(list(queues)))
     fenced = candidates.cte("claimable").prefix_with("MATERIALIZED", dialect="postgresql")
     now = db_now()
-    stmt = (
+    return (
         sa.update(tasks)
         .where(tasks.c.id.in_(sa.select(fenced.c.id)))
         .values(
             status=Status.RUNNING.value,
-            locked_by=worker,
+            locked_by=sa.bindparam("claim_worker", type_=sa.String),
             locked_at=now,
             started_at=now,
             attempts=tasks.c.attempts + 1,
         )
         .returning(*CLAIM_COLUMNS)
     )
-    rows = list(conn.execute(stmt))
-    rows.sort(key=lambda r: (r.priority, r.run_at, r.id))
-    return rows
 
 
 def claim_by_id(conn: sa.Connection, worker: str, task_id: int) -> list[sa.Row[Any]]:
@@ -342,7 +351,7 @@ def claim_by_id(conn: sa.Connection, worker: str, task_id: int) -> list[sa.Row[A
     now = db_now()
     stmt = (
         sa.update(tasks)
-        .where(tasks.c.id == task_id, tasks.c.status == Status.QUEUED.value)
+        .where(tasks.c.id == task_id, status_is(Status.QUEUED))
         .values(
             status=Status.RUNNING.value,
             locked_by=worker,
@@ -358,7 +367,7 @@ def claim_by_id(conn: sa.Connection, worker: str, task_id: int) -> list[sa.Row[A
 def _fence(worker: str) -> Any:
     return sa.and_(
         tasks.c.id == sa.bindparam("task_id"),
-        tasks.c.status == Status.RUNNING.value,
+        status_is(Status.RUNNING),
         tasks.c.locked_by == worker,
         tasks.c.attempts == sa.bindparam("task_attempts"),
     )
@@ -456,7 +465,7 @@ def _holds(conn: sa.Connection, outcome: Outcome) -> bool:
     row = conn.execute(
         sa.select(tasks.c.id).where(
             tasks.c.id == outcome.id,
-            tasks.c.status == outcome.status.value,
+            status_is(outcome.status),
             tasks.c.attempts == outcome.attempts,
             tasks.c.locked_by.is_(None),
         )
@@ -477,6 +486,20 @@ _COMPLETE_MANY_PG = sa.text(
     """
 )
 
+# The usual batch: tasks that returned None with nothing to note, so no result or error
+# arrays to send (building and parsing two arrays of NULLs was a fifth of the statement).
+_COMPLETE_MANY_BARE_PG = sa.text(
+    """
+    UPDATE tasks
+    SET status = 'succeeded', result = NULL, error = NULL,
+        locked_by = NULL, locked_at = NULL, finished_at = clock_timestamp()
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])) AS o(id, attempts)
+    WHERE tasks.id = o.id AND tasks.status = 'running' AND tasks.locked_by = :worker
+      AND tasks.attempts = o.attempts
+    RETURNING tasks.id
+    """
+)
+
 
 def complete(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
     """running -> succeeded, storing each result.
@@ -485,14 +508,18 @@ def complete(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> i
     fenced like the rest; a batch of executemany UPDATEs costs the server one statement each.
     """
     if len(outcomes) > 1 and conn.dialect.name == "postgresql":
-        params = {
+        params: dict[str, Any] = {
             "ids": [o.id for o in outcomes],
             "attempts": [o.attempts for o in outcomes],
-            "results": [o.result for o in outcomes],
-            "errors": [o.error for o in outcomes],
             "worker": worker,
         }
-        landed = {r[0] for r in conn.execute(_COMPLETE_MANY_PG, params)}
+        if all(o.result is None and o.error is None for o in outcomes):
+            statement = _COMPLETE_MANY_BARE_PG
+        else:
+            statement = _COMPLETE_MANY_PG
+            params["results"] = [o.result for o in outcomes]
+            params["errors"] = [o.error for o in outcomes]
+        landed = {r[0] for r in conn.execute(statement, params)}
         return _written(conn, worker, outcomes, len(landed), landed)
     stmt = (
         sa.update(tasks)
@@ -563,9 +590,7 @@ def release(conn: sa.Connection, worker: str, claimed: Sequence[tuple[int, int]]
 def release_unknown(conn: sa.Connection, worker: str, keep: set[int]) -> int:
     """running -> queued for this live worker's rows it does not know it holds (a claim whose
     commit reply was lost), the attempt given back; `keep` are the tasks it does run."""
-    stmt = sa.update(tasks).where(
-        tasks.c.status == Status.RUNNING.value, tasks.c.locked_by == worker
-    )
+    stmt = sa.update(tasks).where(status_is(Status.RUNNING), tasks.c.locked_by == worker)
     if keep:
         stmt = stmt.where(tasks.c.id.not_in(sorted(keep)))
     stmt = stmt.values(
@@ -586,7 +611,7 @@ def release_unique_key(conn: sa.Connection, unique_key: str) -> list[int]:
     """
     stmt = (
         sa.update(tasks)
-        .where(tasks.c.unique_key == unique_key, tasks.c.status == Status.RUNNING.value)
+        .where(tasks.c.unique_key == unique_key, status_is(Status.RUNNING))
         .values(unique_key=None)
         .returning(tasks.c.id)
     )
@@ -600,7 +625,7 @@ def rescue(conn: sa.Connection, dead_workers: Sequence[str], reason: str) -> lis
     out_of_attempts = tasks.c.attempts >= tasks.c.max_attempts
     stmt = (
         sa.update(tasks)
-        .where(tasks.c.status == Status.RUNNING.value, tasks.c.locked_by.in_(list(dead_workers)))
+        .where(status_is(Status.RUNNING), tasks.c.locked_by.in_(list(dead_workers)))
         .values(
             status=sa.case((out_of_attempts, Status.FAILED.value), else_=Status.QUEUED.value),
             error=sa.literal(reason),
@@ -618,7 +643,7 @@ def cancel(conn: sa.Connection, task_ids: Sequence[int]) -> int:
     """queued -> cancelled."""
     stmt = (
         sa.update(tasks)
-        .where(tasks.c.id.in_(list(task_ids)), tasks.c.status == Status.QUEUED.value)
+        .where(tasks.c.id.in_(list(task_ids)), status_is(Status.QUEUED))
         .values(status=Status.CANCELLED.value, finished_at=db_now())
     )
     return int(conn.execute(stmt).rowcount)
@@ -632,11 +657,11 @@ def requeue(
     queues: Sequence[str] | None = None,
 ) -> int:
     """failed/cancelled -> queued now, with a fresh set of attempts."""
-    stmt = sa.update(tasks).where(tasks.c.status.in_((Status.FAILED.value, Status.CANCELLED.value)))
+    stmt = sa.update(tasks).where(status_is(Status.FAILED, Status.CANCELLED))
     if task_ids is not None:
         stmt = stmt.where(tasks.c.id.in_(list(task_ids)))
     elif all_failed:
-        stmt = stmt.where(tasks.c.status == Status.FAILED.value)
+        stmt = stmt.where(status_is(Status.FAILED))
     else:
         return 0
     if queues:
@@ -647,7 +672,7 @@ def requeue(
 
 def clear(conn: sa.Connection, queues: Sequence[str] | None = None) -> int:
     """Delete queued tasks (of some queues, or all)."""
-    stmt = sa.delete(tasks).where(tasks.c.status == Status.QUEUED.value)
+    stmt = sa.delete(tasks).where(status_is(Status.QUEUED))
     if queues:
         stmt = stmt.where(tasks.c.queue.in_(list(queues)))
     return int(conn.execute(stmt).rowcount)
@@ -655,9 +680,7 @@ def clear(conn: sa.Connection, queues: Sequence[str] | None = None) -> int:
 
 def delete(conn: sa.Connection, task_ids: Sequence[int]) -> int:
     """Delete tasks that are not running."""
-    stmt = sa.delete(tasks).where(
-        tasks.c.id.in_(list(task_ids)), tasks.c.status != Status.RUNNING.value
-    )
+    stmt = sa.delete(tasks).where(tasks.c.id.in_(list(task_ids)), ~status_is(Status.RUNNING))
     return int(conn.execute(stmt).rowcount)
 
 
@@ -666,7 +689,7 @@ def prune(conn: sa.Connection, older_than_seconds: float, batch: int = 5000) -> 
     doomed = (
         sa.select(tasks.c.id)
         .where(
-            tasks.c.status.in_(FINISHED),
+            status_is(*FINISHED),
             tasks.c.finished_at < db_now(-float(older_than_seconds)),
         )
         .limit(batch)
@@ -697,9 +720,7 @@ def counts(conn: sa.Connection) -> list[sa.Row[Any]]:
 
 def ready_count(conn: sa.Connection, queues: Sequence[str] | None = None) -> int:
     """Queued tasks whose run_at has come."""
-    stmt = sa.select(sa.func.count()).where(
-        tasks.c.status == Status.QUEUED.value, tasks.c.run_at <= db_now()
-    )
+    stmt = sa.select(sa.func.count()).where(status_is(Status.QUEUED), tasks.c.run_at <= db_now())
     if queues:
         stmt = stmt.where(tasks.c.queue.in_(list(queues)))
     return int(conn.execute(stmt).scalar_one())
@@ -707,9 +728,7 @@ def ready_count(conn: sa.Connection, queues: Sequence[str] | None = None) -> int
 
 def seconds_until_next(conn: sa.Connection, queues: Sequence[str] | None = None) -> float | None:
     """Seconds until the earliest queued task becomes ready (0 if one is ready); None if none."""
-    stmt = sa.select(sa.func.min(tasks.c.run_at), db_now()).where(
-        tasks.c.status == Status.QUEUED.value
-    )
+    stmt = sa.select(sa.func.min(tasks.c.run_at), db_now()).where(status_is(Status.QUEUED))
     if queues:
         stmt = stmt.where(tasks.c.queue.in_(list(queues)))
     earliest, now = conn.execute(stmt).one()
@@ -772,7 +791,7 @@ def orphaned_owners(conn: sa.Connection) -> list[str]:
     stmt = (
         sa.select(tasks.c.locked_by)
         .where(
-            tasks.c.status == Status.RUNNING.value,
+            status_is(Status.RUNNING),
             tasks.c.locked_by.is_not(None),
             ~sa.exists().where(workers.c.name == tasks.c.locked_by),
         )
@@ -783,7 +802,7 @@ def orphaned_owners(conn: sa.Connection) -> list[str]:
 
 def running_tasks(conn: sa.Connection, worker: str | None = None) -> list[sa.Row[Any]]:
     stmt = sa.select(tasks.c.id, tasks.c.locked_by, tasks.c.attempts).where(
-        tasks.c.status == Status.RUNNING.value
+        status_is(Status.RUNNING)
     )
     if worker is not None:
         stmt = stmt.where(tasks.c.locked_by == worker)
@@ -795,7 +814,7 @@ def queued_by_handler(conn: sa.Connection, handler: str) -> list[sa.Row[Any]]:
     return list(
         conn.execute(
             sa.select(tasks.c.id, tasks.c.queue, tasks.c.run_at, tasks.c.payload)
-            .where(tasks.c.status == Status.QUEUED.value, tasks.c.handler == handler)
+            .where(status_is(Status.QUEUED), tasks.c.handler == handler)
             .order_by(tasks.c.id)
         )
     )

@@ -454,6 +454,9 @@ class Worker:
                 delay = min(delay * 2, 10.0)
 
     def _log_outcome(self, row: Any, outcome: store.Outcome, duration: float) -> None:
+        succeeded = outcome.status is Status.SUCCEEDED
+        if succeeded and not log.isEnabledFor(logging.INFO):
+            return  # the usual case at WARNING: skip building the record's fields
         extra = {
             "event": "task_finished",
             "task_id": row.id,
@@ -463,7 +466,7 @@ class Worker:
             "outcome": outcome.status.value,
             "attempt": row.attempts,
         }
-        if outcome.status is Status.SUCCEEDED:
+        if succeeded:
             log.info("task %s %s succeeded in %.3fs", row.id, row.handler, duration, extra=extra)
             return
         first_line = (outcome.error or "").strip().splitlines()[-1:] or [""]

@@ -70,3 +70,20 @@ def test_batch_of_outcomes_is_fenced(db):
         )
         == 3
     )
+
+
+def test_a_batch_mixing_none_and_real_results_stores_each(db):
+    """None is stored as NULL (nothing to sign), a value as its signed pickle, in one batch."""
+    nothing = dbqueue.enqueue_many(jobs.noop, [()] * 3)
+    values = dbqueue.enqueue_many(jobs.add, [(i, 1) for i in range(3)])
+    assert worker.Worker(db.settings).work_off().succeeded == 6
+    assert (
+        db.scalar(
+            f"SELECT count(*) FROM tasks WHERE id IN ({', '.join(map(str, nothing))}) "
+            "AND status = 'succeeded' AND result IS NULL AND error IS NULL"
+        )
+        == 3
+    )
+    assert [dbqueue.Task(i).result for i in nothing] == [None, None, None]
+    assert [dbqueue.Task(i).result for i in values] == [1, 2, 3]
+    assert all(dbqueue.Task(i).success for i in nothing + values)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import psycopg.sql
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -64,21 +65,36 @@ def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _plan(db, queues: list[str] | None) -> list[dict[str, Any]]:
+def _plan(db, queues: list[str] | None, generic: bool = False) -> list[dict[str, Any]]:
+    """The claim's plan; `generic`: the plan of the prepared statement with its parameters
+    unknown, which PostgreSQL may switch to once psycopg prepares it (its 6th run)."""
     statement, parameters = _claim_sql(db, queues)
     with db.engine.connect() as conn:
-        raw = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters).scalar()
+        if not generic:
+            raw = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters).scalar()
+            return _nodes(raw[0]["Plan"])
+        names = list(parameters)
+        for number, name in enumerate(names, 1):
+            statement = statement.replace(f"%({name})s", f"${number}")
+        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        types = ", ".join("bigint" if isinstance(parameters[n], int) else "text" for n in names)
+        conn.exec_driver_sql(f"PREPARE claim_plan ({types}) AS {statement}".replace("%%", "%"))
+        driver = conn.connection.driver_connection
+        values = ", ".join(psycopg.sql.Literal(parameters[n]).as_string(driver) for n in names)
+        raw = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) EXECUTE claim_plan({values})").scalar()
+        conn.rollback()
     return _nodes(raw[0]["Plan"])
 
 
+@pytest.mark.parametrize("generic", [False, True], ids=["custom-plan", "generic-plan"])
 @pytest.mark.parametrize("queues", [None, ["mail"]], ids=["all-queues", "one-queue"])
-def test_claim_uses_the_partial_index_with_many_finished_rows(db, queues):
+def test_claim_uses_the_partial_index_with_many_finished_rows(db, queues, generic):
     _fill(db, 200_000, "succeeded")
     _fill(db, 20_000, "failed")
     _fill(db, 5_000, "queued")
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("VACUUM ANALYZE tasks")
-    nodes = _plan(db, queues)
+    nodes = _plan(db, queues, generic)
     summary = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
     print("CLAIMPLAN", queues, summary)
     assert any(n.get("Index Name") == "ix_tasks_claimable" for n in nodes), summary
