@@ -114,6 +114,26 @@ def _insert_statement() -> Any:
     }
 
 
+@functools.lru_cache(maxsize=256)
+def _insert_one_statement(notify_queue: str | None) -> Any:
+    """The one-row INSERT, built once (per queue when it carries its NOTIFY): building it
+    and its cache key on every enqueue cost more client time than the round trip."""
+    stmt = sa.insert(tasks).values(_insert_statement()).returning(tasks.c.id)
+    if notify_queue is not None:
+        stmt = stmt.returning(_notify_column(notify_queue))
+    return stmt
+
+
+@functools.lru_cache(maxsize=1)
+def _insert_statement_many() -> Any:
+    """Several rows on SQLite: one executemany, ids in parameter order."""
+    return (
+        sa.insert(tasks)
+        .values(_insert_statement())
+        .returning(tasks.c.id, sort_by_parameter_order=True)
+    )
+
+
 def insert(
     conn: sa.Connection, new: Sequence[NewTask], *, replace: bool = False, notify: bool = True
 ) -> list[int]:
@@ -125,7 +145,6 @@ def insert(
     """
     if not new:
         return []
-    values = _insert_statement()
     ids: list[int]
     if (
         len(new) > 1
@@ -133,18 +152,16 @@ def insert(
         and all(t.unique_key is None for t in new)
     ):
         ids = _insert_many_pg(conn, new)
+    elif len(new) == 1 and new[0].unique_key is None:
+        inline = notify and _notify_inline(conn, new[0])
+        notify = False  # carried by this statement, or not due (the limiter said so)
+        stmt = _insert_one_statement(new[0].queue if inline else None)
+        ids = [conn.execute(stmt, _insert_values(new[0])).scalar_one()]
     elif all(t.unique_key is None for t in new):
-        stmt = (
-            sa.insert(tasks)
-            .values(values)
-            .returning(tasks.c.id, sort_by_parameter_order=len(new) > 1)
-        )
-        if notify and len(new) == 1 and _notify_inline(conn, new[0]):
-            stmt = stmt.returning(_notify_column(new[0].queue))
-            notify = False
-        rows = conn.execute(stmt, [_insert_values(t) for t in new])
-        ids = [r[0] for r in rows]
+        stmt = _insert_statement_many()
+        ids = [r[0] for r in conn.execute(stmt, [_insert_values(t) for t in new])]
     else:
+        values = _insert_statement()
         ids = [_insert_unique(conn, t, values, replace) for t in new]
     if notify:
         notify_queues(conn, {t.queue for t in new if t.run_at is None and t.delay <= 0})

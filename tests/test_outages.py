@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 import dbqueue
-from dbqueue import database
+from dbqueue import config, database
 from tests import jobs
 from tests.conftest import ROOT, SECRET, Background
 from tests.pgcluster import Cluster
@@ -129,3 +129,25 @@ def test_sigterm_while_waiting_for_the_database_exits_zero(cluster):
     _, err = worker.communicate(timeout=30)
     assert worker.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_enqueue_after_a_restart_gets_a_fresh_pooled_connection(cluster):
+    """The pool pings a connection that rested (config.PING_AFTER_IDLE), not every checkout:
+    the application's first enqueue after a restart must still succeed, on a new connection."""
+    settings = dbqueue.configure(database_url=cluster.url)
+    database.migrate(settings)
+    engine = settings.get_engine()
+    first = dbqueue.enqueue(jobs.add, args=(1, 1))
+    with engine.connect() as conn:
+        backend_before = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    cluster.restart("fast")
+    time.sleep(config.PING_AFTER_IDLE + 0.2)
+    try:
+        second = dbqueue.enqueue(jobs.add, args=(2, 2))
+        with engine.connect() as conn:
+            backend_after = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            ids = [r[0] for r in conn.execute(sa.text("SELECT id FROM tasks ORDER BY id"))]
+    finally:
+        engine.dispose()
+    assert ids == [first.id, second.id]
+    assert backend_after != backend_before
