@@ -217,8 +217,15 @@ sa.Index(
     postgresql_where=tasks.c.status == Status.RUNNING.value,
     sqlite_where=tasks.c.status == Status.RUNNING.value,
 )
-# Pruning and the dashboard walk finished rows by age.
-sa.Index("ix_tasks_status_finished_at", tasks.c.status, tasks.c.finished_at)
+# Pruning and the dashboard walk finished rows by age. Finished rows only: a claim
+# (queued -> running) then writes no entry here (migration 0003).
+sa.Index(
+    "ix_tasks_finished",
+    tasks.c.status,
+    tasks.c.finished_at,
+    postgresql_where=tasks.c.status.in_(FINISHED),
+    sqlite_where=tasks.c.status.in_(FINISHED),
+)
 
 workers = sa.Table(
     "workers",
