@@ -376,7 +376,7 @@ def claim(
     (https://www.postgresql.org/docs/current/sql-select.html#SQL-FOR-UPDATE-SHARE).
     SQLite: the caller's transaction began with BEGIN IMMEDIATE, so one claimer at a time.
     """
-    stmt = _claim_statement(tuple(queues) if queues else None)
+    stmt = _claim_statement(tuple(queues) if queues else None, conn.dialect.name == "postgresql")
     rows = list(conn.execute(stmt, {"claim_limit": limit, "claim_worker": worker}).all())
     rows.sort(key=_CLAIM_ORDER)  # RETURNING comes in no particular order
     return rows
@@ -386,10 +386,19 @@ _CLAIM_ORDER = operator.itemgetter(2, 3, 0)  # priority, run_at, id in CLAIM_COL
 
 
 @functools.lru_cache(maxsize=32)
-def _claim_statement(queues: tuple[str, ...] | None) -> Any:
+def _claim_statement(queues: tuple[str, ...] | None, postgresql: bool) -> Any:
     """The claim, built once per set of queues: building the construct and its cache key on
     every call cost more client time than the database spent running it (measured: 1.6 ms
-    of 2.3 ms per claim of 100)."""
+    of 2.3 ms per claim of 100).
+
+    PostgreSQL: the claim's own transaction commits without waiting for its WAL to reach the
+    disk (`synchronous_commit` off for that transaction alone, set by an InitPlan that runs
+    once before any row is read). A claim lost in a crash of the server returns its tasks to
+    `queued`, as if never claimed: delivery is at-least-once anyway, the outcome write of
+    the run is fenced (it finds the row no longer ours and says so), and every outcome and
+    enqueue still waits for its flush, which also makes every earlier claim durable. It
+    saves a disk flush per batch (measured: about a tenth of a drain's time).
+    """
     candidates = (
         sa.select(tasks.c.id)
         .where(status_is(Status.QUEUED), tasks.c.run_at <= db_now())
@@ -397,6 +406,15 @@ def _claim_statement(queues: tuple[str, ...] | None) -> Any:
         .limit(sa.bindparam("claim_limit", type_=sa.Integer))
         .with_for_update(skip_locked=True)
     )
+    if postgresql:
+        relaxed = sa.select(
+            sa.func.set_config(
+                sa.literal_column("'synchronous_commit'"),
+                sa.literal_column("'off'"),
+                sa.true(),
+            )
+        ).scalar_subquery()
+        candidates = candidates.where(relaxed == sa.literal_column("'off'"))
     if queues:
         candidates = candidates.where(tasks.c.queue.in_(list(queues)))
     fenced = candidates.cte("claimable").prefix_with("MATERIALIZED", dialect="postgresql")

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from dbqueue import store
+from dbqueue.schema import Status
 
 pytestmark = pytest.mark.postgresql_only
 
@@ -140,3 +141,25 @@ def test_concurrent_claims_never_exceed_their_limit(db):
     assert len(claimed) == len(set(claimed)) == 10_000
     assert db.scalar("SELECT max(attempts) FROM tasks") == 1
     assert db.scalar("SELECT count(*) FROM tasks WHERE status <> 'running'") == 0
+
+
+def test_only_the_claim_transaction_skips_the_flush_wait(db):
+    """synchronous_commit is off for the claim's own transaction and nothing else: the next
+    transaction on the same connection (an outcome, an enqueue) waits for its flush again."""
+    _fill(db, 10, "queued")
+    with db.engine.connect() as conn:
+        with conn.begin():
+            claimed = store.claim(conn, "flush-check", 5)
+            during = conn.exec_driver_sql("SHOW synchronous_commit").scalar()
+        with conn.begin():
+            after = conn.exec_driver_sql("SHOW synchronous_commit").scalar()
+    auto = db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    with auto:
+        store.claim(auto, "flush-check", 5)  # its own implicit transaction, ended at once
+        outcomes = [
+            store.Outcome(id=r.id, attempts=r.attempts, status=Status.SUCCEEDED) for r in claimed
+        ]
+        store.record(auto, "flush-check", outcomes)
+        later = auto.exec_driver_sql("SHOW synchronous_commit").scalar()
+    assert (len(claimed), during, after, later) == (5, "off", "on", "on")
+    assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'succeeded'") == 5
