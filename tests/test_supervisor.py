@@ -22,15 +22,21 @@ def _pids_by_task(db) -> dict[int, int]:
     }
 
 
-def test_max_tasks_recycles_each_child_after_n_tasks(db):
-    ids = dbqueue.enqueue_many(jobs.whoami, [(0.0,)] * 12)
-    proc = db.popen("work", "--import", "tests.jobs", "--sleep-delay", "0.2", "--max-tasks", "4")
+def _work_until_done(db, tasks: int, *options: str) -> str:
+    """`dbqueue work OPTIONS` until `tasks` tasks succeeded, then SIGTERM: it must exit 0."""
+    proc = db.popen("work", "--import", "tests.jobs", "--sleep-delay", "0.2", *options)
     try:
-        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'succeeded'", 12, timeout=120)
+        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'succeeded'", tasks, timeout=120)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def test_max_tasks_recycles_each_child_after_n_tasks(db):
+    ids = dbqueue.enqueue_many(jobs.whoami, [(0.0,)] * 12)
+    _work_until_done(db, 12, "--max-tasks", "4")
     per_pid = collections.Counter(_pids_by_task(db).values())
     print(f"RECYCLE db={db.kind} max_tasks=4 tasks_per_process={sorted(per_pid.values())}")
     assert len(per_pid) >= 3  # 12 tasks, at most 4 each: at least three processes ran them
@@ -43,13 +49,7 @@ def test_max_tasks_recycles_each_child_after_n_tasks(db):
 def test_max_memory_recycles_a_child_over_the_limit_between_tasks(db):
     dbqueue.enqueue_many(jobs.whoami, [(0.0,)] * 4)
     # every Python process is over 1 MiB: each child recycles after its first batch
-    proc = db.popen("work", "--import", "tests.jobs", "--sleep-delay", "0.2", "--max-memory", "1")
-    try:
-        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'succeeded'", 4, timeout=120)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-3000:]
+    err = _work_until_done(db, 4, "--max-memory", "1")
     pids = set(_pids_by_task(db).values())
     print(f"RECYCLE db={db.kind} max_memory=1 processes={len(pids)} for 4 tasks")
     assert len(pids) >= 2
