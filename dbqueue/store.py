@@ -224,7 +224,8 @@ def _uniform(task: NewTask) -> tuple[Any, ...]:
 
 
 def _insert_many_pg(conn: sa.Connection, new: Sequence[NewTask]) -> list[int]:
-    """(new) -> queued for many tasks in one short statement: one array per column.
+    """(new) -> queued for many tasks in one short statement: the payloads as an array, the
+    other columns as scalars when every task shares them, else one array per column.
 
     insertmanyvalues would send a statement with 9 placeholders per row that psycopg parses
     anew for every batch (most of enqueue_many's time, measured); this text is the same for
@@ -451,11 +452,13 @@ def claim_by_id(conn: sa.Connection, worker: str, task_id: int) -> list[sa.Row[A
     return list(conn.execute(stmt))
 
 
-def _fence(worker: str) -> Any:
+def _fence() -> Any:
+    """The owner check of every write that ends or gives back a run; the worker is a bound
+    parameter, so each such statement is built once for all workers."""
     return sa.and_(
         tasks.c.id == sa.bindparam("task_id"),
         status_is(Status.RUNNING),
-        tasks.c.locked_by == worker,
+        tasks.c.locked_by == sa.bindparam("fence_worker", type_=sa.String),
         tasks.c.attempts == sa.bindparam("task_attempts"),
     )
 
@@ -496,13 +499,33 @@ def _params(outcomes: Sequence[Outcome], **extra: Any) -> list[dict[str, Any]]:
 
 
 def _execute_fenced(
-    conn: sa.Connection, stmt: Any, worker: str, outcomes: Sequence[Outcome]
+    conn: sa.Connection, status: Status, worker: str, outcomes: Sequence[Outcome]
 ) -> int:
-    if len(outcomes) == 1:
-        count = conn.execute(stmt, _params(outcomes)[0]).rowcount
-    else:
-        count = conn.execute(stmt, _params(outcomes)).rowcount
+    stmt = _outcome_statement(status)
+    params = _params(outcomes, fence_worker=worker)
+    count = conn.execute(stmt, params[0] if len(params) == 1 else params).rowcount
     return _written(conn, worker, outcomes, count)
+
+
+@functools.cache
+def _outcome_statement(status: Status) -> Any:
+    """The fenced UPDATE that ends a run as `status` (succeeded, queued again, failed), built
+    once: SQLite and one-task batches write every outcome through it."""
+    values: dict[str, Any] = {
+        "status": status.value,
+        "error": sa.bindparam("new_error", type_=sa.Text),
+        "locked_by": None,
+        "locked_at": None,
+    }
+    if status is Status.SUCCEEDED:
+        values.update(result=sa.bindparam("new_result", type_=sa.LargeBinary), finished_at=db_now())
+    else:
+        values["exception"] = sa.bindparam("new_exception", type_=sa.LargeBinary)
+        if status is Status.QUEUED:
+            values["run_at"] = db_now(sa.bindparam("retry_in", type_=sa.Float))
+        else:
+            values["finished_at"] = db_now()
+    return sa.update(tasks).where(_fence()).values(**values)
 
 
 def _written(
@@ -608,51 +631,17 @@ def complete(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> i
             params["errors"] = [o.error for o in outcomes]
         landed = {r[0] for r in conn.execute(statement, params)}
         return _written(conn, worker, outcomes, len(landed), landed)
-    stmt = (
-        sa.update(tasks)
-        .where(_fence(worker))
-        .values(
-            status=Status.SUCCEEDED.value,
-            result=sa.bindparam("new_result", type_=sa.LargeBinary),
-            error=sa.bindparam("new_error", type_=sa.Text),
-            locked_by=None,
-            locked_at=None,
-            finished_at=db_now(),
-        )
-    )
-    return _execute_fenced(conn, stmt, worker, outcomes)
+    return _execute_fenced(conn, Status.SUCCEEDED, worker, outcomes)
 
 
 def retry(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
     """running -> queued again, `retry_in` seconds from now, keeping the exception."""
-    return _end_run(
-        conn,
-        worker,
-        outcomes,
-        status=Status.QUEUED.value,
-        run_at=db_now(sa.bindparam("retry_in", type_=sa.Float)),
-    )
-
-
-def _end_run(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome], **values: Any) -> int:
-    """The fenced UPDATE that ends a run with an exception (retry or fail)."""
-    stmt = (
-        sa.update(tasks)
-        .where(_fence(worker))
-        .values(
-            exception=sa.bindparam("new_exception", type_=sa.LargeBinary),
-            error=sa.bindparam("new_error", type_=sa.Text),
-            locked_by=None,
-            locked_at=None,
-            **values,
-        )
-    )
-    return _execute_fenced(conn, stmt, worker, outcomes)
+    return _execute_fenced(conn, Status.QUEUED, worker, outcomes)
 
 
 def fail(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
     """running -> failed (final), keeping the exception and the readable error."""
-    return _end_run(conn, worker, outcomes, status=Status.FAILED.value, finished_at=db_now())
+    return _execute_fenced(conn, Status.FAILED, worker, outcomes)
 
 
 def release(conn: sa.Connection, worker: str, claimed: Sequence[tuple[int, int]]) -> int:
@@ -661,7 +650,7 @@ def release(conn: sa.Connection, worker: str, claimed: Sequence[tuple[int, int]]
         return 0
     stmt = (
         sa.update(tasks)
-        .where(_fence(worker))
+        .where(_fence())
         .values(
             status=Status.QUEUED.value,
             locked_by=None,
@@ -670,7 +659,7 @@ def release(conn: sa.Connection, worker: str, claimed: Sequence[tuple[int, int]]
             attempts=tasks.c.attempts - 1,
         )
     )
-    params = [{"task_id": i, "task_attempts": a} for i, a in claimed]
+    params = [{"task_id": i, "task_attempts": a, "fence_worker": worker} for i, a in claimed]
     return int(conn.execute(stmt, params).rowcount)
 
 
