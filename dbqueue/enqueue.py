@@ -153,12 +153,11 @@ def _size(n: int) -> str:
 
 @contextmanager
 def _connection(
-    settings: config.Settings, session: Bind, connection: Bind, single_statement: bool = False
+    settings: config.Settings, session: Bind, connection: Bind
 ) -> Iterator[sa.Connection]:
     """The caller's connection (their transaction), or a transaction of our own.
 
-    `single_statement`: our own work is one statement, which PostgreSQL runs atomically on its
-    own, so it is sent in autocommit mode: no BEGIN and COMMIT round trips.
+    (A lone task of our own on PostgreSQL skips this: store.insert_one_autocommit.)
     """
     bind = session if session is not None else connection
     if isinstance(bind, orm.scoped_session):  # Flask-SQLAlchemy's db.session, for one
@@ -167,9 +166,6 @@ def _connection(
         yield bind.connection()
     elif isinstance(bind, sa.Connection):
         yield bind
-    elif bind is None and single_statement and settings.get_engine().dialect.name == "postgresql":
-        with database.errors_translated(settings), settings.get_engine().connect() as conn:
-            yield conn.execution_options(isolation_level="AUTOCOMMIT")
     elif bind is None:
         with database.errors_translated(settings), settings.get_engine().begin() as conn:
             yield conn
@@ -217,7 +213,13 @@ def enqueue(
         unique_key=unique_key,
     )
     one_statement = unique_key is None and not settings.inline
-    with _connection(settings, session, connection, one_statement) as conn:
+    if one_statement and session is None and connection is None:
+        engine = settings.get_engine()
+        if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
+            with database.errors_translated(settings):
+                task_id = store.insert_one_autocommit(engine, new, notify=settings.notify)
+            return task_module.Task(task_id, settings=settings)
+    with _connection(settings, session, connection) as conn:
         (task_id,) = store.insert(
             conn, [new], replace=on_conflict == "replace", notify=settings.notify
         )

@@ -239,3 +239,38 @@ def test_decorator_unique_key_with_on_conflict(db):
 
     assert Worker(db.settings).work_off().succeeded == 1
     assert first.refresh().result == "tuesday"
+
+
+def test_own_enqueue_hands_its_connection_back_transactional(db):
+    """A lone enqueue of our own commits on its own (autocommit on PostgreSQL); the pooled
+    connection it used must go back to the pool in transactional mode, or the next caller's
+    rollback would not roll back."""
+    dbqueue.enqueue(jobs.noop)
+    engine = db.settings.get_engine()
+    with engine.connect() as conn:  # the connection the enqueue just returned
+        dbqueue.enqueue(jobs.noop, connection=conn)
+        conn.rollback()
+    assert db.scalar("SELECT count(*) FROM tasks") == 1
+
+
+@pytest.mark.postgresql_only
+def test_enqueue_after_its_pooled_connection_was_killed(db):
+    """The lean enqueue path keeps SQLAlchemy's pool honest: a connection killed under it is
+    reported as DatabaseUnavailable at most once and replaced, never handed out again."""
+    dbqueue.enqueue(jobs.noop)
+    pooled_pid = db.scalar("SELECT pg_backend_pid()")  # the one connection in the pool
+    outsider = sa.create_engine(db.url, poolclass=sa.pool.NullPool)
+    with outsider.connect() as conn:
+        killed = conn.execute(sa.text(f"SELECT pg_terminate_backend({pooled_pid})")).scalar()
+    outsider.dispose()
+    assert killed
+    failures = 0
+    for _ in range(3):
+        try:
+            dbqueue.enqueue(jobs.noop)
+        except dbqueue.DatabaseUnavailable as exc:
+            cause = exc.__cause__
+            assert isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated
+            failures += 1
+    assert failures <= 1
+    assert db.scalar("SELECT count(*) FROM tasks") == 4 - failures
