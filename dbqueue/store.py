@@ -160,13 +160,15 @@ def insert_one_autocommit(engine: sa.Engine, task: NewTask, *, notify: bool = Tr
         raise _driver_error(engine, sql, params, exc, invalidated=True) from exc
     try:
         driver: Any = pooled.dbapi_connection  # a psycopg.Connection (prepare= is psycopg's)
+        transactional = not driver.autocommit  # an Engine made with AUTOCOMMIT stays so
         driver.autocommit = True
         try:
             with driver.cursor() as cursor:
                 cursor.execute(sql, params, prepare=True)
                 row = cursor.fetchone()
         finally:
-            driver.autocommit = False
+            if transactional:
+                driver.autocommit = False
     except error as exc:
         invalidated = engine.dialect.is_disconnect(exc, driver, None)
         if invalidated:

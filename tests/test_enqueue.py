@@ -274,3 +274,19 @@ def test_enqueue_after_its_pooled_connection_was_killed(db):
             failures += 1
     assert failures <= 1
     assert db.scalar("SELECT count(*) FROM tasks") == 4 - failures
+
+
+@pytest.mark.postgresql_only
+def test_own_enqueue_leaves_an_autocommit_engine_autocommit(db):
+    """An application Engine made with isolation_level="AUTOCOMMIT" hands out connections that
+    commit each statement; the lean enqueue path must not turn one transactional behind its
+    back (the next user's writes would then be rolled back when it goes back to the pool)."""
+    engine = sa.create_engine(db.url, isolation_level="AUTOCOMMIT", pool_size=1)
+    dbqueue.configure(engine=engine)
+    try:
+        dbqueue.enqueue(jobs.noop)
+        with engine.connect() as conn:  # the connection the enqueue just returned
+            dbqueue.enqueue(jobs.noop, connection=conn)
+        assert db.scalar("SELECT count(*) FROM tasks") == 2
+    finally:
+        engine.dispose()
