@@ -159,12 +159,12 @@ def insert_one_autocommit(engine: sa.Engine, task: NewTask, *, notify: bool = Tr
     except error as exc:  # the pool hands out the driver's own connect error
         raise _driver_error(engine, sql, params, exc, invalidated=True) from exc
     try:
-        driver: Any = pooled.dbapi_connection  # a psycopg.Connection (prepare= is psycopg's)
+        driver: Any = pooled.dbapi_connection  # a psycopg.Connection
         transactional = not driver.autocommit  # an Engine made with AUTOCOMMIT stays so
         driver.autocommit = True
         try:
             with driver.cursor() as cursor:
-                cursor.execute(sql, params, prepare=True)
+                cursor.execute(sql, params)  # prepared as the connection says (PgBouncer)
                 row = cursor.fetchone()
         finally:
             if transactional:
