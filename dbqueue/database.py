@@ -190,6 +190,12 @@ def errors_translated(settings: config.Settings) -> Iterator[None]:
         ) from exc
 
 
+def is_psycopg(engine: sa.Engine) -> bool:
+    """Whether the engine talks to PostgreSQL through psycopg 3, whose connection the LISTEN
+    thread and the lone-enqueue path use directly."""
+    return engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+
+
 def is_disconnect(exc: BaseException) -> bool:
     """Whether an exception means the connection or server went away (worth retrying)."""
     if isinstance(exc, sa.exc.DBAPIError):

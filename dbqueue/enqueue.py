@@ -261,12 +261,11 @@ def enqueue(
         unique_key=unique_key,
     )
     one_statement = unique_key is None and not settings.inline
-    if one_statement and session is None and connection is None:
-        engine = settings.get_engine()
-        if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
-            with database.errors_translated(settings):
-                task_id = store.insert_one_autocommit(engine, new, notify=settings.notify)
-            return task_module.Task(task_id, settings=settings)
+    own = session is None and connection is None
+    if one_statement and own and database.is_psycopg(engine := settings.get_engine()):
+        with database.errors_translated(settings):
+            task_id = store.insert_one_autocommit(engine, new, notify=settings.notify)
+        return task_module.Task(task_id, settings=settings)
     with _connection(settings, session, connection) as conn:
         (task_id,) = store.insert(
             conn, [new], replace=on_conflict == "replace", notify=settings.notify

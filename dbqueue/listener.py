@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from dbqueue import store
+from dbqueue import database, store
 
 if TYPE_CHECKING:  # imported when a listener starts: `dbqueue` stays quick to start
     import psycopg
@@ -38,7 +38,7 @@ RECONNECT_MAX = 2.0  # cap of the reconnection backoff (the issue asks for "with
 
 def supported(engine: sa.Engine) -> bool:
     """Whether this engine's database can LISTEN (PostgreSQL through psycopg 3)."""
-    return engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+    return database.is_psycopg(engine)
 
 
 def connect_params(engine: sa.Engine) -> dict[str, Any]:
