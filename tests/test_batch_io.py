@@ -87,3 +87,17 @@ def test_a_batch_mixing_none_and_real_results_stores_each(db):
     assert [dbqueue.Task(i).result for i in nothing] == [None, None, None]
     assert [dbqueue.Task(i).result for i in values] == [1, 2, 3]
     assert all(dbqueue.Task(i).success for i in nothing + values)
+
+
+def test_batch_arrays_carry_every_byte_value(db):
+    """Payloads and results travel as bytea arrays (binary on psycopg): bytes an array literal
+    would have to quote or escape (NUL, quotes, backslashes, braces, commas) arrive intact."""
+    awkward = [bytes(range(256)), b'"\\{},', b"", b"\x00" * 10, bytes(range(255, -1, -1)) * 40]
+    ids = dbqueue.enqueue_many(jobs.echo, [(value,) for value in awkward])
+    ids += dbqueue.enqueue_many(jobs.echo, [(value, "mixed") for value in awkward], priority=1)
+    nothing = dbqueue.enqueue_many(jobs.noop, [()] * 2)
+    assert worker.Worker(db.settings).work_off().succeeded == len(awkward) * 2 + 2
+    results = [dbqueue.Task(i).result for i in ids]
+    assert [r["args"] for r in results[: len(awkward)]] == [(value,) for value in awkward]
+    assert [r["args"] for r in results[len(awkward) :]] == [(v, "mixed") for v in awkward]
+    assert [dbqueue.Task(i).result for i in nothing] == [None, None]
