@@ -190,10 +190,10 @@ def errors_translated(settings: config.Settings) -> Iterator[None]:
         ) from exc
 
 
-def is_psycopg(engine: sa.Engine) -> bool:
-    """Whether the engine talks to PostgreSQL through psycopg 3, whose connection the LISTEN
-    thread and the lone-enqueue path use directly."""
-    return engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+def is_psycopg(bind: sa.Engine | sa.Connection) -> bool:
+    """Whether the engine (or connection) talks to PostgreSQL through psycopg 3, whose
+    connection the LISTEN thread, the lone-enqueue path and the worker's claim use directly."""
+    return bind.dialect.name == "postgresql" and bind.dialect.driver == "psycopg"
 
 
 def is_disconnect(exc: BaseException) -> bool:

@@ -125,17 +125,30 @@ def _insert_one_statement(notify_queue: str | None) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
-def _insert_one_driver_sql(
-    dialect: sa.Dialect, notify_queue: str | None
+def _driver_sql(
+    statement: Any, dialect: sa.Dialect
 ) -> tuple[str, dict[str, Any], tuple[tuple[str, Callable[[Any], Any]], ...]]:
-    """`_insert_one_statement` compiled once: its SQL, fixed parameters and bind processors."""
-    compiled = _insert_one_statement(notify_queue).compile(dialect=dialect)
+    """A statement built once, compiled once for the driver's cursor: its SQL, its fixed
+    parameters and SQLAlchemy's bind processors. (An expanding IN would need SQLAlchemy's
+    execution path: list its values as separate parameters, as the claim does.)"""
+    compiled = statement.compile(dialect=dialect)
     processors = tuple(
         (name, proc)
         for name, proc in compiled._bind_processors.items()  # SQLAlchemy's own type coercions
         if isinstance(name, str) and proc is not None
     )
     return str(compiled), dict(compiled.params), processors
+
+
+def _driver_params(
+    statement: Any, dialect: sa.Dialect, values: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """(SQL, parameters) to send `statement` with `values` through the driver's cursor."""
+    sql, fixed, processors = _driver_sql(statement, dialect)
+    params = {**fixed, **values}
+    for name, process in processors:
+        params[name] = process(params[name])
+    return sql, params
 
 
 def insert_one_autocommit(engine: sa.Engine, task: NewTask, *, notify: bool = True) -> int:
@@ -149,15 +162,13 @@ def insert_one_autocommit(engine: sa.Engine, task: NewTask, *, notify: bool = Tr
     still run; cursor-level events (`before_cursor_execute`) do not see this statement.
     """
     inline = notify and _notify_inline_pg(task)
-    sql, fixed, processors = _insert_one_driver_sql(engine.dialect, task.queue if inline else None)
-    params = {**fixed, **_insert_values(task)}
-    for name, process in processors:
-        params[name] = process(params[name])
+    statement = _insert_one_statement(task.queue if inline else None)
+    sql, params = _driver_params(statement, engine.dialect, _insert_values(task))
     error = engine.dialect.loaded_dbapi.Error
     try:
         pooled = engine.raw_connection()
     except error as exc:  # the pool hands out the driver's own connect error
-        raise _driver_error(engine, sql, params, exc, invalidated=True) from exc
+        raise _driver_error(engine.dialect, sql, params, exc, invalidated=True) from exc
     try:
         driver: Any = pooled.dbapi_connection  # a psycopg.Connection
         transactional = not driver.autocommit  # an Engine made with AUTOCOMMIT stays so
@@ -173,7 +184,7 @@ def insert_one_autocommit(engine: sa.Engine, task: NewTask, *, notify: bool = Tr
         invalidated = engine.dialect.is_disconnect(exc, driver, None)
         if invalidated:
             pooled.invalidate(exc)
-        raise _driver_error(engine, sql, params, exc, invalidated) from exc
+        raise _driver_error(engine.dialect, sql, params, exc, invalidated) from exc
     finally:
         pooled.close()
     assert row is not None
@@ -181,17 +192,17 @@ def insert_one_autocommit(engine: sa.Engine, task: NewTask, *, notify: bool = Tr
 
 
 def _driver_error(
-    engine: sa.Engine, sql: str, params: dict[str, Any], exc: Exception, invalidated: bool
+    dialect: sa.Dialect, sql: str, params: dict[str, Any], exc: Exception, invalidated: bool
 ) -> sa.exc.StatementError:
-    """A driver error as SQLAlchemy would have wrapped it (database.errors_translated reads
-    those)."""
+    """A driver error as SQLAlchemy would have wrapped it (database.errors_translated and
+    database.is_disconnect read those)."""
     return sa.exc.DBAPIError.instance(
         sql,
         params,
         exc,
-        engine.dialect.loaded_dbapi.Error,
+        dialect.loaded_dbapi.Error,
         connection_invalidated=invalidated,
-        dialect=engine.dialect,
+        dialect=dialect,
     )
 
 
@@ -472,10 +483,40 @@ def claim(
     (https://www.postgresql.org/docs/current/sql-select.html#SQL-FOR-UPDATE-SHARE).
     SQLite: the caller's transaction began with BEGIN IMMEDIATE, so one claimer at a time.
     """
-    stmt = _claim_statement(tuple(queues) if queues else None, conn.dialect.name == "postgresql")
-    rows = list(conn.execute(stmt, {"claim_limit": limit, "claim_worker": worker}).all())
+    postgresql = conn.dialect.name == "postgresql"
+    stmt = _claim_statement(tuple(queues) if queues else None, postgresql)
+    values = {"claim_limit": limit, "claim_worker": worker}
+    rows: list[Any]
+    if postgresql and conn.dialect.driver == "psycopg":
+        rows = _claim_on_driver(conn, stmt, values)
+    else:
+        rows = list(conn.execute(stmt, values).all())
     rows.sort(key=_CLAIM_ORDER)  # RETURNING comes in no particular order
     return rows
+
+
+def _claim_on_driver(conn: sa.Connection, stmt: Any, values: dict[str, Any]) -> list[Any]:
+    """The claim sent to the driver's cursor of `conn`, in whatever transaction state `conn`
+    is (autocommit for the worker). Measured on an idle worker woken by a NOTIFY: 1.03 ->
+    0.75 ms per claim, a tenth of the enqueue-to-start latency; SQLAlchemy's execution path
+    around a statement it had already compiled was the difference. Rows are named tuples
+    with the same attribute names as CLAIM_COLUMNS; cursor-level events do not see the
+    claim. A broken connection is invalidated, as SQLAlchemy would have done."""
+    from psycopg.rows import namedtuple_row
+
+    sql, params = _driver_params(stmt, conn.dialect, values)
+    driver: Any = conn.connection.driver_connection
+    error = conn.dialect.loaded_dbapi.Error
+    try:
+        with driver.cursor(row_factory=namedtuple_row) as cursor:
+            cursor.execute(sql, params)
+            rows: list[Any] = cursor.fetchall()
+            return rows
+    except error as exc:
+        invalidated = conn.dialect.is_disconnect(exc, driver, None)
+        if invalidated:
+            conn.invalidate(exc)
+        raise _driver_error(conn.dialect, sql, params, exc, invalidated) from exc
 
 
 _CLAIM_ORDER = operator.itemgetter(2, 3, 0)  # priority, run_at, id in CLAIM_COLUMNS
@@ -511,8 +552,8 @@ def _claim_statement(queues: tuple[str, ...] | None, postgresql: bool) -> Any:
             )
         ).scalar_subquery()
         candidates = candidates.where(relaxed == sa.literal_column("'off'"))
-    if queues:
-        candidates = candidates.where(tasks.c.queue.in_(list(queues)))
+    if queues:  # one parameter per queue, not an expanding list: see _driver_sql
+        candidates = candidates.where(tasks.c.queue.in_([sa.literal(q) for q in queues]))
     fenced = candidates.cte("claimable").prefix_with("MATERIALIZED", dialect="postgresql")
     now = db_now()
     return (

@@ -1,7 +1,7 @@
 """The claim on PostgreSQL: its plan and its limit (R14, R17).
 
 The plan is read from EXPLAIN (FORMAT JSON) of the very statement store.claim sends (captured
-from the cursor), with many finished rows present: it must walk the partial index
+from psycopg's cursor), with many finished rows present: it must walk the partial index
 ix_tasks_claimable and never scan the table. R14: many concurrent claims over 10,000 queued
 rows never return more rows than their limit, and never claim a row twice.
 """
@@ -14,7 +14,6 @@ from typing import Any
 import psycopg.sql
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import event
 
 from dbqueue import store
 from dbqueue.schema import Status
@@ -40,21 +39,22 @@ def _fill(db, n: int, status: str) -> None:
 
 
 def _claim_sql(db, queues: list[str] | None) -> tuple[str, Any]:
-    """The SQL and parameters store.claim sends, captured from the cursor (rolled back)."""
+    """The SQL and parameters store.claim sends, captured from psycopg's cursor (the claim
+    goes to the driver directly, so SQLAlchemy's cursor events would not see it; rolled
+    back)."""
     sent: list[tuple[str, Any]] = []
+    execute = psycopg.Cursor.execute
 
-    def capture(conn, cursor, statement, parameters, context, executemany) -> None:
-        if statement.lstrip().upper().startswith(("WITH", "UPDATE")):
-            sent.append((statement, parameters))
+    def capture(cursor, query, params=None, **kwargs):
+        if str(query).lstrip().upper().startswith(("WITH", "UPDATE")):
+            sent.append((str(query), params))
+        return execute(cursor, query, params, **kwargs)
 
-    with db.engine.connect() as conn:
-        event.listen(conn, "before_cursor_execute", capture)
-        try:
-            with conn.begin() as tx:
-                store.claim(conn, "plan-check", 100, queues)
-                tx.rollback()
-        finally:
-            event.remove(conn, "before_cursor_execute", capture)
+    with db.engine.connect() as conn, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(psycopg.Cursor, "execute", capture)
+        with conn.begin() as tx:
+            store.claim(conn, "plan-check", 100, queues)
+            tx.rollback()
     (found,) = sent
     return found
 

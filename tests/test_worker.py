@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 import dbqueue
-from dbqueue import retry, store, worker
+from dbqueue import database, retry, store, worker
 from tests import jobs
 
 
@@ -122,3 +122,26 @@ def test_fenced_write_from_a_worker_that_lost_ownership_is_dropped(db):
     task.refresh()
     assert task.status is dbqueue.Status.RUNNING and task.locked_by == "worker-b"
     assert task.attempts == 2
+
+
+@pytest.mark.postgresql_only
+def test_claim_on_a_killed_connection_is_retried_on_a_new_one(db):
+    """The claim goes to psycopg's cursor directly (store._claim_on_driver), so it must do
+    what SQLAlchemy would: report the dead connection as a disconnect, invalidate it so the
+    pool never hands it out again, and let the worker claim on a fresh one, losing nothing."""
+    ids = [dbqueue.enqueue(jobs.add, args=(i, 1)).id for i in range(3)]
+    w = worker.Worker(db.settings, listen=False, max_batch=1)
+    assert w.run_batch() == 1
+    assert w._conn is not None
+    first_pid = w._conn.connection.driver_connection.info.backend_pid
+    assert db.scalar(f"SELECT pg_terminate_backend({first_pid})")
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        w.run_batch()
+    assert raised.value.connection_invalidated
+    assert database.is_disconnect(raised.value)
+    assert w._conn is None  # dropped, not kept for the next claim
+    try:
+        assert w.run_batch() == 1 and w.run_batch() == 1 and w.run_batch() == 0
+    finally:
+        w._close_conn()
+    assert [dbqueue.Task(i).result for i in ids] == [1, 2, 3]
