@@ -34,6 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from dbqueue import database
 from dbqueue.schema import FINISHED, Status, UTCDateTime, db_now, status_is, tasks, workers
 
 log = logging.getLogger("dbqueue.store")
@@ -303,7 +304,7 @@ def _bytea_array(conn: sa.Connection, values: list[bytes | None]) -> list[bytes 
     1,000 payloads of 100 bytes, 0.3 ms in binary). psycopg picks a list's format by its
     class, so the list is re-classed and this connection told to dump that class in binary;
     SQLAlchemy still runs the statement. Other drivers get the plain list."""
-    if conn.dialect.driver != "psycopg" or all(v is None for v in values):
+    if not database.is_psycopg(conn) or all(v is None for v in values):
         return values  # an all-NULL array has no element type to send in binary
     from psycopg.adapt import PyFormat
     from psycopg.types.array import ListBinaryDumper
@@ -487,7 +488,7 @@ def claim(
     stmt = _claim_statement(tuple(queues) if queues else None, postgresql)
     values = {"claim_limit": limit, "claim_worker": worker}
     rows: list[Any]
-    if postgresql and conn.dialect.driver == "psycopg":
+    if database.is_psycopg(conn):
         rows = _claim_on_driver(conn, stmt, values)
     else:
         rows = list(conn.execute(stmt, values).all())
