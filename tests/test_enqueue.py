@@ -290,3 +290,83 @@ def test_own_enqueue_leaves_an_autocommit_engine_autocommit(db):
         assert db.scalar("SELECT count(*) FROM tasks") == 2
     finally:
         engine.dispose()
+
+
+@dbqueue.handle_asynchronously(timeout=12.5, run_at=dt.timedelta(hours=2))
+def later_report(name: str) -> str:
+    """Enqueued only, never run: carries the decorator options the other tests do not."""
+    return name
+
+
+def stored(task_or_id) -> tuple:
+    task = dbqueue.Task.get(task_or_id if isinstance(task_or_id, int) else task_or_id.id)
+    return task.queue, task.priority, task.max_attempts
+
+
+def test_module_functions_apply_the_decorator_options(db):
+    """Every way of enqueueing a decorated function stores its options, not the defaults."""
+    one = dbqueue.enqueue(jobs.send_mail, args=("a@example.com",))
+    many = dbqueue.enqueue_many(jobs.send_mail, ["b@example.com", ("c@example.com",)])
+    later = dbqueue.schedule(dt.timedelta(hours=1), jobs.send_mail, args=("d@example.com",))
+    assert [stored(t) for t in [one, *many, later]] == [("mail", 5, 3)] * 4
+    later.refresh()
+    assert abs((later.run_at - later.created_at).total_seconds() - 3600) < 5
+    assert one.refresh().handler == "tests.jobs:send_mail"
+    sent = worker.Worker(db.settings, queues=["mail"], rescue_after=60).work_off()
+    assert sent.succeeded == 3  # the scheduled one is not due
+    assert one.refresh().result == "sent to a@example.com"
+
+
+def test_module_functions_apply_timeout_and_run_at_of_the_decorator(db):
+    one = dbqueue.enqueue(later_report, args=("q1",)).refresh()
+    (many,) = dbqueue.enqueue_many(later_report, ["q2"])
+    sooner = dbqueue.schedule(dt.timedelta(minutes=5), later_report, args=("q3",)).refresh()
+    for task in (one, dbqueue.Task.get(many)):
+        assert task.timeout == 12.5
+        assert abs((task.run_at - task.created_at).total_seconds() - 7200) < 5
+    assert sooner.timeout == 12.5  # schedule's `when` is an explicit run_at: it wins
+    assert abs((sooner.run_at - sooner.created_at).total_seconds() - 300) < 5
+
+
+def test_explicit_options_override_the_decorator(db):
+    assert stored(dbqueue.enqueue(jobs.send_mail, args=("a",), queue="urgent")) == (
+        "urgent",
+        5,
+        3,
+    )
+    # an explicit value equal to the built-in default still overrides the decorator's
+    assert stored(dbqueue.enqueue(jobs.send_mail, args=("b",), priority=0)) == ("mail", 0, 3)
+    (many,) = dbqueue.enqueue_many(jobs.send_mail, ["c"], max_attempts=25)
+    assert stored(many) == ("mail", 5, 25)
+    scheduled = dbqueue.schedule(dt.timedelta(hours=1), jobs.send_mail, ("d",), queue="default")
+    assert stored(scheduled) == ("default", 5, 3)
+    assert stored(jobs.send_mail.enqueue(("e",), priority=1)) == ("mail", 1, 3)
+    assert [stored(i) for i in jobs.send_mail.map(["f"], queue="bulk")] == [("bulk", 5, 3)]
+    assert stored(jobs.send_mail("g")) == ("mail", 5, 3)
+
+
+def test_plain_function_gets_the_default_options(db):
+    one = dbqueue.enqueue(jobs.echo, args=(1,)).refresh()
+    (many,) = dbqueue.enqueue_many(jobs.add, [(1, 2)])
+    later = dbqueue.schedule(dt.timedelta(hours=1), jobs.noop).refresh()
+    for task in (one, dbqueue.Task.get(many), later):
+        assert (task.queue, task.priority, task.max_attempts) == ("default", 0, 25)
+        assert task.timeout is None and task.unique_key is None
+    assert abs((one.run_at - one.created_at).total_seconds()) < 5
+
+
+def test_module_functions_apply_the_decorator_unique_key(db):
+    """unique_rollup is decorated with unique_key="nightly-rollup", on_conflict="replace"."""
+    first = dbqueue.enqueue(jobs.unique_rollup, args=("monday",))
+    assert first.refresh().unique_key == "nightly-rollup"
+    (batched,) = dbqueue.enqueue_many(jobs.unique_rollup, ["tuesday"])
+    (mapped,) = jobs.unique_rollup.map(["wednesday"])
+    assert first.id == batched == mapped
+    kept = dbqueue.enqueue(jobs.unique_rollup, args=("thursday",), on_conflict="keep")
+    assert kept == first
+    assert db.scalar("SELECT count(*) FROM tasks") == 1
+    with pytest.raises(dbqueue.EnqueueError, match="on_conflict must be"):
+        dbqueue.enqueue_many(jobs.unique_rollup, ["friday"], on_conflict="merge")
+    assert db.scalar("SELECT count(*) FROM tasks") == 1
+    assert work_off(db).succeeded == 1
+    assert first.refresh().result == "wednesday"
