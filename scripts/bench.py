@@ -301,23 +301,33 @@ def _claim_pass(settings: config.Settings, queued: int, limit: int) -> float:
 
 
 def claim_speed(
-    settings: config.Settings, finished: int, queued: int, rounds: int, limit: int = 100
+    empty_db: config.Settings, full_db: config.Settings, finished: int, queued: int, passes: int
 ) -> Figures:
-    """Claimed rows/s with an empty table, then with `finished` finished rows in it.
+    """Claimed rows/s in a database with no other rows and in one holding `finished` finished
+    rows, measured in alternating passes so that the machine's drift falls on both alike.
 
-    One untimed pass first: the first claims on a connection are neither prepared nor cached,
-    which would flatter the full table measured after them."""
-    _claim_pass(settings, queued, limit)
-    empty = [queued / _claim_pass(settings, queued, limit) for _ in range(rounds)]
-    with settings.get_engine().begin() as conn:
+    The full database is filled, vacuumed and checkpointed before any pass, so no autovacuum
+    or checkpoint of the fill runs during them; one untimed pass warms each connection first
+    (the first claims on a connection are neither prepared nor cached)."""
+    with full_db.get_engine().begin() as conn:
         conn.execute(sa.text(FILL_FINISHED.format(n=int(finished))))
-    full = [queued / _claim_pass(settings, queued, limit) for _ in range(rounds)]
+    vacuum(full_db)
+    with full_db.get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.exec_driver_sql("CHECKPOINT")
+    _claim_pass(empty_db, queued, limit=100)
+    _claim_pass(full_db, queued, limit=100)
+    empty, full = [], []
+    for _ in range(passes):
+        empty.append(queued / _claim_pass(empty_db, queued, limit=100))
+        full.append(queued / _claim_pass(full_db, queued, limit=100))
     figures = {
         "claim_empty_per_s": statistics.median(empty),
         "claim_full_per_s": statistics.median(full),
         "finished_rows": float(finished),
+        "passes": float(passes),
     }
-    figures["claim_full_vs_empty"] = figures["claim_full_per_s"] / figures["claim_empty_per_s"]
+    ratios = [f / e for f, e in zip(full, empty, strict=True)]
+    figures["claim_full_vs_empty"] = statistics.median(ratios)
     return figures
 
 
@@ -385,6 +395,44 @@ def repeat(times: int, run: Callable[[], Figures]) -> Figures:
     return median_of(runs)
 
 
+# Ratios the targets are judged on: (name, numerator scenario, key, denominator scenario, key).
+RATIOS = (
+    ("drain_vs_raw", "dbqueue", "drain_per_s", "raw_limit", "drain_per_s"),
+    ("single_vs_raw", "dbqueue", "enqueue_single_per_s", "raw_single_insert", "insert_per_s"),
+    ("many_vs_raw", "dbqueue", "enqueue_batch_per_s", "raw_batch_insert", "executemany_per_s"),
+    ("many_vs_pgqueuer", "dbqueue", "enqueue_batch_per_s", "pgqueuer", "enqueue_batch_per_s"),
+    ("drain_vs_pgqueuer", "dbqueue", "drain_per_s", "pgqueuer", "drain_per_s"),
+)
+
+
+def interleaved(rounds: int, scenarios: dict[str, Callable[[], Figures]], step: Stepper) -> Any:
+    """Each round runs every scenario once, in the same order; figures are medians over the
+    rounds, and each ratio the median of the rounds' own ratios. The VM this runs on speeds
+    up and slows down by a third within minutes: measured in blocks (every raw run, then
+    every dbqueue run) the drift fell between numerator and denominator; within a round the
+    two run a minute apart at most."""
+    runs: dict[str, list[Figures]] = {name: [] for name in scenarios}
+    for number in range(1, max(1, rounds) + 1):
+        for name, scenario in scenarios.items():
+            if runs[name] and ("skipped" in runs[name][-1] or "error" in runs[name][-1]):
+                continue  # not installed, or broken: once is enough
+            step(f"round {number}/{rounds}: {name}")
+            runs[name].append(guarded(scenario))
+    results: dict[str, Any] = {name: median_of(done) for name, done in runs.items()}
+    ratios: dict[str, float] = {}
+    for ratio, top, top_key, bottom, bottom_key in RATIOS:
+        per_round = [
+            _num(a, top_key) / b_value
+            for a, b in zip(runs.get(top, []), runs.get(bottom, []), strict=False)
+            if _num(a, top_key) is not None and (b_value := _num(b, bottom_key))
+        ]
+        if per_round:
+            ratios[ratio] = statistics.median(per_round)  # type: ignore[arg-type]
+    results["ratios"] = ratios
+    results["rounds"] = runs
+    return results
+
+
 @contextlib.contextmanager
 def _cwd(path: str) -> Iterator[None]:
     before = os.getcwd()
@@ -422,35 +470,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"environment": environment(admin), "parameters": vars(args)}
     step("pickling and signing")
     results["codec"] = guarded(codec_costs)
-    step("raw limit")
-    results["raw_limit"] = repeat(args.repeats, lambda: bench_peers.raw_limit(admin, args.jobs))
-    results["raw_single_insert"] = repeat(
-        args.repeats, lambda: bench_peers.raw_single_insert(admin, args.single_n)
-    )
-    results["raw_batch_insert"] = repeat(
-        args.repeats, lambda: bench_peers.raw_batch_insert(admin, args.jobs)
-    )
 
     def pg_run(body: Callable[[config.Settings], Figures], name: str) -> Figures:
         with pg_settings(admin, name) as settings:
             return body(settings)
 
-    step("dbqueue enqueue + drain (PostgreSQL)")
-    results["dbqueue"] = repeat(
-        args.repeats,
-        lambda: pg_run(lambda s: enqueue_and_drain(s, args.jobs, args.single_n), "dbq"),
-    )
-    step("dbqueue idle latency")
-    results["dbqueue_latency"] = repeat(
-        args.repeats, lambda: pg_run(lambda s: idle_latency(s, args.latency_n), "dbqlat")
-    )
-    step(f"dbqueue claim with {args.finished_rows:,} finished rows")
-    results["dbqueue_claim"] = guarded(
-        lambda: pg_run(
-            lambda s: claim_speed(s, args.finished_rows, args.claim_queued, args.repeats),
-            "dbqclaim",
+    scenarios: dict[str, Callable[[], Figures]] = {
+        "raw_limit": lambda: bench_peers.raw_limit(admin, args.jobs),
+        "raw_single_insert": lambda: bench_peers.raw_single_insert(admin, args.single_n),
+        "raw_batch_insert": lambda: bench_peers.raw_batch_insert(admin, args.jobs),
+        "dbqueue": lambda: pg_run(lambda s: enqueue_and_drain(s, args.jobs, args.single_n), "dbq"),
+        "dbqueue_latency": lambda: pg_run(lambda s: idle_latency(s, args.latency_n), "dbqlat"),
+    }
+    if not args.no_peers:
+        scenarios["pgqueuer"] = lambda: bench_peers.pgqueuer_scenarios(
+            admin, jobs=args.jobs, single_n=args.single_n, latency_n=args.latency_n
         )
-    )
+        scenarios["procrastinate"] = lambda: bench_peers.procrastinate_scenarios(
+            admin, jobs=args.procrastinate_jobs, single_n=args.single_n, latency_n=args.latency_n
+        )
+    results.update(interleaved(args.repeats, scenarios, step))
+
+    step(f"dbqueue claim with {args.finished_rows:,} finished rows vs none")
+
+    def claims() -> Figures:
+        with pg_settings(admin, "dbqclaim0") as empty, pg_settings(admin, "dbqclaim1") as full:
+            return claim_speed(
+                empty, full, args.finished_rows, args.claim_queued, max(5, args.repeats)
+            )
+
+    results["dbqueue_claim"] = guarded(claims)
     step(f"dbqueue worker RSS over {args.rss_tasks:,} tasks")
     results["dbqueue_rss"] = guarded(
         lambda: pg_run(lambda s: worker_rss(s, args.rss_tasks), "dbqrss")
@@ -462,24 +511,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return enqueue_and_drain(settings, args.sqlite_jobs, args.single_n // 2)
 
     results["dbqueue_sqlite"] = repeat(args.repeats, sqlite_run)
-    if not args.no_peers:
-        step("PgQueuer")
-        results["pgqueuer"] = repeat(
-            args.repeats,
-            lambda: bench_peers.pgqueuer_scenarios(
-                admin, jobs=args.jobs, single_n=args.single_n, latency_n=args.latency_n
-            ),
-        )
-        step("procrastinate")
-        results["procrastinate"] = repeat(
-            args.repeats,
-            lambda: bench_peers.procrastinate_scenarios(
-                admin,
-                jobs=args.procrastinate_jobs,
-                single_n=args.single_n,
-                latency_n=args.latency_n,
-            ),
-        )
     if not args.no_extras:
         step("counters / bus benchmarks")
         results["extras"] = optional_benches(("counters", "bus"))
@@ -559,7 +590,12 @@ def table(results: dict[str, Any]) -> str:
     pgq = results.get("pgqueuer", {"skipped": "not run"})
     proc = results.get("procrastinate", {"skipped": "not run"})
 
-    def ratio(a: float | None, b: float | None) -> float | None:
+    ratios = results.get("ratios", {})
+
+    def ratio(a: float | None, b: float | None, name: str = "") -> float | None:
+        """The median of the rounds' own ratios when recorded, else the ratio of medians."""
+        if name in ratios:
+            return float(ratios[name])
         return a / b if a is not None and b else None
 
     def at_least(value: float | None, bound: float) -> str:
@@ -579,18 +615,18 @@ def table(results: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| drain {int(_num(raw, 'jobs') or 0):,} no-op tasks, 2 processes | {_cell(drain)} | "
         f"{_peer(pgq, 'drain_per_s')} | {_peer(proc, 'drain_per_s')} | {_cell(raw_drain)} | "
-        f"{_cell(ratio(drain, raw_drain), 'x')} | >= 0.40x raw | "
-        f"{at_least(ratio(drain, raw_drain), 0.4)} |",
+        f"{_cell(ratio(drain, raw_drain, 'drain_vs_raw'), 'x')} | >= 0.40x raw | "
+        f"{at_least(ratio(drain, raw_drain, 'drain_vs_raw'), 0.4)} |",
         f"| enqueue_many, batches of 1,000 | {_cell(many)} | {_peer(pgq, 'enqueue_batch_per_s')} "
         f"| {_peer(proc, 'enqueue_batch_per_s')} | {_cell(_num(batch_raw, 'executemany_per_s'))} "
         f"(COPY {_cell(_num(batch_raw, 'insert_per_s'))}) | "
-        f"{_cell(ratio(many, _num(batch_raw, 'executemany_per_s')), 'x')} | >= 1.0x PgQueuer "
-        f"({_cell(ratio(many, pgq_many), 'x')}) | "
-        f"{at_least(ratio(many, pgq_many), 1.0)} |",
+        f"{_cell(ratio(many, _num(batch_raw, 'executemany_per_s'), 'many_vs_raw'), 'x')} | "
+        f">= 1.0x PgQueuer ({_cell(ratio(many, pgq_many, 'many_vs_pgqueuer'), 'x')}) | "
+        f"{at_least(ratio(many, pgq_many, 'many_vs_pgqueuer'), 1.0)} |",
         f"| enqueue one by one, own commit | {_cell(one)} | "
         f"{_peer(pgq, 'enqueue_single_per_s')} | {_peer(proc, 'enqueue_single_per_s')} | "
-        f"{_cell(raw_one)} | {_cell(ratio(one, raw_one), 'x')} | >= 0.5x raw | "
-        f"{at_least(ratio(one, raw_one), 0.5)} |",
+        f"{_cell(raw_one)} | {_cell(ratio(one, raw_one, 'single_vs_raw'), 'x')} | >= 0.5x raw | "
+        f"{at_least(ratio(one, raw_one, 'single_vs_raw'), 0.5)} |",
         f"| idle latency p50, enqueue to start | {_cell(p50, 'ms')} | "
         f"{_peer(pgq, 'latency_p50_ms', 'ms')} | {_peer(proc, 'latency_p50_ms', 'ms')} | | | "
         f"<= 3 ms | {_verdict(None if p50 is None else p50 <= 3.0)} |",
