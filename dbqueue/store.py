@@ -720,15 +720,21 @@ def _holds(conn: sa.Connection, outcome: Outcome) -> bool:
     return row is not None
 
 
+# A batch's rows are found by `id = ANY(ids)` and each row's own values picked from the
+# arrays by its position: joined to unnest(ids, ...) instead, the generic plan of the
+# prepared statement re-ran the unnest for every row of a nested loop (measured: a third
+# more time per batch of 100 than this form).
 _COMPLETE_MANY_PG = sa.text(
     """
     UPDATE tasks
-    SET status = 'succeeded', result = o.result, error = o.error,
+    SET status = 'succeeded',
+        result = (CAST(:results AS bytea[]))[array_position(CAST(:ids AS bigint[]), tasks.id)],
+        error = (CAST(:errors AS text[]))[array_position(CAST(:ids AS bigint[]), tasks.id)],
         locked_by = NULL, locked_at = NULL, finished_at = clock_timestamp()
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:results AS bytea[]),
-                CAST(:errors AS text[])) AS o(id, attempts, result, error)
-    WHERE tasks.id = o.id AND tasks.status = 'running' AND tasks.locked_by = :worker
-      AND tasks.attempts = o.attempts
+    WHERE tasks.id = ANY(CAST(:ids AS bigint[])) AND tasks.status = 'running'
+      AND tasks.locked_by = :worker
+      AND tasks.attempts = (CAST(:attempts AS int[]))[array_position(CAST(:ids AS bigint[]),
+                                                                     tasks.id)]
     RETURNING tasks.id
     """
 )
@@ -740,9 +746,10 @@ _COMPLETE_MANY_BARE_PG = sa.text(
     UPDATE tasks
     SET status = 'succeeded', result = NULL, error = NULL,
         locked_by = NULL, locked_at = NULL, finished_at = clock_timestamp()
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])) AS o(id, attempts)
-    WHERE tasks.id = o.id AND tasks.status = 'running' AND tasks.locked_by = :worker
-      AND tasks.attempts = o.attempts
+    WHERE tasks.id = ANY(CAST(:ids AS bigint[])) AND tasks.status = 'running'
+      AND tasks.locked_by = :worker
+      AND tasks.attempts = (CAST(:attempts AS int[]))[array_position(CAST(:ids AS bigint[]),
+                                                                     tasks.id)]
     RETURNING tasks.id
     """
 )
@@ -751,7 +758,7 @@ _COMPLETE_MANY_BARE_PG = sa.text(
 def complete(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
     """running -> succeeded, storing each result.
 
-    PostgreSQL, several at once: one UPDATE joined to arrays of (id, attempts, result, error),
+    PostgreSQL, several at once: one UPDATE taking arrays of (id, attempts, result, error),
     fenced like the rest; a batch of executemany UPDATEs costs the server one statement each.
     """
     if len(outcomes) > 1 and conn.dialect.name == "postgresql":
