@@ -295,15 +295,16 @@ _INSERT_MANY_UNIFORM_PG = sa.text(
 
 
 class _BinaryArray(list):  # type: ignore[type-arg]
-    """A list psycopg sends as a binary array (see `_bytea_array`)."""
+    """A list psycopg sends as a binary array (see `_binary_array`)."""
 
 
-def _bytea_array(conn: sa.Connection, values: list[bytes | None]) -> list[bytes | None]:
-    """`values` as a parameter psycopg sends in binary: as text, every element of a bytea
-    array is escaped and quoted by a regular expression in Python (measured: 4.9 ms for
-    1,000 payloads of 100 bytes, 0.3 ms in binary). psycopg picks a list's format by its
-    class, so the list is re-classed and this connection told to dump that class in binary;
-    SQLAlchemy still runs the statement. Other drivers get the plain list."""
+def _binary_array(conn: sa.Connection, values: list[Any]) -> list[Any]:
+    """`values` (bytes or ints) as a parameter psycopg sends in binary: as text, every
+    element of an array is checked, and a bytea one escaped and quoted, by a regular
+    expression in Python (measured: 4.9 ms for 1,000 payloads of 100 bytes, 0.3 ms in
+    binary). psycopg picks a list's format by its class, so the list is re-classed and this
+    connection told to dump that class in binary; SQLAlchemy still runs the statement.
+    Other drivers get the plain list."""
     if not database.is_psycopg(conn) or all(v is None for v in values):
         return values  # an all-NULL array has no element type to send in binary
     from psycopg.adapt import PyFormat
@@ -349,7 +350,7 @@ def _insert_many_pg(conn: sa.Connection, new: Sequence[NewTask]) -> list[int]:
             "handler": first.handler,
             "max_attempts": first.max_attempts,
             "timeout": first.timeout,
-            "payloads": _bytea_array(conn, [t.payload for t in new]),
+            "payloads": _binary_array(conn, [t.payload for t in new]),
         }
     else:
         statement = _INSERT_MANY_PG
@@ -359,7 +360,7 @@ def _insert_many_pg(conn: sa.Connection, new: Sequence[NewTask]) -> list[int]:
             "run_ats": [t.run_at.astimezone(utc) if t.run_at else None for t in new],
             "delays": [float(t.delay) for t in new],
             "handlers": [t.handler for t in new],
-            "payloads": _bytea_array(conn, [t.payload for t in new]),
+            "payloads": _binary_array(conn, [t.payload for t in new]),
             "max_attempts": [t.max_attempts for t in new],
             "timeouts": [t.timeout for t in new],
         }
@@ -763,17 +764,17 @@ def complete(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> i
     """
     if len(outcomes) > 1 and conn.dialect.name == "postgresql":
         params: dict[str, Any] = {
-            "ids": [o.id for o in outcomes],
-            "attempts": [o.attempts for o in outcomes],
+            "ids": _binary_array(conn, [o.id for o in outcomes]),
+            "attempts": _binary_array(conn, [o.attempts for o in outcomes]),
             "worker": worker,
         }
         if all(o.result is None and o.error is None for o in outcomes):
             statement = _COMPLETE_MANY_BARE_PG
         else:
             statement = _COMPLETE_MANY_PG
-            params["results"] = _bytea_array(conn, [o.result for o in outcomes])
+            params["results"] = _binary_array(conn, [o.result for o in outcomes])
             params["errors"] = [o.error for o in outcomes]
-        landed = {r[0] for r in conn.execute(statement, params)}
+        landed = set(conn.execute(statement, params).scalars().all())
         return _written(conn, worker, outcomes, len(landed), landed)
     return _execute_fenced(conn, Status.SUCCEEDED, worker, outcomes)
 
