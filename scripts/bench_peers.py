@@ -294,6 +294,7 @@ RETURNING jobs.id
 """
 
 RAW_FINISH = "UPDATE jobs SET status = 'done', finished_at = now() WHERE id = ANY(%s)"
+RAW_INSERT = "INSERT INTO jobs (payload) VALUES (%s)"  # the raw single-row INSERT commit
 
 
 def _raw_setup(dsn: str) -> None:
@@ -365,12 +366,11 @@ def raw_single_insert(admin_dsn: str, n: int = 2000) -> Figures:
         with throwaway_db(admin_dsn, "rawins") as dsn:
             _raw_setup(dsn)
             with psycopg.connect(dsn, autocommit=True) as conn:
-                insert = "INSERT INTO jobs (payload) VALUES (%s)"
                 for _ in range(min(n, 50)):  # warm up: server-side prepare, caches
-                    conn.execute(insert, (PAYLOAD,), prepare=True)
+                    conn.execute(RAW_INSERT, (PAYLOAD,), prepare=True)
                 started = time.perf_counter()
                 for _ in range(n):
-                    conn.execute(insert, (PAYLOAD,), prepare=True)
+                    conn.execute(RAW_INSERT, (PAYLOAD,), prepare=True)
                 elapsed = time.perf_counter() - started
         return {"insert_per_s": n / elapsed}
     except Exception as exc:
