@@ -3,7 +3,8 @@
 The plan is read from EXPLAIN (FORMAT JSON) of the very statement store.claim sends (captured
 from psycopg's cursor), with many finished rows present: it must walk the partial index
 ix_tasks_claimable and never scan the table. R14: many concurrent claims over 10,000 queued
-rows never return more rows than their limit, and never claim a row twice.
+rows never return more rows than their limit, and never claim a row twice. The batch
+completion's generic plan finds its rows through an index and never unnests its arrays.
 """
 
 from __future__ import annotations
@@ -163,3 +164,41 @@ def test_only_the_claim_transaction_skips_the_flush_wait(db):
         later = auto.exec_driver_sql("SHOW synchronous_commit").scalar()
     assert (len(claimed), during, after, later) == (5, "off", "on", "on")
     assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'succeeded'") == 5
+
+
+@pytest.mark.parametrize("statement", ["bare", "with-results"])
+def test_batch_completion_generic_plan_walks_an_index_once(db, statement):
+    """The batch completion, as psycopg prepares it (generic plan): its rows are found through
+    an index, and the arrays are read by position, never unnested into a join: joined to
+    unnest(ids, attempts), the generic plan re-ran the unnest for every row of a nested loop."""
+    _fill(db, 100_000, "succeeded")
+    _fill(db, 1_000, "running")
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE tasks SET locked_by = 'w' WHERE status = 'running'")
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE tasks")
+    text = store._COMPLETE_MANY_BARE_PG if statement == "bare" else store._COMPLETE_MANY_PG
+    sql = str(text.compile(dialect=db.engine.dialect))
+    names = {"ids": "bigint[]", "attempts": "int[]", "worker": "text"}
+    if statement != "bare":
+        names.update(results="bytea[]", errors="text[]")
+    for number, name in enumerate(names, 1):
+        sql = sql.replace(f"%({name})s", f"${number}")
+    with db.engine.connect() as conn:
+        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        conn.exec_driver_sql(f"PREPARE done_plan ({', '.join(names.values())}) AS {sql}")
+        values = {
+            "ids": "'{1,2,3}'",
+            "attempts": "'{1,1,1}'",
+            "worker": "'w'",
+            "results": "'{NULL,NULL,NULL}'",
+            "errors": "'{NULL,NULL,NULL}'",
+        }
+        arguments = ", ".join(values[name] for name in names)
+        raw = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) EXECUTE done_plan({arguments})").scalar()
+        conn.rollback()
+    nodes = _nodes(raw[0]["Plan"])
+    summary = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
+    print("DONEPLAN", statement, summary)
+    assert not [n for n in nodes if n["Node Type"] in ("Function Scan", "Seq Scan")], summary
+    assert any("Index" in n["Node Type"] for n in nodes), summary
