@@ -718,7 +718,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"{env['when']}; PostgreSQL {env['postgresql']} on loopback; Python {env['python']}; "
         f"{env['cpus']} CPUs, load average at start {load}; medians of "
-        f"{results['parameters']['repeats']} runs; {results['seconds']:.0f} s in all. "
+        f"{results['parameters']['repeats']} interleaved rounds (ratios: medians of each "
+        f"round's own); {results['seconds']:.0f} s in all. "
         "Rates are tasks per second. Produced by `scripts/bench`.",
         "",
         table(results),
