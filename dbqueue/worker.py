@@ -254,7 +254,7 @@ class Worker:
             size = min(size, self.max_tasks - self.summary.done)
         return max(1, min(self.max_batch, size))
 
-    def claim(self, limit: int) -> list[sa.Row[Any]]:
+    def claim(self, limit: int) -> list[Any]:
         """Claim a batch. After a claim whose commit was cut off, first give back what that
         claim may have taken: the rows say `running` under this worker, which is alive, so no
         rescue would ever return them. The usual claim is one statement, sent in autocommit

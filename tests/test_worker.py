@@ -145,3 +145,16 @@ def test_claim_on_a_killed_connection_is_retried_on_a_new_one(db):
     finally:
         w._close_conn()
     assert [dbqueue.Task(i).result for i in ids] == [1, 2, 3]
+
+
+def test_claim_on_a_plain_connection_commits_with_it(db):
+    """store.claim on a connection whose transaction has not begun (SQLAlchemy's autobegin):
+    the caller's commit() makes the claim stick, as with any statement, even though on
+    PostgreSQL the claim goes to psycopg's cursor directly."""
+    task = dbqueue.enqueue(jobs.noop)
+    with db.engine.connect() as conn:
+        (row,) = store.claim(conn, "plain-connection", 1)
+        conn.commit()
+    assert row.id == task.id
+    assert db.scalar(f"SELECT status FROM tasks WHERE id = {task.id}") == "running"
+    assert db.scalar(f"SELECT locked_by FROM tasks WHERE id = {task.id}") == "plain-connection"
