@@ -206,12 +206,12 @@ def _recipe(
     settings: config.Settings,
     func: Any,
     *,
-    priority: int = 0,
-    run_at: RunAt = None,
-    queue: str = "default",
-    max_attempts: int = retry.DEFAULT_MAX_ATTEMPTS,
-    timeout: float | None = None,
-    unique_key: str | None = None,
+    priority: int = _DEFAULTS["priority"],
+    run_at: RunAt = _DEFAULTS["run_at"],
+    queue: str = _DEFAULTS["queue"],
+    max_attempts: int = _DEFAULTS["max_attempts"],
+    timeout: float | None = _DEFAULTS["timeout"],
+    unique_key: str | None = _DEFAULTS["unique_key"],
 ) -> _Recipe:
     if not callable(func):
         raise errors.EnqueueError(f"{func!r} is not callable")
