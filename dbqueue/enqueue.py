@@ -148,7 +148,7 @@ def reference(func: Any) -> tuple[str, tuple[Any, ...]]:
     return serializer.handler_name(func), ("func",)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen: a frozen init costs a setattr call per field
 class _Recipe:
     """What every task of one call shares: the callable's reference and the checked options.
 

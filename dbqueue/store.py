@@ -55,7 +55,7 @@ CLAIM_COLUMNS = (
 )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class NewTask:
     """One row to insert. `run_at` absolute, or `delay` seconds from the database's now."""
 
@@ -136,7 +136,11 @@ def _driver_sql(
     processors = tuple(
         (name, proc)
         for name, proc in compiled._bind_processors.items()  # SQLAlchemy's own type coercions
-        if isinstance(name, str) and proc is not None
+        if isinstance(name, str)
+        and proc is not None
+        # bytes go as they are: psycopg's C dumper sends them in binary, where the processor
+        # would wrap them in psycopg.Binary, whose dumper is Python code run per statement
+        and not isinstance(compiled.binds[name].type, sa.LargeBinary)
     )
     return str(compiled), dict(compiled.params), processors
 
