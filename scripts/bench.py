@@ -454,6 +454,8 @@ def interleaved(rounds: int, scenarios: dict[str, Callable[[], Figures]], step: 
     results: dict[str, Any] = {name: median_of(done) for name, done in runs.items()}
     ratios: dict[str, float] = {}
     for ratio, top, top_key, bottom, bottom_key in RATIOS:
+        if any("error" in results.get(name, {}) for name in (top, bottom) if name):
+            continue  # the table says "error" for it: no ratio from the rounds that worked
         if bottom is None:
             per_round = [v for a in runs.get(top, []) if (v := _num(a, top_key)) is not None]
         else:
