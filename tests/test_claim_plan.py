@@ -107,6 +107,22 @@ def test_claim_uses_the_partial_index_with_many_finished_rows(db, queues, generi
     assert any(n["Node Type"] == "LockRows" for n in nodes), summary
 
 
+@pytest.mark.parametrize("queues", [None, ["mail"]], ids=["all-queues", "one-queue"])
+def test_claim_on_a_small_table_looks_its_rows_up_by_key(db, queues):
+    """A small table (a queue kept pruned), as a running worker claims from it: through the
+    prepared statement's generic plan, which does not know the LIMIT. With `id IN (SELECT
+    ...)` that plan hash-joined the claimed ids to a sequential scan of the whole table."""
+    _fill(db, 10_000, "queued")
+    _fill(db, 1_000, "succeeded")
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE tasks")
+    nodes = _plan(db, queues, generic=True)
+    summary = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
+    print("SMALLPLAN", queues, summary)
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], summary
+    assert any(n.get("Index Name") == "pk_tasks" for n in nodes), summary
+
+
 def test_concurrent_claims_never_exceed_their_limit(db):
     """R14: 10,000 queued rows, claim(limit=10) from 8 threads until none is left."""
     _fill(db, 10_000, "queued")
