@@ -75,7 +75,7 @@ def _options(func: Any, given: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 def _replace(on_conflict: Any) -> bool:
     """Whether a task whose unique_key is queued replaces that task's arguments and run_at."""
     if on_conflict is _MISSING:
-        return False  # _DEFAULTS["on_conflict"], "keep"
+        on_conflict = _DEFAULTS["on_conflict"]
     if on_conflict not in {"keep", "replace"}:
         raise errors.EnqueueError(f"on_conflict must be 'keep' or 'replace', not {on_conflict!r}")
     return bool(on_conflict == "replace")

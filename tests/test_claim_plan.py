@@ -71,21 +71,31 @@ def _plan(db, queues: list[str] | None, generic: bool = False) -> list[dict[str,
     """The claim's plan; `generic`: the plan of the prepared statement with its parameters
     unknown, which PostgreSQL may switch to once psycopg prepares it (its 6th run)."""
     statement, parameters = _claim_sql(db, queues)
+    if generic:
+        types = {n: "bigint" if isinstance(v, int) else "text" for n, v in parameters.items()}
+        literals = {n: psycopg.sql.Literal(v).as_string(None) for n, v in parameters.items()}
+        return _generic_plan(db, statement, types, literals)
     with db.engine.connect() as conn:
-        if not generic:
-            raw = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters).scalar()
-            return _nodes(raw[0]["Plan"])
-        names = list(parameters)
-        for number, name in enumerate(names, 1):
-            statement = statement.replace(f"%({name})s", f"${number}")
-        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-        types = ", ".join("bigint" if isinstance(parameters[n], int) else "text" for n in names)
-        conn.exec_driver_sql(f"PREPARE claim_plan ({types}) AS {statement}".replace("%%", "%"))
-        driver = conn.connection.driver_connection
-        values = ", ".join(psycopg.sql.Literal(parameters[n]).as_string(driver) for n in names)
-        raw = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) EXECUTE claim_plan({values})").scalar()
-        conn.rollback()
+        raw = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters).scalar()
     return _nodes(raw[0]["Plan"])
+
+
+def _generic_plan(
+    db, statement: str, types: dict[str, str], literals: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The plan nodes of `statement` (psycopg's %(name)s placeholders) as a prepared
+    statement's generic plan: parameters typed by `types`, run with the SQL `literals`."""
+    for number, name in enumerate(types, 1):
+        statement = statement.replace(f"%({name})s", f"${number}")
+    prepare = f"PREPARE generic_plan ({', '.join(types.values())}) AS {statement}"
+    arguments = ", ".join(literals[name] for name in types)
+    with db.engine.connect() as conn:
+        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        conn.exec_driver_sql(prepare.replace("%%", "%"))
+        raw = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) EXECUTE generic_plan({arguments})")
+        plan = raw.scalar()
+        conn.rollback()
+    return _nodes(plan[0]["Plan"])
 
 
 @pytest.mark.parametrize("generic", [False, True], ids=["custom-plan", "generic-plan"])
@@ -194,26 +204,17 @@ def test_batch_completion_generic_plan_walks_an_index_once(db, statement):
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("VACUUM ANALYZE tasks")
     text = store._COMPLETE_MANY_BARE_PG if statement == "bare" else store._COMPLETE_MANY_PG
-    sql = str(text.compile(dialect=db.engine.dialect))
-    names = {"ids": "bigint[]", "attempts": "int[]", "worker": "text"}
+    types = {"ids": "bigint[]", "attempts": "int[]", "worker": "text"}
     if statement != "bare":
-        names.update(results="bytea[]", errors="text[]")
-    for number, name in enumerate(names, 1):
-        sql = sql.replace(f"%({name})s", f"${number}")
-    with db.engine.connect() as conn:
-        conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-        conn.exec_driver_sql(f"PREPARE done_plan ({', '.join(names.values())}) AS {sql}")
-        values = {
-            "ids": "'{1,2,3}'",
-            "attempts": "'{1,1,1}'",
-            "worker": "'w'",
-            "results": "'{NULL,NULL,NULL}'",
-            "errors": "'{NULL,NULL,NULL}'",
-        }
-        arguments = ", ".join(values[name] for name in names)
-        raw = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) EXECUTE done_plan({arguments})").scalar()
-        conn.rollback()
-    nodes = _nodes(raw[0]["Plan"])
+        types.update(results="bytea[]", errors="text[]")
+    literals = {
+        "ids": "'{1,2,3}'",
+        "attempts": "'{1,1,1}'",
+        "worker": "'w'",
+        "results": "'{NULL,NULL,NULL}'",
+        "errors": "'{NULL,NULL,NULL}'",
+    }
+    nodes = _generic_plan(db, str(text.compile(dialect=db.engine.dialect)), types, literals)
     summary = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
     print("DONEPLAN", statement, summary)
     assert not [n for n in nodes if n["Node Type"] in ("Function Scan", "Seq Scan")], summary
