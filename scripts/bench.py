@@ -175,11 +175,10 @@ def median_of(runs: list[Figures]) -> Figures:
 
 def single_enqueues(settings: config.Settings, n: int, block: int = 100) -> Figures:
     """About `n` enqueue() calls (whole blocks), each its own commit. On PostgreSQL in blocks
-    of `block`, each after
-    a block of the raw single-row INSERT commit (bench_peers.RAW_INSERT into a table of the
-    same database): an INSERT commit's time follows the disk's flush time, which drifts by
-    half within seconds here, so only blocks run side by side make a steady ratio (the median
-    of the blocks' own ratios)."""
+    of `block`, each after a block of the raw single-row INSERT commit (bench_peers.RAW_INSERT
+    into a table of the same database): an INSERT commit's time follows the disk's flush
+    time, which drifts by half within seconds here, so only blocks run side by side make a
+    steady ratio (the median of the blocks' own ratios)."""
     for _ in range(min(50, n)):  # warm up: imports, pool, prepared statements
         dbqueue.enqueue(bench_tasks.noop, settings=settings)
     raw: Any = None
