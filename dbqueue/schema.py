@@ -233,6 +233,12 @@ workers = sa.Table(
     sa.Column("name", sa.String(200), primary_key=True, comment="host:pid:random"),
     sa.Column("hostname", sa.String(200), nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column(
+        "host_id",
+        sa.String(300),
+        nullable=True,
+        comment="hostname/boot id/pid namespace: who may probe this pid (migration 0004)",
+    ),
     sa.Column("queues", sa.Text, nullable=True, comment="comma-separated; null: every queue"),
     sa.Column("started_at", UTCDateTime(), nullable=False),
     sa.Column("heartbeat_at", UTCDateTime(), nullable=False),

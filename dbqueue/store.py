@@ -986,7 +986,12 @@ def seconds_until_next(conn: sa.Connection, queues: Sequence[str] | None = None)
 
 
 def register_worker(
-    conn: sa.Connection, name: str, hostname: str, pid: int, queues: Sequence[str] | None
+    conn: sa.Connection,
+    name: str,
+    hostname: str,
+    pid: int,
+    queues: Sequence[str] | None,
+    host_id: str | None = None,
 ) -> None:
     """Add this worker process to `workers`, heartbeating from now."""
     conn.execute(
@@ -994,6 +999,7 @@ def register_worker(
             name=name,
             hostname=hostname,
             pid=pid,
+            host_id=host_id,
             queues=",".join(queues) if queues else None,
             started_at=db_now(),
             heartbeat_at=db_now(),
@@ -1011,11 +1017,11 @@ def unregister_worker(conn: sa.Connection, name: str) -> None:
     conn.execute(sa.delete(workers).where(workers.c.name == name))
 
 
-def list_workers(conn: sa.Connection, hostname: str | None = None) -> list[sa.Row[Any]]:
-    """Registered workers (of one host, or all) with the database's now, for heartbeat ages."""
+def list_workers(conn: sa.Connection, host_id: str | None = None) -> list[sa.Row[Any]]:
+    """Registered workers (of one process table, or all) with the database's now."""
     stmt = sa.select(workers, db_now().label("now")).order_by(workers.c.name)
-    if hostname is not None:
-        stmt = stmt.where(workers.c.hostname == hostname)
+    if host_id is not None:
+        stmt = stmt.where(workers.c.host_id == host_id)
     return list(conn.execute(stmt))
 
 

@@ -21,12 +21,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dbqueue import config, errors, logs, store, worker
+from dbqueue import config, errors, identity, logs, store, worker
 
 log = logging.getLogger("dbqueue.supervisor")
 
 EXIT_ZOMBIE = 3
 EXIT_RECYCLE = 4
+EXIT_ORPHANED = 5
 
 
 @dataclasses.dataclass
@@ -84,9 +85,15 @@ def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def die_with_parent() -> None:
+def die_with_parent(supervisor_pid: int) -> None:
     """Ask Linux to send this child SIGTERM when its supervisor dies (even by SIGKILL), so no
-    orphaned worker keeps claiming; the worker's heartbeat thread also checks getppid()."""
+    orphaned worker keeps claiming; then exit at once if the supervisor died before that.
+
+    The death signal only covers deaths after it is set, and a spawned child takes a second
+    or more to get here: a supervisor killed meanwhile has already left this child with
+    another parent. The worker's heartbeat thread also compares getppid() with
+    `supervisor_pid`, which covers systems without prctl.
+    """
     try:
         import ctypes
 
@@ -95,27 +102,45 @@ def die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux: the getppid() check in the heartbeat thread covers it
+    if os.getppid() != supervisor_pid:
+        log.error(
+            "supervisor %s is gone before worker %s started: exiting",
+            supervisor_pid,
+            os.getpid(),
+            extra={"event": "orphaned"},
+        )
+        sys.exit(EXIT_ORPHANED)
 
 
-def child_main(spec: ChildSpec, name: str, progress: Any) -> None:
+def child_main(spec: ChildSpec, name: str, progress: Any, supervisor_pid: int) -> None:
     """Entry point of a worker process."""
     sys.path[:] = spec.sys_path
-    die_with_parent()
     logs.setup(spec.log_level, spec.log_format)
+    die_with_parent(supervisor_pid)
     import_modules(spec.imports)
     settings = config.Settings(database_url=spec.database_url)
     config.configure(database_url=spec.database_url)
     last = worker.Summary()
 
     def report(summary: worker.Summary) -> None:
-        if progress is not None:
-            progress.send(
-                (
-                    summary.succeeded - last.succeeded,
-                    summary.retried - last.retried,
-                    summary.failed - last.failed,
+        if progress is not None and not w.stopping.is_set():
+            try:
+                progress.send(
+                    (
+                        summary.succeeded - last.succeeded,
+                        summary.retried - last.retried,
+                        summary.failed - last.failed,
+                    )
                 )
-            )
+            except OSError as exc:  # the supervisor's end of the pipe is closed: it is gone
+                log.error(
+                    "supervisor %s is gone (progress pipe: %s): worker %s stops",
+                    supervisor_pid,
+                    exc.strerror or exc,
+                    name,
+                    extra={"event": "orphaned"},
+                )
+                w.stop()
         last.succeeded, last.retried, last.failed = (
             summary.succeeded,
             summary.retried,
@@ -141,10 +166,18 @@ def child_main(spec: ChildSpec, name: str, progress: Any) -> None:
         default_timeout=spec.default_timeout,
         max_tasks=spec.max_tasks,
         on_progress=report,
-        parent_pid=os.getppid(),
+        parent_pid=supervisor_pid,
         threads=spec.threads,
     )
     w.install_signal_handlers()
+    if os.getppid() != supervisor_pid:  # died while the task modules were imported
+        log.error(
+            "supervisor %s is gone: worker %s exits",
+            supervisor_pid,
+            name,
+            extra={"event": "orphaned"},
+        )
+        sys.exit(EXIT_ORPHANED)
     if spec.burst:
         w.work_off()
     else:
@@ -195,10 +228,13 @@ class Supervisor:
         self.settings = config.Settings(database_url=spec.database_url)
 
     def _start_child(self) -> None:
-        name = worker.worker_name()
+        name = identity.worker_name()
         reader, writer = self.context.Pipe(duplex=False)
         process = self.context.Process(
-            target=child_main, args=(self.spec, name, writer), name=name, daemon=False
+            target=child_main,
+            args=(self.spec, name, writer, os.getpid()),
+            name=name,
+            daemon=False,
         )
         process.start()
         writer.close()

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import secrets
 import signal
 import socket
 import threading
@@ -27,7 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dbqueue import config, database, errors, executor, listener, store
+from dbqueue import config, database, errors, executor, identity, listener, store
 
 # A name, not the module: `dbqueue.periodic` is the decorator once the package is imported.
 from dbqueue.periodic import Scheduler
@@ -39,10 +38,6 @@ MAX_BATCH = 100
 BATCH_WINDOW = 0.05  # seconds of expected work claimed at once
 RECORD_EVERY = 0.5  # seconds a finished outcome may wait for its batch
 PROBE_INTERVAL = 1.0  # seconds between checks for dead worker processes on this host
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 @dataclasses.dataclass
@@ -97,7 +92,7 @@ class Worker:
             raise ValueError(f"threads must be at least 1, not {threads}")
         self.settings = settings
         self.queues = list(queues) if queues else None
-        self.name = name or worker_name()
+        self.name = name or identity.worker_name()
         self.sleep_delay = sleep_delay
         self.rescue_after = rescue_after
         self.default_timeout = default_timeout
@@ -129,7 +124,12 @@ class Worker:
         self._with_db_retry(
             lambda: self._transaction(
                 lambda c: store.register_worker(
-                    c, self.name, socket.gethostname(), os.getpid(), self.queues
+                    c,
+                    self.name,
+                    socket.gethostname(),
+                    os.getpid(),
+                    self.queues,
+                    identity.host_id(),
                 )
             ),
             "register",
@@ -541,11 +541,11 @@ class Heart(threading.Thread):
             self.worker.stop()
 
     def probe_local(self) -> None:
-        """Rescue at once the tasks of workers on this host whose process is gone."""
+        """Rescue at once the tasks of workers in this process table whose process is gone."""
         try:
             with self.worker.engine.begin() as conn:
-                here = socket.gethostname()
-                if any(not _pid_alive(w.pid) for w in store.list_workers(conn, hostname=here)):
+                here = store.list_workers(conn, host_id=identity.host_id())
+                if any(not identity.pid_alive(w.pid) for w in here):
                     rescue(conn, self.worker.rescue_after)
         except Exception:  # the next heartbeat reports database trouble
             return
@@ -613,11 +613,11 @@ class Heart(threading.Thread):
 
 
 def rescue(conn: sa.Connection, rescue_after: float) -> list[int]:
-    """Return the tasks of dead workers to the queue: stale heartbeats, vanished local pids."""
+    """Return the tasks of dead workers to the queue: stale heartbeats, and vanished pids of
+    workers in this process table (same boot and PID namespace; see identity.host_id)."""
     dead = set(store.stale_workers(conn, rescue_after))
-    here = socket.gethostname()
-    for row in store.list_workers(conn):
-        if row.hostname == here and not _pid_alive(row.pid):
+    for row in store.list_workers(conn, host_id=identity.host_id()):
+        if not identity.pid_alive(row.pid):
             dead.add(row.name)
     dead.update(store.orphaned_owners(conn))
     if not dead:
@@ -633,16 +633,6 @@ def rescue(conn: sa.Connection, rescue_after: float) -> list[int]:
             extra={"event": "rescued"},
         )
     return ids
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_inline(settings: config.Settings, conn: sa.Connection, task_id: int) -> store.Outcome:
