@@ -231,3 +231,11 @@ def rendezvous(directory: str, parties: int, timeout: float = 30.0) -> int:
             raise TimeoutError(f"only {len(list(folder.iterdir()))} of {parties} ran at once")
         time.sleep(0.01)
     return threading.get_ident()
+
+
+def record_start(url: str, label: str, seconds: float) -> str:
+    """Record (label, pid) when the task starts, in its own transaction, then sleep: a run
+    that started is counted even if its worker is killed before it finishes."""
+    record_run(url, label)
+    time.sleep(seconds)
+    return label
