@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from dbqueue import config, errors, retry, serializer, store
+from dbqueue import config, errors, hooks, retry, serializer, store
 from dbqueue.schema import Status
 
 log = logging.getLogger("dbqueue.worker")
@@ -200,22 +200,57 @@ def execute(
     default_timeout: float | None = None,
     bind: sa.Engine | sa.Connection | None = None,
 ) -> store.Outcome:
-    """Run one claimed task and say how it ended. Never raises for the task's sake."""
+    """Run one claimed task and say how it ended. Never raises for the task's sake.
+
+    Hooks (hooks.py) run around the call only when some are registered: without any, this
+    is the same few calls it always was.
+    """
     timeout = row.timeout if row.timeout is not None else default_timeout
+    view: hooks.TaskView | None = None
+    own: dict[str, Any] | None = None
     try:
         func, args, kwargs, session = load_call(settings, row, bind)
+        own = hooks.own_hooks(func)
         try:
-            value = call(func, args, kwargs, timeout)
+            if hooks.active or own:
+                view = task_view(row, args, kwargs)
+                hooks.fire_strict("before_task", view, extra=own)
+                value = hooks.around(view, lambda: call(func, args, kwargs, timeout), extra=own)
+            else:
+                value = call(func, args, kwargs, timeout)
             if session is not None:
                 session.commit()
         finally:
             if session is not None:
                 session.close()
     except Exception as exc:
-        return failure(settings, row, exc, func=locals().get("func"))
+        outcome = failure(settings, row, exc, func=locals().get("func"))
+        if view is not None or hooks.active:
+            view = view or task_view(row, (), {})
+            ended = "retrying" if outcome.status is Status.QUEUED else "failed"
+            hooks.fire("on_retry" if ended == "retrying" else "on_failure", view, exc, extra=own)
+            hooks.fire("after_task", view, hooks.Outcome(ended, exception=exc), extra=own)
+        return outcome
+    if view is not None:
+        hooks.fire("on_success", view, value, extra=own)
+        hooks.fire("after_task", view, hooks.Outcome("succeeded", result=value), extra=own)
     result, note = _store_result(settings, row.handler, value)
     return store.Outcome(
         id=row.id, attempts=row.attempts, status=Status.SUCCEEDED, result=result, error=note
+    )
+
+
+def task_view(row: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> hooks.TaskView:
+    """The read-only view hooks get of a claimed row."""
+    return hooks.TaskView(
+        id=row.id,
+        handler=row.handler,
+        queue=row.queue,
+        priority=row.priority,
+        attempts=row.attempts,
+        args=tuple(args),
+        kwargs=dict(kwargs),
+        meta=dict(getattr(row, "meta", None) or {}),
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dbqueue import config, database, errors, executor, identity, listener, store
+from dbqueue import config, database, errors, executor, hooks, identity, listener, store
 
 # A name, not the module: `dbqueue.periodic` is the decorator once the package is imported.
 from dbqueue.periodic import Scheduler
@@ -142,6 +142,7 @@ class Worker:
             ",".join(self.queues or ["*"]),
             extra={"event": "worker_started", "worker": self.name},
         )
+        hooks.fire("worker_started", self)
 
     def stop(self) -> None:
         """Stop claiming; the running task finishes, the rest of its batch is released."""
@@ -149,6 +150,7 @@ class Worker:
         self.wakeup.set()
 
     def shutdown(self) -> None:
+        hooks.fire("worker_stopping", self)
         if self._heart is not None:
             self._heart.stop()
         try:
