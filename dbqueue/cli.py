@@ -5,6 +5,7 @@ Every DbqueueError becomes one line on stderr and a non-zero exit, never a trace
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -177,6 +178,20 @@ def _worker_options(f: Any) -> Any:
     metavar="SECONDS",
     help="Seconds running tasks get to finish after SIGTERM.",
 )
+@click.option(
+    "--reload",
+    is_flag=True,
+    help="Development: restart the workers when a .py file under the current directory (or "
+    "--reload-dir) changes, after their running tasks finish. Needs dbqueue[reload].",
+)
+@click.option(
+    "--reload-dir",
+    "reload_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    metavar="DIR",
+    help="Watch this directory for --reload (repeatable; default: the current directory).",
+)
 @pass_context
 def work(
     obj: Context,
@@ -190,6 +205,8 @@ def work(
     max_tasks: int | None,
     max_memory: float | None,
     grace: float,
+    reload: bool,
+    reload_dirs: tuple[str, ...],
 ) -> None:
     """Run tasks until stopped (SIGTERM/SIGINT finish running tasks first).
 
@@ -208,7 +225,10 @@ def work(
         max_memory_mb=max_memory,
         threads=threads,
     )
-    boss = supervisor.Supervisor(spec, concurrency, grace=grace)
+    if reload_dirs and not reload:
+        raise click.UsageError("--reload-dir is for --reload; add --reload")
+    watch = (list(reload_dirs) or [os.getcwd()]) if reload else None
+    boss = supervisor.Supervisor(spec, concurrency, grace=grace, reload_dirs=watch)
     boss.run()
     if boss.forced:
         sys.exit(130)

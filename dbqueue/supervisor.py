@@ -211,8 +211,11 @@ class Supervisor:
         concurrency: int = 1,
         grace: float = 30.0,
         on_progress: Callable[[worker.Summary], None] | None = None,
+        reload_dirs: Sequence[str] | None = None,
     ) -> None:
         self.spec = spec
+        self.reload_dirs = list(reload_dirs) if reload_dirs else None
+        self._reload_requested = False
         self.concurrency = max(1, concurrency)
         self.grace = grace
         self.on_progress = on_progress
@@ -262,10 +265,21 @@ class Supervisor:
     def run(self) -> worker.Summary:
         """Supervise until stopped (or, in burst mode, until every child drained and exited)."""
         self._signals()
+        reloader = None
+        if self.reload_dirs:
+            from dbqueue import reload
+
+            reloader = reload.Reloader(self.reload_dirs, self._request_reload)
+            reloader.start()
         for _ in range(self.concurrency):
             self._start_child()
         while self.children:
             self._drain_progress(timeout=0.2)
+            if self._reload_requested and not self.stopping:
+                self._reload_requested = False
+                for process in self.children.values():  # graceful: they are started again
+                    if process.pid and process.is_alive():
+                        os.kill(process.pid, signal.SIGTERM)
             for name, process in list(self.children.items()):
                 if process.is_alive():
                     continue
@@ -278,11 +292,16 @@ class Supervisor:
                     if process.pid:
                         os.kill(process.pid, signal.SIGKILL)
                 self.stop_deadline = float("inf")
+        if reloader is not None:
+            reloader.stop()
         for _ in range(50):  # every child has exited: read what their pipes still hold
             if not self.pipes:
                 break
             self._drain_progress(timeout=0.1)
         return self.summary
+
+    def _request_reload(self, paths: list[str]) -> None:
+        self._reload_requested = True  # read by run()'s loop, which owns the children
 
     def _reap(self, name: str, exitcode: int | None) -> None:
         crashed = exitcode not in (0, EXIT_RECYCLE)
