@@ -1,0 +1,68 @@
+"""The task the chaos run enqueues (`--import chaos_tasks`, scripts/ on PYTHONPATH).
+
+Each run of a task writes a row in `chaos_runs` (which worker, which pid, which attempt the
+row said, when it started and ended) through its own connection, so that the checker can
+tell a duplicate run from a lost one and name the fault that caused it. The writes retry
+through database restarts and terminated connections: the run log must not miss a run
+because the fault it documents was happening.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import uuid
+from typing import Any
+
+import psycopg
+
+WRITE_PATIENCE = 120.0  # seconds a run-log write keeps retrying before the task raises
+
+_conn: psycopg.Connection[Any] | None = None
+
+START = """
+INSERT INTO chaos_runs (run_id, label, task_id, attempt, owner, worker, pid, started)
+SELECT %(run_id)s, e.label, t.id, t.attempts, t.locked_by, %(worker)s, %(pid)s, %(started)s
+FROM chaos_enqueued e JOIN tasks t ON t.id = e.task_id
+WHERE e.label = %(label)s
+"""
+END = "UPDATE chaos_runs SET ended = %(ended)s WHERE run_id = %(run_id)s"
+
+
+def _write(sql: str, params: dict[str, Any]) -> int:
+    """Run one autocommit statement, reconnecting until it succeeds; returns its rowcount."""
+    global _conn
+    deadline = time.monotonic() + WRITE_PATIENCE
+    while True:
+        try:
+            if _conn is None or _conn.closed:
+                _conn = psycopg.connect(os.environ["CHAOS_DSN"], autocommit=True, connect_timeout=5)
+            return _conn.execute(sql, params).rowcount
+        except psycopg.OperationalError:
+            if _conn is not None:
+                _conn.close()
+            _conn = None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def run(label: str, seconds: float) -> dict[str, Any]:
+    """Log this run's start, work for `seconds`, log its end; the result names the run, so
+    the checker can see which run's outcome the row kept."""
+    started = time.time()
+    run_id = uuid.uuid4().hex
+    worker = multiprocessing.current_process().name  # the supervisor names its children
+    params = {
+        "run_id": run_id,
+        "label": label,
+        "worker": worker,
+        "pid": os.getpid(),
+        "started": started,
+    }
+    if _write(START, params) != 1:
+        raise RuntimeError(f"chaos task {label}: no ledger row (was it enqueued by scripts/chaos?)")
+    time.sleep(seconds)
+    _write(END, {"run_id": run_id, "ended": time.time()})
+    return {"run_id": run_id, "worker": worker, "pid": os.getpid()}
