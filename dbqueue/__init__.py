@@ -6,13 +6,8 @@ from dbqueue import bus, counters
 from dbqueue.aio import enqueue_async, enqueue_many_async, schedule_async
 from dbqueue.config import Settings, configure, inline
 from dbqueue.counters import async_counter_cache
-from dbqueue.enqueue import (
-    delay,
-    enqueue,
-    enqueue_many,
-    handle_asynchronously,
-    schedule,
-)
+from dbqueue.decorator import delay, handle_asynchronously
+from dbqueue.enqueue import enqueue, enqueue_many, schedule
 from dbqueue.errors import (
     ConfigurationError,
     DatabaseUnavailable,

@@ -1,8 +1,10 @@
-"""Putting tasks in the queue: enqueue, enqueue_many, schedule, handle_asynchronously, delay.
+"""Putting tasks in the queue: enqueue, enqueue_many, schedule.
 
-Owns validation of options, building the signed payload, choosing the connection (the
-caller's Session/Connection, so the task commits or rolls back with their data, or a short
-transaction of our own), and the one place that decides "store, or run inline".
+Owns validation of options, building the signed payload (with `reference`, how a callable is
+named: a function, a model method by primary key, another object's method by pickle), choosing
+the connection (the caller's Session/Connection, so the task commits or rolls back with their
+data, or a short transaction of our own), and the one place that decides "store, or run
+inline". The decorator and `delay` (decorator.py) come through here.
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Final, Generic, ParamSpec, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -63,9 +64,10 @@ def _options(func: Any, given: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     plain function without this dict (its hot path), and so sees `_MISSING` values itself.
     """
     options = _DEFAULTS.copy()
-    if isinstance(func, AsyncTaskFunction):
-        options.update(func.options)
-        func = func.__dbqueue_func__
+    decorated = getattr(func, "__dbqueue_options__", None)
+    if decorated is not None:
+        options.update(decorated)
+        func = serializer.undecorated(func)
     for name, value in given.items():
         if value is not _MISSING:
             options[name] = value
@@ -128,11 +130,14 @@ def reference(func: Any) -> tuple[str, tuple[Any, ...]]:
     """(handler, reference) for a callable: a function by name, a model method by primary key.
 
     A bound method of an SQLAlchemy model instance is stored as (class, primary key, method)
-    and reloaded in a fresh session by the worker; of any other object, the object is pickled.
+    and reloaded in a fresh session by the worker; of any other object, the object is pickled;
+    of a class (a classmethod), it is named `module:Class.method`, the class it was called on.
     """
     owner = getattr(func, "__self__", None)
     if owner is not None and not inspect.ismodule(owner) and inspect.ismethod(func):
         method = func.__name__
+        if inspect.isclass(owner):
+            return f"{serializer.handler_name(owner)}.{method}", ("func",)
         cls = type(owner)
         class_handler = serializer.handler_name(cls)
         handler = f"{class_handler}.{method}"
@@ -300,7 +305,7 @@ def enqueue(
     not stored twice: the existing task is returned (`on_conflict="keep"`) or its arguments
     and run_at replaced (`on_conflict="replace"`).
     """
-    if isinstance(func, AsyncTaskFunction):
+    if hasattr(func, "__dbqueue_options__"):  # decorated (decorator.py)
         # Its options where this call gives none, then the plain path with every option given.
         func, options = _options(
             func,
@@ -395,96 +400,3 @@ def schedule(
 
     `when` is given explicitly, so it overrides a decorated function's run_at."""
     return enqueue(func, args, kwargs, run_at=when, **options)
-
-
-class AsyncTaskFunction(Generic[P, R]):
-    """A function whose call enqueues it; `.now()` runs it here, `.map()` enqueues many."""
-
-    def __init__(self, func: Callable[P, R], **options: Any) -> None:
-        serializer.handler_name(func)  # refuse lambdas and local functions at decoration
-        self.__dbqueue_func__ = func
-        self.options = options
-        functools.update_wrapper(self, func)
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> task_module.Task:
-        return enqueue(self, args, kwargs)
-
-    def now(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the function in this process, bypassing the queue."""
-        return self.__dbqueue_func__(*args, **kwargs)
-
-    def enqueue(
-        self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
-    ) -> task_module.Task:
-        """Enqueue with options overriding the decorator's (queue, priority, session...):
-        the same as `dbqueue.enqueue(this_function, args, kwargs, **options)`."""
-        return enqueue(self, args, kwargs, **options)
-
-    def map(self, items: Iterable[Any], **options: Any) -> list[int]:
-        """Enqueue one task per item in one round trip (see `enqueue_many`)."""
-        return enqueue_many(self, items, **options)
-
-    @property
-    def retry_delay(self) -> Any:
-        return getattr(self.__dbqueue_func__, "retry_delay", None)
-
-    def __repr__(self) -> str:
-        return f"<dbqueue task {serializer.handler_name(self.__dbqueue_func__)}>"
-
-
-def handle_asynchronously(
-    func: Callable[P, R] | None = None,
-    *,
-    priority: int = 0,
-    run_at: RunAt = None,
-    queue: str = "default",
-    max_attempts: int = retry.DEFAULT_MAX_ATTEMPTS,
-    timeout: float | None = None,
-    unique_key: str | None = None,
-    on_conflict: str = "keep",
-    retry_delay: Callable[[int, BaseException], float] | None = None,
-) -> Any:
-    """Make calling `func` enqueue it. Usable bare or with options, as delayed_job's macro."""
-    options: dict[str, Any] = {
-        "priority": priority,
-        "run_at": run_at,
-        "queue": queue,
-        "max_attempts": max_attempts,
-        "timeout": timeout,
-    }
-    if unique_key is not None:
-        options["unique_key"] = unique_key
-        options["on_conflict"] = on_conflict
-    _check_options(priority, queue, max_attempts, timeout)
-
-    def decorate(f: Callable[P, R]) -> AsyncTaskFunction[P, R]:
-        if retry_delay is not None:
-            f.retry_delay = retry_delay  # type: ignore[attr-defined]
-        return AsyncTaskFunction(f, **options)
-
-    if func is not None:
-        return decorate(func)
-    return decorate
-
-
-class _DelayProxy:
-    """`delay(obj).method(...)`: attribute access yields an enqueuing callable."""
-
-    def __init__(self, target: Any, options: dict[str, Any]) -> None:
-        self._target = target
-        self._options = options
-
-    def __getattr__(self, name: str) -> Callable[..., task_module.Task]:
-        method = getattr(self._target, name)
-        if not callable(method):
-            raise errors.EnqueueError(f"{type(self._target).__name__}.{name} is not callable")
-
-        def call(*args: Any, **kwargs: Any) -> task_module.Task:
-            return enqueue(method, args, kwargs, **self._options)
-
-        return call
-
-
-def delay(target: Any, **options: Any) -> Any:
-    """`delay(photo, priority=3).upload()` enqueues `photo.upload()` (delayed_job's .delay)."""
-    return _DelayProxy(target, options)

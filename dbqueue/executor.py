@@ -77,7 +77,7 @@ def load_call(
             ) from exc
     if kind == "object":
         _, obj, method = ref
-        return getattr(obj, method), args, kwargs, None
+        return serializer.undecorated(getattr(obj, method)), args, kwargs, None
     if kind == "model":
         _, class_handler, identity, method = ref
         try:
@@ -92,7 +92,7 @@ def load_call(
         if instance is None:
             session.close()
             raise ModelNotFound(f"{cls.__name__} id={pk!r} no longer exists")
-        return getattr(instance, method), args, kwargs, session
+        return serializer.undecorated(getattr(instance, method)), args, kwargs, session
     raise PayloadError(f"malformed task row: unknown reference kind {kind!r}")
 
 

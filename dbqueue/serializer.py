@@ -18,6 +18,7 @@ import os
 import pickle
 import secrets
 import stat
+import types
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +162,20 @@ def loads(keyring: Keyring, purpose: str, handler: str, envelope: bytes | None) 
 # -- callable references -----------------------------------------------------------------
 
 
+def undecorated(func: Any) -> Any:
+    """What a task decorated with @handle_asynchronously runs: the function under the
+    decorator, still bound to the object or class it was looked up on (the worker looks a
+    method up on the object it reloaded, and must call the method, not enqueue it again)."""
+    if inspect.ismethod(func) and hasattr(func.__func__, "__dbqueue_func__"):
+        # `@classmethod` written above the decorator, on a Python whose classmethod binds the
+        # object it wraps instead of asking that object's __get__ (3.13 and later)
+        return types.MethodType(undecorated(func.__func__), func.__self__)
+    return getattr(func, "__dbqueue_func__", func)
+
+
 def handler_name(func: Any) -> str:
     """`module:qualname` of a callable, refusing ones a worker could not import."""
-    func = getattr(func, "__dbqueue_func__", func)
+    func = undecorated(func)
     module = getattr(func, "__module__", None)
     qualname = getattr(func, "__qualname__", None)
     if module is None or qualname is None:
@@ -194,7 +206,7 @@ def import_handler(name: str) -> Any:
     obj: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
-    return getattr(obj, "__dbqueue_func__", obj)
+    return undecorated(obj)
 
 
 def module_allowed(handler: str, allowed_modules: tuple[str, ...]) -> bool:
@@ -223,7 +235,7 @@ def pickle_args(
 
 def _positional_names(func: Any) -> list[str]:
     try:
-        signature = inspect.signature(getattr(func, "__dbqueue_func__", func))
+        signature = inspect.signature(undecorated(func))
     except (TypeError, ValueError):
         return []
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
