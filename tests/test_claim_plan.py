@@ -1,8 +1,10 @@
 """The claim on PostgreSQL: its plan and its limit (R14, R17).
 
 The plan is read from EXPLAIN (FORMAT JSON) of the very statement store.claim sends (captured
-from psycopg's cursor), with many finished rows present: it must walk the partial index
-ix_tasks_claimable and never scan the table. R14: many concurrent claims over 10,000 queued
+from psycopg's cursor), with many finished rows present: it must walk a partial index
+(ix_tasks_claimable, or ix_tasks_queue_claimable for a worker given queues) and never scan
+the table; tests/test_queue_isolation.py checks what a claim for some queues reads beside
+another queue's backlog. R14: many concurrent claims over 10,000 queued
 rows never return more rows than their limit, and never claim a row twice. The batch
 completion's generic plan finds its rows through an index and never unnests its arrays.
 """
@@ -81,18 +83,20 @@ def _plan(db, queues: list[str] | None, generic: bool = False) -> list[dict[str,
 
 
 def _generic_plan(
-    db, statement: str, types: dict[str, str], literals: dict[str, str]
+    db, statement: str, types: dict[str, str], literals: dict[str, str], analyze: bool = False
 ) -> list[dict[str, Any]]:
     """The plan nodes of `statement` (psycopg's %(name)s placeholders) as a prepared
-    statement's generic plan: parameters typed by `types`, run with the SQL `literals`."""
+    statement's generic plan: parameters typed by `types`, run with the SQL `literals`;
+    `analyze`: run too (rolled back), with actual row counts."""
     for number, name in enumerate(types, 1):
         statement = statement.replace(f"%({name})s", f"${number}")
     prepare = f"PREPARE generic_plan ({', '.join(types.values())}) AS {statement}"
     arguments = ", ".join(literals[name] for name in types)
+    options = "ANALYZE, FORMAT JSON" if analyze else "FORMAT JSON"
     with db.engine.connect() as conn:
         conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
         conn.exec_driver_sql(prepare.replace("%%", "%"))
-        raw = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) EXECUTE generic_plan({arguments})")
+        raw = conn.exec_driver_sql(f"EXPLAIN ({options}) EXECUTE generic_plan({arguments})")
         plan = raw.scalar()
         conn.rollback()
     return _nodes(plan[0]["Plan"])
@@ -109,7 +113,8 @@ def test_claim_uses_the_partial_index_with_many_finished_rows(db, queues, generi
     nodes = _plan(db, queues, generic)
     summary = [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
     print("CLAIMPLAN", queues, summary)
-    assert any(n.get("Index Name") == "ix_tasks_claimable" for n in nodes), summary
+    index = "ix_tasks_claimable" if queues is None else "ix_tasks_queue_claimable"
+    assert any(n.get("Index Name") == index for n in nodes), summary
     seq_scans = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name")]
     assert not seq_scans, summary
     # the LIMITed, locked subquery sits behind the materialised CTE fence

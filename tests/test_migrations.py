@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from dbqueue import database, schema
+import dbqueue
+from dbqueue import database, schema, store
+from tests import jobs
 
 
 def test_migrations_match_schema(db):
@@ -72,3 +76,75 @@ def test_schema_check_messages(db):
         assert "newer than this dbqueue" in str(exc) and "upgrade dbqueue" in str(exc)
     else:
         raise AssertionError("check_schema accepted an unknown revision")
+
+
+def _queue_index(db) -> list[Any]:
+    """ix_tasks_queue_claimable as the database has it: [] when absent; on PostgreSQL with
+    whether it is valid (a failed CONCURRENTLY build leaves an invalid one)."""
+    if db.kind == "postgresql":
+        return db.rows(
+            "SELECT c.relname, i.indisvalid, pg_get_indexdef(c.oid) AS definition "
+            "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE c.relname = 'ix_tasks_queue_claimable'"
+        )
+    return db.rows(
+        "SELECT name, 1 AS indisvalid, sql AS definition FROM sqlite_master "
+        "WHERE type = 'index' AND name = 'ix_tasks_queue_claimable'"
+    )
+
+
+def test_0005_adds_the_per_queue_claim_index_and_downgrade_removes_it(db):
+    dbqueue.enqueue_many(jobs.noop, [()] * 3, queue="mail")
+    database.downgrade(db.settings, "0004")
+    assert _queue_index(db) == []
+    database.migrate(db.settings)
+    ((_name, valid, definition),) = _queue_index(db)
+    assert valid and "queue, priority, run_at, id" in definition.replace('"', "")
+    assert "status" in definition and "queued" in definition  # partial: queued rows only
+    with db.engine.begin() as conn:
+        assert len(store.claim(conn, "w", 10, ["mail"])) == 3
+    assert db.scalar("SELECT count(*) FROM tasks") == 3  # the migration kept every row
+
+
+@pytest.mark.postgresql_only
+def test_0005_builds_concurrently_outside_the_transaction(db):
+    """The SQL alembic would run (offline mode): the index is built CONCURRENTLY after the
+    transaction of the revisions before it is committed, and dropped the same way."""
+    from tests.conftest import ROOT
+
+    def sql(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "alembic", *args, "--sql"],
+            cwd=ROOT,
+            env=db.env,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    up = sql("upgrade", "0004:0005")
+    create = up.index("CREATE INDEX CONCURRENTLY ix_tasks_queue_claimable ON tasks")
+    assert up.rfind("COMMIT", 0, create) > up.rfind("BEGIN", 0, create)
+    down = sql("downgrade", "0005:0004")
+    drop = down.index("DROP INDEX CONCURRENTLY ix_tasks_queue_claimable")
+    assert down.rfind("COMMIT", 0, drop) > down.rfind("BEGIN", 0, drop)
+
+
+@pytest.mark.postgresql_only
+def test_0005_rebuilds_an_index_left_invalid_by_an_interrupted_build(db):
+    """A CONCURRENTLY build that fails leaves an invalid index behind; running the migration
+    again drops it and builds the real one (instead of keeping the broken one)."""
+    dbqueue.enqueue_many(jobs.noop, [()] * 2, queue="mail")
+    database.downgrade(db.settings, "0004")
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with pytest.raises(sa.exc.IntegrityError):  # two rows of one queue: not unique
+            conn.exec_driver_sql(
+                "CREATE UNIQUE INDEX CONCURRENTLY ix_tasks_queue_claimable ON tasks (queue)"
+            )
+    assert [(r.relname, r.indisvalid) for r in _queue_index(db)] == [
+        ("ix_tasks_queue_claimable", False)
+    ]
+    database.migrate(db.settings)
+    ((_name, valid, definition),) = _queue_index(db)
+    assert valid and "UNIQUE" not in definition and "priority" in definition
