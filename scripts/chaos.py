@@ -159,6 +159,7 @@ class Chaos:
         self.faults: list[chaos_check.Fault] = []
         self.orphans: dict[int, chaos_check.Orphan] = {}
         self.supervisor_deaths = 0
+        self.restarting: set[int] = set()  # slots whose killed supervisor is about to restart
         self.enqueued = self.enqueue_errors = 0
         self.stop_enqueue = threading.Event()
         self.stop_watch = threading.Event()
@@ -231,10 +232,14 @@ class Chaos:
         self.sups[slot] = proc
         self.all_sup_pids.add(proc.pid)
 
+    def restart_supervisor(self, slot: int) -> None:
+        self.start_supervisor(slot)
+        self.restarting.discard(slot)
+
     def keep_supervisors(self) -> None:
         """A supervisor that died on its own is a finding; restart it as systemd would."""
         for slot, proc in list(self.sups.items()):
-            if proc.poll() is not None:
+            if slot not in self.restarting and proc.poll() is not None:
                 self.supervisor_deaths += 1
                 self.say(f"supervisor {slot} (pid {proc.pid}) exited by itself: {proc.returncode}")
                 time.sleep(RESTART_SEC)
@@ -392,19 +397,24 @@ class Chaos:
                 fault.note += ", NOT rescued while paused"
             return fault
         if kind == "kill-supervisor":
-            slot = self.rng.choice(sorted(self.sups))
+            slots = sorted(set(self.sups) - self.restarting)
+            if not slots:
+                return None
+            slot = self.rng.choice(slots)
             proc = self.sups[slot]
             kids = self.workers_of(slot)
             names = sorted(n for p, n in self.worker_names().items() if p in kids)
             fault = chaos_check.Fault(kind, 0, frozenset(names), frozenset(kids))
             fault.hit = tuple(self.running_on(names))
             fault.at, t0 = time.time(), time.monotonic()
+            self.restarting.add(slot)
             proc.kill()
             proc.wait()
             fault.note = f"supervisor {slot} (pid {proc.pid}), children {kids}"
-            time.sleep(RESTART_SEC)
-            self.start_supervisor(slot)
+            restart = threading.Timer(RESTART_SEC, self.restart_supervisor, (slot,))
+            restart.start()
             fault.release_delay = self.wait_released(names, list(fault.hit), t0, t0 + 30)
+            restart.join()
             return fault
         fault = chaos_check.Fault(kind, 0, db_wide=True)
         fault.hit = tuple(self.running_on(None))
@@ -418,7 +428,8 @@ class Chaos:
             fault.note = f"{count} connections terminated"
         else:
             self.cluster.restart(kind.removeprefix("restart-"))
-            fault.note = f"server back after {time.monotonic() - t0:.1f}s"
+            fault.outage = time.monotonic() - t0
+            fault.note = f"server back after {fault.outage:.1f}s"
         return fault
 
     def log_fault(self, fault: chaos_check.Fault) -> None:
@@ -481,6 +492,9 @@ class Chaos:
                     "figures": figures,
                     "violations": verdict.violations,
                     "faults": [dataclasses.asdict(f) for f in self.faults],
+                    "explained_duplicates": verdict.explanations,
+                    "runs": [dataclasses.asdict(r) for r in log.runs],
+                    "tasks": [dataclasses.asdict(t) for t in log.tasks],
                 },
                 indent=2,
                 default=sorted,
@@ -571,6 +585,7 @@ class Chaos:
             unledgered,
             self.supervisor_deaths,
             self.args.orphan_limit,
+            self.args.rescue_after,
         )
 
     def figures(

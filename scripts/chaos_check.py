@@ -6,11 +6,15 @@ reported (tests/test_chaos.py). The rules:
 * **Nothing lost**: every task in the ledger ends `succeeded`. One left queued or running,
   missing, or `failed` counts as lost, unless a fault hit the run that failed it.
 * **Every duplicate explained**: a task run more than once is at-least-once delivery only
-  when a fault hit the worker of each run whose outcome was not kept. A run that owned the
-  row when it started needs a fault on its worker (or on the whole database) between its
-  start and the start of the run that took the task over; a run that started on a row it
-  no longer owned (its claim was rescued or undone while the worker was paused or the
-  server restarted) needs one shortly before its start.
+  when a fault hit the worker of each run whose outcome was not kept, and it is a fault that
+  can cause that. A run that owned the row when it started was taken over only if its worker
+  was presumed dead: it needs a fault aimed at its worker (SIGKILL, SIGSTOP, its supervisor
+  killed), or a database outage longer than half of --rescue-after, between its start and
+  the start of the run that took the task over. A run that started on a row it no longer
+  owned (its claim was rescued while it was paused, or undone by a crash of the server:
+  claims commit asynchronously) needs such a fault, or an immediate restart, in the minute
+  before it started. A fast restart or terminated connections explain nothing: they lose
+  no commit and presume no one dead.
 * **No stale writer**: a succeeded row holds the result of the last run that owned it,
   and that run did own it; nobody holds it (`locked_by` is empty).
 * **No orphan**: no worker process outlives its supervisor for longer than the limit, and
@@ -21,10 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 
 CLAIM_SLACK = 2.0  # seconds between a claim and the run's own start stamp, and clock reading
 STALE_WINDOW = 60.0  # seconds a claim may wait (paused worker, server down) before its run
+AIMED = frozenset({"kill-worker", "kill-supervisor", "stop-worker"})  # faults on one worker
+UNDOES_CLAIMS = frozenset({"restart-immediate"})  # a crash loses asynchronous commits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +75,15 @@ class Fault:
     db_wide: bool = False
     hit: tuple[int, ...] = ()
     release_delay: float | None = None  # seconds until the victim held none of `hit`
+    outage: float = 0.0  # seconds the server was down (restarts)
     note: str = ""
 
     def hits(self, run: Run) -> bool:
         return self.db_wide or run.worker in self.workers or run.pid in self.pids
+
+    def presumes_dead(self, rescue_after: float) -> bool:
+        """Whether it can get a worker presumed dead (so its task is run again)."""
+        return self.kind in AIMED or self.outage >= rescue_after / 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +111,7 @@ class RunLog:
     unledgered: int = 0  # chaos tasks in `tasks` without a ledger row
     supervisor_deaths: int = 0  # supervisors that exited without being killed
     orphan_limit: float = 15.0
+    rescue_after: float = 5.0
 
 
 @dataclasses.dataclass
@@ -111,6 +122,7 @@ class Verdict:
     by_kind: dict[str, int]  # explained duplicate runs per fault kind
     lost: int
     stale: int
+    explanations: list[tuple[int, str, str, float]]  # task, worker of the run, fault, its time
 
     @property
     def ok(self) -> bool:
@@ -125,11 +137,12 @@ def check(log: RunLog) -> Verdict:
         runs_of[run.task_id].append(run)
     duplicates = explained = lost = stale = 0
     by_kind: Counter[str] = Counter()
+    explanations = []
     for task in log.tasks:
         runs = runs_of.get(task.task_id, [])
         kept = next((r for r in runs if r.run_id == task.result_run), None)
         if task.status != "succeeded":
-            if not _failure_explained(task, runs, log.faults):
+            if not _failure_explained(task, runs, log):
                 lost += 1
                 violations.append(_lost(task, runs))
             continue
@@ -144,12 +157,13 @@ def check(log: RunLog) -> Verdict:
             if run is kept:
                 continue
             duplicates += 1
-            fault = _explanation(run, runs, task, log.faults)
+            fault = _explanation(run, runs, task, log)
             if fault is None:
                 violations.append(_unexplained(task, run, runs))
             else:
                 explained += 1
                 by_kind[fault.kind] += 1
+                explanations.append((task.task_id, run.worker, fault.kind, fault.at))
     if log.unledgered:
         violations.append(f"{log.unledgered} chaos task(s) in `tasks` without a ledger row")
     for orphan in log.orphans:
@@ -167,10 +181,10 @@ def check(log: RunLog) -> Verdict:
             violations.append(f"a supervisor exited with status {code} on SIGTERM (expected 0)")
     if log.supervisor_deaths:
         violations.append(f"{log.supervisor_deaths} supervisor(s) exited without being killed")
-    return Verdict(violations, duplicates, explained, dict(by_kind), lost, stale)
+    return Verdict(violations, duplicates, explained, dict(by_kind), lost, stale, explanations)
 
 
-def _explanation(run: Run, runs: list[Run], task: TaskRow, faults: Iterable[Fault]) -> Fault | None:
+def _explanation(run: Run, runs: list[Run], task: TaskRow, log: RunLog) -> Fault | None:
     """The fault that explains why `run`'s outcome was not the one kept, or None."""
     if run.owning:
         later = [r.started for r in runs if r.owning and r.started > run.started]
@@ -178,7 +192,11 @@ def _explanation(run: Run, runs: list[Run], task: TaskRow, faults: Iterable[Faul
         start = run.started - CLAIM_SLACK
     else:
         start, end = run.started - STALE_WINDOW, run.started + CLAIM_SLACK
-    candidates = [f for f in faults if f.hits(run) and start <= f.at <= end]
+
+    def can(f: Fault) -> bool:
+        return f.presumes_dead(log.rescue_after) or (not run.owning and f.kind in UNDOES_CLAIMS)
+
+    candidates = [f for f in log.faults if f.hits(run) and start <= f.at <= end and can(f)]
     # The most specific one: a fault aimed at this worker over one that hit everybody.
     candidates.sort(key=lambda f: (f.db_wide, abs(f.at - run.started)))
     return candidates[0] if candidates else None
@@ -206,11 +224,10 @@ def _stale_write(task: TaskRow, runs: list[Run], kept: Run | None) -> str | None
     return None
 
 
-def _failure_explained(task: TaskRow, runs: list[Run], faults: Iterable[Fault]) -> bool:
+def _failure_explained(task: TaskRow, runs: list[Run], log: RunLog) -> bool:
     if task.status != "failed" or not runs:
         return False
-    last = runs[-1]
-    return _explanation(last, runs, task, faults) is not None
+    return _explanation(runs[-1], runs, task, log) is not None
 
 
 def _lost(task: TaskRow, runs: list[Run]) -> str:

@@ -70,10 +70,25 @@ def test_an_unexplained_duplicate_is_a_violation():
         assert "ran more than once with no fault to explain it" in result.violations[0]
 
 
-def test_a_database_wide_fault_explains_a_run_on_any_worker():
+def test_an_outage_long_enough_to_presume_workers_dead_explains_a_run_on_any_worker():
     runs = [run("r1", W1, 1.0), run("r2", W2, 5.0)]
-    restart = Fault("restart-immediate", 1.5, db_wide=True)
-    assert verdict(tasks=[task("r2")], runs=runs, faults=[restart]).ok
+    long = Fault("restart-fast", 1.5, db_wide=True, outage=3.0)
+    assert verdict(tasks=[task("r2")], runs=runs, faults=[long], rescue_after=5.0).ok
+    # a short restart or terminated connections presume nobody dead and lose no commit
+    for fault in (
+        Fault("restart-immediate", 1.5, db_wide=True, outage=0.5),
+        Fault("terminate-connections", 1.5, db_wide=True),
+    ):
+        result = verdict(tasks=[task("r2")], runs=runs, faults=[fault], rescue_after=5.0)
+        assert not result.ok and result.explained == 0
+
+
+def test_an_immediate_restart_explains_a_run_whose_claim_it_undid():
+    runs = [run("r1", W1, 1.0, owned=False), run("r2", W2, 5.0)]
+    crash = Fault("restart-immediate", 1.5, db_wide=True, outage=0.5)
+    assert verdict(tasks=[task("r2")], runs=runs, faults=[crash]).ok
+    fast = Fault("restart-fast", 1.5, db_wide=True, outage=0.5)
+    assert not verdict(tasks=[task("r2")], runs=runs, faults=[fast]).ok
 
 
 def test_a_run_that_started_on_a_row_it_no_longer_owned_needs_a_fault_just_before():
