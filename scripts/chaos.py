@@ -493,6 +493,7 @@ class Chaos:
                     "violations": verdict.violations,
                     "faults": [dataclasses.asdict(f) for f in self.faults],
                     "explained_duplicates": verdict.explanations,
+                    "orphans": [dataclasses.asdict(o) for o in log.orphans],
                     "runs": [dataclasses.asdict(r) for r in log.runs],
                     "tasks": [dataclasses.asdict(t) for t in log.tasks],
                 },
