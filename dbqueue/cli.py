@@ -17,7 +17,18 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from dbqueue import bus, config, counters, database, errors, logs, store, supervisor, worker
+from dbqueue import (
+    bus,
+    config,
+    counters,
+    database,
+    errors,
+    listener,
+    logs,
+    store,
+    supervisor,
+    worker,
+)
 
 EXIT_CONFIG = 2
 
@@ -228,6 +239,7 @@ def work(
     if reload_dirs and not reload:
         raise click.UsageError("--reload-dir is for --reload; add --reload")
     watch = (list(reload_dirs) or [os.getcwd()]) if reload else None
+    listener.announce_polling(obj.settings, sleep_delay)
     boss = supervisor.Supervisor(spec, concurrency, grace=grace, reload_dirs=watch)
     boss.run()
     if boss.forced:

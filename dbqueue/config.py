@@ -1,8 +1,9 @@
 """Settings from arguments and DBQUEUE_* environment variables, and the Engine they describe.
 
 Owns: the default `Settings` (what `dbqueue.configure()` changes), building an Engine with the
-connection settings a queue needs (SQLite WAL + BEGIN IMMEDIATE, PostgreSQL READ COMMITTED),
-the inline switch, and readable errors for bad URLs. It owns no SQL on `tasks`.
+connection settings a queue needs (SQLite WAL + BEGIN IMMEDIATE, PostgreSQL READ COMMITTED,
+no server-side prepared statements behind a transaction pooler such as PgBouncer), the inline
+switch, and readable errors for bad URLs. It owns no SQL on `tasks`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from sqlalchemy.engine import make_url
 from dbqueue import errors
 
 DEFAULT_DATABASE_URL = "sqlite:///dbqueue.sqlite3"
+
+#: The database URL's parameter saying how a pooler in front of PostgreSQL hands out server
+#: connections (`?dbqueue_pgbouncer=transaction`); removed before the URL reaches the driver.
+POOLER_PARAM = "dbqueue_pgbouncer"
+#: What DBQUEUE_PGBOUNCER (or the URL parameter) may say. `transaction`: each transaction may
+#: run on another server session, so nothing may outlive one (no prepared statements, no
+#: LISTEN). `session` and `off`: a client keeps its server session, nothing changes.
+POOL_MODES = ("transaction", "session", "off")
 
 
 def _env_bool(name: str) -> bool:
@@ -72,6 +81,12 @@ class Settings:
     )
     inline: bool = dataclasses.field(default_factory=lambda: _env_bool("DBQUEUE_INLINE"))
     notify: bool = dataclasses.field(default_factory=lambda: not _env_bool("DBQUEUE_NO_NOTIFY"))
+    pgbouncer: str | None = dataclasses.field(
+        default_factory=lambda: os.environ.get("DBQUEUE_PGBOUNCER", "").strip() or None
+    )
+    listen_url: str | None = dataclasses.field(
+        default_factory=lambda: os.environ.get("DBQUEUE_LISTEN_URL", "").strip() or None
+    )
 
     _keyring: Any = dataclasses.field(default=None, repr=False, compare=False)
 
@@ -88,8 +103,14 @@ class Settings:
     def get_engine(self) -> sa.Engine:
         """The Engine: the application's own when it handed one, else built once from the URL."""
         if self.engine is None:
-            self.engine = create_engine(self.database_url)
+            self.engine = create_engine(self.database_url, pgbouncer=self.pgbouncer)
         return self.engine
+
+    def transaction_pooled(self) -> bool:
+        """Whether the database is reached through a pooler in transaction mode (PgBouncer's
+        `pool_mode = transaction`), told by DBQUEUE_PGBOUNCER or the URL's parameter: then
+        nothing may rely on a server session outliving its transaction."""
+        return pool_mode(self.database_url, self.pgbouncer) == "transaction"
 
 
 _lock = threading.Lock()
@@ -148,20 +169,77 @@ def redact(url: str | sa.URL) -> str:
         return _PASSWORD.sub(r"\1***@", str(url))
 
 
-def create_engine(url: str, **kwargs: Any) -> sa.Engine:
-    """An Engine set up for queue work, with a readable error for a bad URL.
-
-    SQLite: WAL (readers never block the writer), a long busy timeout, and every transaction
-    `BEGIN IMMEDIATE` so a read-then-write never fails with SQLITE_BUSY half way.
-    PostgreSQL: READ COMMITTED regardless of the server default, as SKIP LOCKED claims need.
-    """
+def _parse(url: str | sa.URL) -> sa.URL:
     try:
-        parsed = make_url(url)
+        return make_url(url)
     except Exception as exc:
         raise errors.ConfigurationError(
             f"invalid database URL {redact(url)!r}: {exc}. Expected e.g. "
             "sqlite:///dbqueue.sqlite3 or postgresql+psycopg://user@host/dbname"
         ) from None
+
+
+def _checked_mode(value: str, source: str) -> str:
+    mode = value.strip().lower()
+    if mode == "statement":
+        raise errors.ConfigurationError(
+            f"{source}=statement: dbqueue needs transactions of several statements, which "
+            "statement pooling forbids; use PgBouncer's pool_mode = transaction with "
+            f"{source}=transaction"
+        )
+    if mode not in POOL_MODES:
+        raise errors.ConfigurationError(
+            f"{source}={value!r} is not one of {', '.join(POOL_MODES)} (how the pooler in front "
+            "of PostgreSQL hands out server connections; PgBouncer's pool_mode)"
+        )
+    return mode
+
+
+def pool_mode(url: str | sa.URL, told: str | None = None) -> str | None:
+    """The pooling mode in front of the database: the URL's `dbqueue_pgbouncer` parameter,
+    else `told` (DBQUEUE_PGBOUNCER); None when neither says. Both saying different things
+    is refused rather than guessed."""
+    parsed = _parse(url)
+    in_url = parsed.query.get(POOLER_PARAM)
+    if isinstance(in_url, tuple):
+        in_url = in_url[-1]
+    from_url = _checked_mode(in_url, POOLER_PARAM) if in_url is not None else None
+    from_env = _checked_mode(told, "DBQUEUE_PGBOUNCER") if told else None
+    if from_url and from_env and from_url != from_env:
+        raise errors.ConfigurationError(
+            f"DBQUEUE_PGBOUNCER={from_env} contradicts {POOLER_PARAM}={from_url} in the "
+            f"database URL {redact(parsed)}: keep one of them"
+        )
+    mode = from_url or from_env
+    if mode is not None and parsed.get_backend_name() == "sqlite":
+        source = POOLER_PARAM if from_url else "DBQUEUE_PGBOUNCER"
+        raise errors.ConfigurationError(
+            f"{source}={mode} is for PostgreSQL behind PgBouncer; {redact(parsed)} is "
+            "SQLite: remove it"
+        )
+    return mode
+
+
+def driver_url(url: str | sa.URL) -> sa.URL:
+    """The URL as the driver must see it: without dbqueue's own parameter."""
+    return _parse(url).difference_update_query([POOLER_PARAM])
+
+
+def create_engine(url: str, *, pgbouncer: str | None = None, **kwargs: Any) -> sa.Engine:
+    """An Engine set up for queue work, with a readable error for a bad URL.
+
+    SQLite: WAL (readers never block the writer), a long busy timeout, and every transaction
+    `BEGIN IMMEDIATE` so a read-then-write never fails with SQLITE_BUSY half way.
+    PostgreSQL: READ COMMITTED regardless of the server default, as SKIP LOCKED claims need.
+    Behind a transaction pooler (`pgbouncer="transaction"`, DBQUEUE_PGBOUNCER's value, or
+    `?dbqueue_pgbouncer=transaction` in the URL): psycopg never prepares statements on the
+    server. It prepares a statement run 5 times on a connection under a name of its own,
+    and the pooler later hands that server session to another client, which fails with
+    `prepared statement "_pg3_0" already exists` (or runs on a session that never saw it:
+    `does not exist`).
+    """
+    mode = pool_mode(url, pgbouncer)
+    parsed = driver_url(url)
     if parsed.drivername in {"postgresql", "postgres"}:
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() not in {"sqlite", "postgresql"}:
@@ -191,6 +269,8 @@ def create_engine(url: str, **kwargs: Any) -> sa.Engine:
         kwargs.setdefault("isolation_level", "READ COMMITTED")
         ping_when_idle = "pool_pre_ping" not in kwargs
         connect_args = kwargs.setdefault("connect_args", {})
+        if mode == "transaction":
+            connect_args["prepare_threshold"] = None
         connect_args.setdefault("connect_timeout", 10)
         # Notice a half-open connection within seconds instead of the kernel's two hours.
         connect_args.setdefault("keepalives_idle", 10)

@@ -167,6 +167,16 @@ def describe_error(settings: config.Settings, exc: BaseException) -> errors.Dbqu
             f"{url} has no dbqueue tables ({first}): run `dbqueue migrate` with "
             "DBQUEUE_DATABASE_URL (or --database-url) pointing at it"
         )
+    if "prepared statement" in lowered and (
+        "already exists" in lowered or "does not exist" in lowered
+    ):
+        # psycopg's own statement names on a server session shared by other clients.
+        return errors.ConfigurationError(
+            f"{url} answered {first!r}: the database is reached through a transaction "
+            "pooler (PgBouncer's pool_mode = transaction), which hands each client's prepared "
+            "statements to other clients: set DBQUEUE_PGBOUNCER=transaction (or add "
+            "?dbqueue_pgbouncer=transaction to the URL)"
+        )
     if any(marker in lowered for marker in _MISCONFIGURED):
         # Waiting will not fix a typo: say so instead of retrying forever.
         return errors.ConfigurationError(f"cannot connect to {url}: {first}")

@@ -12,6 +12,12 @@ connection: graphile-worker #541, pg-boss #850). The thread notices the broken c
 (TCP keepalives catch the half-open case), logs one WARNING, and reconnects with a short,
 capped backoff; while it is down, polling covers the gap. Once back it wakes the worker,
 since notifications sent meanwhile are lost.
+
+Behind a transaction pooler (PgBouncer's `pool_mode = transaction`) a LISTEN registers in a
+server session the pooler hands to other clients as soon as the statement ends: its
+notifications go nowhere. There the listener connects to DBQUEUE_LISTEN_URL, a direct URL of
+the same database, when one is given; without it there is no listener and workers poll at
+`--sleep-delay`, which `announce_polling` says once at startup.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from dbqueue import database, store
+from dbqueue import config, database, errors, store
 
 if TYPE_CHECKING:  # imported when a listener starts: `dbqueue` stays quick to start
     import psycopg
@@ -41,9 +47,18 @@ def supported(engine: sa.Engine) -> bool:
     return database.is_psycopg(engine)
 
 
-def connect_params(engine: sa.Engine) -> dict[str, Any]:
-    """psycopg.connect() keyword arguments for the engine's database, with keepalives."""
-    _, params = engine.dialect.create_connect_args(engine.url)
+def connect_params(engine: sa.Engine, url: str | None = None) -> dict[str, Any]:
+    """psycopg.connect() keyword arguments for the engine's database (or for `url`, the
+    direct DBQUEUE_LISTEN_URL), with keepalives."""
+    target = engine.url
+    if url is not None:
+        target = config.driver_url(url)
+        if target.get_backend_name() not in {"postgresql", "postgres"}:
+            raise errors.ConfigurationError(
+                f"DBQUEUE_LISTEN_URL={config.redact(target)} is not a PostgreSQL URL: give the "
+                "database's own address (not the pooler's), e.g. postgresql://user@db-host/dbname"
+            )
+    _, params = engine.dialect.create_connect_args(target)
     params = {k: v for k, v in params.items() if k != "context"}
     params.update(
         autocommit=True,
@@ -57,6 +72,43 @@ def connect_params(engine: sa.Engine) -> dict[str, Any]:
     return params
 
 
+def start(
+    settings: config.Settings,
+    engine: sa.Engine,
+    wakeup: threading.Event,
+    queues: Sequence[str] | None = None,
+    *,
+    name: str = "dbqueue-listener",
+) -> Listener | None:
+    """A started listener for a worker, or None when the worker must poll: the database
+    cannot LISTEN (SQLite), or it is reached through a transaction pooler and no direct
+    DBQUEUE_LISTEN_URL was given (a LISTEN through the pooler would hear nothing)."""
+    if not supported(engine):
+        return None
+    if settings.listen_url is None and settings.transaction_pooled():
+        return None
+    listener = Listener(engine, wakeup, queues, name=name, url=settings.listen_url)
+    listener.start()
+    return listener
+
+
+def announce_polling(settings: config.Settings, sleep_delay: float) -> bool:
+    """Say once, at the start of `dbqueue work`, that its workers will poll because they
+    are behind a transaction pooler without DBQUEUE_LISTEN_URL; returns whether it did."""
+    if not settings.notify or settings.listen_url is not None:
+        return False
+    if not settings.transaction_pooled():
+        return False
+    log.info(
+        "workers poll for new tasks every %gs (--sleep-delay): LISTEN cannot work through a "
+        "transaction pooler (PgBouncer) and DBQUEUE_LISTEN_URL is not set; set it to the "
+        "database's direct URL to wake workers at once",
+        sleep_delay,
+        extra={"event": "listener_polling"},
+    )
+    return True
+
+
 class Listener(threading.Thread):
     """Sets `wakeup` when a NOTIFY names one of `queues` (any queue when `queues` is None)."""
 
@@ -67,6 +119,7 @@ class Listener(threading.Thread):
         queues: Sequence[str] | None = None,
         *,
         name: str = "dbqueue-listener",
+        url: str | None = None,
     ) -> None:
         super().__init__(name=name, daemon=True)
         if not supported(engine):
@@ -74,7 +127,7 @@ class Listener(threading.Thread):
                 f"LISTEN/NOTIFY needs PostgreSQL through psycopg, not {engine.dialect.name}"
                 f"+{engine.dialect.driver}"
             )
-        self.params = connect_params(engine)
+        self.params = connect_params(engine, url)
         self.wakeup = wakeup
         self.queues = frozenset(queues) if queues else None
         self.connected = threading.Event()

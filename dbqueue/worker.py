@@ -216,12 +216,14 @@ class Worker:
         return self.summary
 
     def _start_listener(self) -> None:
-        if not self.listen or not listener.supported(self.engine):
-            return
-        self.listener = listener.Listener(
-            self.engine, self.wakeup, self.queues, name=f"dbqueue-listener-{self.name}"
-        )
-        self.listener.start()
+        if self.listen:
+            self.listener = listener.start(
+                self.settings,
+                self.engine,
+                self.wakeup,
+                self.queues,
+                name=f"dbqueue-listener-{self.name}",
+            )
 
     def idle_wait(self) -> float:
         """Seconds to sleep with nothing ready: until the next run_at, at most --sleep-delay.
