@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import enum
 import inspect
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from dbqueue import config, database, errors, retry, serializer, store
+from dbqueue import config, database, errors, hooks, retry, serializer, store
 from dbqueue import task as task_module
 
 P = ParamSpec("P")
@@ -52,7 +53,10 @@ _DEFAULTS: Final[dict[str, Any]] = {
     "timeout": None,
     "unique_key": None,
     "on_conflict": "keep",
+    "meta": None,
 }
+
+MAX_META_BYTES: Final = 4096  # meta is for a trace context or a tenant, not for data
 
 
 def _options(func: Any, given: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -172,12 +176,20 @@ class _Recipe:
     max_attempts: int
     timeout: float | None
     unique_key: str | None
+    meta: dict[str, Any] | None
 
     def task(self, args: Sequence[Any], kwargs: dict[str, Any] | None) -> store.NewTask:
         """Sign one task's arguments; raises EnqueueError naming what cannot be stored."""
         args = tuple(args)
         kwargs = dict(kwargs or {})
         handler = self.handler
+        meta = self.meta
+        if hooks.active:  # on_enqueue hooks may add to this task's meta
+            view = hooks.TaskView(
+                None, handler, self.queue, self.priority, 0, args, kwargs, dict(meta or {})
+            )
+            hooks.fire("on_enqueue", view)
+            meta = _check_meta(view.meta, handler) if view.meta else None
         try:
             payload = serializer.dumps(self.keyring, "payload", handler, (self.ref, args, kwargs))
         except errors.DbqueueError:
@@ -204,7 +216,30 @@ class _Recipe:
             max_attempts=self.max_attempts,
             timeout=self.timeout,
             unique_key=self.unique_key,
+            meta=meta,
         )
+
+
+def _check_meta(meta: Any, handler: str) -> dict[str, Any] | None:
+    """`meta` if it is a small JSON object with string keys; else EnqueueError saying why."""
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+        raise errors.EnqueueError(
+            f"meta of {handler} must be a dict with string keys, not {type(meta).__name__}"
+        )
+    try:
+        size = len(json.dumps(meta, allow_nan=False).encode())
+    except (TypeError, ValueError) as exc:
+        raise errors.EnqueueError(
+            f"meta of {handler} must be JSON (str, int, float, bool, None, list, dict): {exc}"
+        ) from exc
+    if size > MAX_META_BYTES:
+        raise errors.EnqueueError(
+            f"meta of {handler} is {size} bytes, limit is {MAX_META_BYTES}: keep meta for "
+            "small context (a trace id, a tenant); pass data as arguments"
+        )
+    return meta or None
 
 
 def _recipe(
@@ -217,6 +252,7 @@ def _recipe(
     max_attempts: int = _DEFAULTS["max_attempts"],
     timeout: float | None = _DEFAULTS["timeout"],
     unique_key: str | None = _DEFAULTS["unique_key"],
+    meta: dict[str, Any] | None = _DEFAULTS["meta"],
 ) -> _Recipe:
     if not callable(func):
         raise errors.EnqueueError(f"{func!r} is not callable")
@@ -238,6 +274,7 @@ def _recipe(
         max_attempts=max_attempts,
         timeout=None if timeout is None else float(timeout),
         unique_key=unique_key,
+        meta=_check_meta(meta, handler),
     )
 
 
@@ -292,6 +329,7 @@ def enqueue(
     timeout: float | _Missing | None = _MISSING,
     unique_key: str | _Missing | None = _MISSING,
     on_conflict: str | _Missing = _MISSING,
+    meta: dict[str, Any] | _Missing | None = _MISSING,
     session: orm.Session | orm.scoped_session[orm.Session] | None = None,
     connection: sa.Connection | None = None,
     settings: config.Settings | None = None,
@@ -303,7 +341,8 @@ def enqueue(
     max_attempts=retry.DEFAULT_MAX_ATTEMPTS (25), timeout=None, unique_key=None,
     on_conflict="keep". With `unique_key`, a task whose key is already queued or running is
     not stored twice: the existing task is returned (`on_conflict="keep"`) or its arguments
-    and run_at replaced (`on_conflict="replace"`).
+    and run_at replaced (`on_conflict="replace"`). `meta` is a small JSON dict stored in its
+    own column (not pickled, not signed), readable as `Task.meta` and by hooks.
     """
     if hasattr(func, "__dbqueue_options__"):  # decorated (decorator.py)
         # Its options where this call gives none, then the plain path with every option given.
@@ -317,6 +356,7 @@ def enqueue(
                 "timeout": timeout,
                 "unique_key": unique_key,
                 "on_conflict": on_conflict,
+                "meta": meta,
             },
         )
         return enqueue(
@@ -337,6 +377,7 @@ def enqueue(
         max_attempts=_DEFAULTS["max_attempts"] if max_attempts is _MISSING else max_attempts,
         timeout=_DEFAULTS["timeout"] if timeout is _MISSING else timeout,
         unique_key=_DEFAULTS["unique_key"] if unique_key is _MISSING else unique_key,
+        meta=None if meta is _MISSING else meta,
     )
     one_statement = new.unique_key is None and not settings.inline
     own = session is None and connection is None

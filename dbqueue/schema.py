@@ -177,6 +177,12 @@ tasks = sa.Table(
     sa.Column("exception", sa.LargeBinary, nullable=True, comment="signed pickle of the exception"),
     sa.Column("error", sa.Text, nullable=True, comment="exception, message and traceback as text"),
     sa.Column("unique_key", sa.Text, nullable=True),
+    sa.Column(
+        "meta",
+        sa.JSON(none_as_null=True),
+        nullable=True,
+        comment="small JSON dict (trace context, tenant): not pickled, not signed (migration 0006)",
+    ),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("started_at", UTCDateTime(), nullable=True),
     sa.Column("finished_at", UTCDateTime(), nullable=True),

@@ -27,6 +27,7 @@ _COLUMNS = (
     "locked_at",
     "error",
     "unique_key",
+    "meta",
     "created_at",
     "started_at",
     "finished_at",
@@ -47,6 +48,7 @@ class Task:
     locked_at: dt.datetime | None
     error: str | None
     unique_key: str | None
+    meta: dict[str, Any] | None
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None

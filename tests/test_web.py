@@ -619,3 +619,12 @@ def _retry_in_browser(pw, base: str, failed: dbqueue.Task, screenshot: Path) -> 
         assert page.get_by_role("status").inner_text() == "Task queued again."
     finally:
         browser.close()
+
+
+def test_task_page_shows_meta_escaped(db, client):
+    task = dbqueue.enqueue(jobs.noop, meta={"tenant": "<b>acme</b>"})
+    page = client.get(f"/tasks/{task.id}").text
+    assert "<dt>meta</dt>" in page and "tenant" in page
+    assert "<b>acme</b>" not in page
+    plain = dbqueue.enqueue(jobs.noop)
+    assert "<dt>meta</dt>" not in client.get(f"/tasks/{plain.id}").text
