@@ -268,9 +268,9 @@ class Worker:
                 with self.engine.begin() as conn:
                     store.release_unknown(conn, self.name, self.in_flight())
                     self._claim_uncertain = False
-                    return store.claim(conn, self.name, limit, self.queues)
+                    return store.claim(conn, self.name, limit, self.queues, registered=True)
             with self._one_statement() as conn:
-                return store.claim(conn, self.name, limit, self.queues)
+                return store.claim(conn, self.name, limit, self.queues, registered=True)
         except Exception as exc:
             if database.is_disconnect(exc):
                 self._claim_uncertain = True
@@ -559,7 +559,8 @@ class Heart(threading.Thread):
         try:
             with worker.engine.begin() as conn:
                 alive = store.heartbeat(conn, worker.name)
-                rescue(conn, worker.rescue_after)
+                if alive:  # else its own running tasks would look orphaned to its own rescue
+                    rescue(conn, worker.rescue_after)
             if not alive:
                 self._become_zombie("its row in workers was removed (it was presumed dead)")
                 return

@@ -315,3 +315,28 @@ def test_dead_worker_on_this_host_is_rescued_by_pid_probe_before_the_heartbeat_e
     print(f"RESCUE db={db.kind} detector=pid-probe rescue_after=30 seconds={detected:.2f}")
     assert detected < 5
     assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'queued'") == 1
+
+
+def test_a_worker_presumed_dead_claims_nothing_and_does_not_rescue_itself(db):
+    """Found by scripts/chaos: a worker whose row was removed (presumed dead after a pause)
+    claimed a task, and its own heartbeat's rescue then named itself dead and returned that
+    task, which ran twice. Now the claim needs the worker's row, and a beat that finds its
+    row gone rescues nothing: the task runs once, on the fresh worker the supervisor starts."""
+    make_runs_table(db)
+    proc = db.popen(
+        "work", "--import", "tests.jobs", "--rescue-after", "15", "--sleep-delay", "0.2"
+    )
+    try:
+        (name,) = wait_workers(db, 1)
+        with db.engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM workers"))  # another worker's rescue did this
+        task = dbqueue.enqueue(jobs.record_start, args=(db.url, "once", 2.0))
+        db.wait_for("SELECT status FROM tasks WHERE id = :i", "succeeded", timeout=60, i=task.id)
+    finally:
+        err = stop(proc)
+    runs = db.scalar("SELECT count(*) FROM runs WHERE label = 'once'")
+    print(f"PRESUMED_DEAD db={db.kind} runs={runs} attempts={task.refresh().attempts}")
+    assert runs == 1 and task.attempts == 1, err[-3000:]
+    assert task.locked_by is None and db.scalar("SELECT count(*) FROM workers") == 0
+    assert f"dead worker(s) {name}" not in err
+    assert "presumed dead" in err  # the zombie noticed and was replaced
