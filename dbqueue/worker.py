@@ -109,6 +109,7 @@ class Worker:
         self._claim_uncertain = False
         self._avg_duration = 1.0  # seconds; pessimistic until measured, so the first claim is 1
         self._heart: Heart | None = None
+        self.registered = False  # has had a row in `workers`: then claims only while it has
         self.scheduler = Scheduler(settings, min(1.0, max(sleep_delay, 0.1)))
         self.threads = threads
         self.listen = listen and settings.notify
@@ -121,19 +122,7 @@ class Worker:
 
     def start(self) -> None:
         """Register in `workers` and start heartbeating (retrying while the database is down)."""
-        self._with_db_retry(
-            lambda: self._transaction(
-                lambda c: store.register_worker(
-                    c,
-                    self.name,
-                    socket.gethostname(),
-                    os.getpid(),
-                    self.queues,
-                    identity.host_id(),
-                )
-            ),
-            "register",
-        )
+        self._with_db_retry(lambda: self._transaction(self._register), "register")
         self._heart = Heart(self)
         self._heart.start()
         log.info(
@@ -143,6 +132,12 @@ class Worker:
             extra={"event": "worker_started", "worker": self.name},
         )
         hooks.fire("worker_started", self)
+
+    def _register(self, conn: sa.Connection) -> None:
+        store.register_worker(
+            conn, self.name, socket.gethostname(), os.getpid(), self.queues, identity.host_id()
+        )
+        self.registered = True
 
     def stop(self) -> None:
         """Stop claiming; the running task finishes, the rest of its batch is released."""
@@ -268,9 +263,11 @@ class Worker:
                 with self.engine.begin() as conn:
                     store.release_unknown(conn, self.name, self.in_flight())
                     self._claim_uncertain = False
-                    return store.claim(conn, self.name, limit, self.queues, registered=True)
+                    return store.claim(
+                        conn, self.name, limit, self.queues, registered=self.registered
+                    )
             with self._one_statement() as conn:
-                return store.claim(conn, self.name, limit, self.queues, registered=True)
+                return store.claim(conn, self.name, limit, self.queues, registered=self.registered)
         except Exception as exc:
             if database.is_disconnect(exc):
                 self._claim_uncertain = True
