@@ -20,7 +20,7 @@ import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, cast
 
-from dbqueue import errors, retry, serializer
+from dbqueue import errors, hooks, retry, serializer
 from dbqueue import task as task_module
 
 # Names, not the module: `dbqueue.enqueue` is the function once the package is imported.
@@ -145,9 +145,28 @@ def handle_asynchronously(
     unique_key: str | None = None,
     on_conflict: str = "keep",
     retry_delay: Callable[[int, BaseException], float] | None = None,
+    before_task: Callable[..., Any] | None = None,
+    around_task: Callable[..., Any] | None = None,
+    on_success: Callable[..., Any] | None = None,
+    on_retry: Callable[..., Any] | None = None,
+    on_failure: Callable[..., Any] | None = None,
+    after_task: Callable[..., Any] | None = None,
 ) -> Any:
     """Make calling `func` enqueue it. Usable bare or with options, as delayed_job's macro,
-    on functions and on methods (instance, class and static)."""
+    on functions and on methods (instance, class and static).
+
+    `before_task`, `around_task`, `on_success`, `on_retry`, `on_failure`, `after_task`: hooks
+    for this function's tasks only, run after the process-wide ones (see dbqueue.hooks)."""
+    own_hooks = hooks.check_own(
+        {
+            "before_task": before_task,
+            "around_task": around_task,
+            "on_success": on_success,
+            "on_retry": on_retry,
+            "on_failure": on_failure,
+            "after_task": after_task,
+        }
+    )
     options: dict[str, Any] = {
         "priority": priority,
         "run_at": run_at,
@@ -175,6 +194,8 @@ def handle_asynchronously(
             )
         if retry_delay is not None:
             f.retry_delay = retry_delay
+        if own_hooks:
+            f.__dbqueue_hooks__ = own_hooks  # read by the worker from the function it runs
         return AsyncTaskFunction(f, binding, **options)
 
     if func is not None:

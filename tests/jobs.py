@@ -239,3 +239,21 @@ def record_start(url: str, label: str, seconds: float) -> str:
     record_run(url, label)
     time.sleep(seconds)
     return label
+
+
+HOOK_CALLS: list[tuple[str, Any, Any]] = []  # per-function hooks of `hooked`, in-process tests
+
+
+def _own_success(task: Any, result: Any) -> None:
+    HOOK_CALLS.append(("own_success", task.id, result))
+
+
+def _own_failure(task: Any, exc: BaseException) -> None:
+    HOOK_CALLS.append(("own_failure", task.id, type(exc).__name__))
+
+
+@handle_asynchronously(on_success=_own_success, on_failure=_own_failure, max_attempts=1)
+def hooked(x: int) -> int:
+    if x < 0:
+        raise ValueError("negative")
+    return x * 2

@@ -186,3 +186,22 @@ def test_no_hooks_means_the_fast_path(db):
 def test_a_hook_that_is_not_callable_fails_at_registration():
     with pytest.raises(TypeError, match="decorates a function"):
         hooks.on_success("not a function")  # type: ignore[type-var]
+
+
+def test_per_function_hooks_run_after_the_process_wide_ones_for_that_function_only(db):
+    jobs.HOOK_CALLS.clear()
+    hooks.on_success(lambda task, result: jobs.HOOK_CALLS.append(("global", task.id, result)))
+    good, bad = jobs.hooked(21), jobs.hooked(-1)
+    other = dbqueue.enqueue(jobs.add, args=(1, 1))
+    work_off(db)
+    assert jobs.HOOK_CALLS == [
+        ("global", good.id, 42),
+        ("own_success", good.id, 42),
+        ("own_failure", bad.id, "ValueError"),
+        ("global", other.id, 2),
+    ]
+
+
+def test_a_per_function_hook_that_is_not_callable_fails_at_decoration():
+    with pytest.raises(TypeError, match="on_success= must be a function"):
+        dbqueue.handle_asynchronously(on_success="notify_team")
