@@ -89,6 +89,7 @@ class Settings:
     )
 
     _keyring: Any = dataclasses.field(default=None, repr=False, compare=False)
+    _engine_checked: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     def keyring(self) -> Any:
         """The signing keys (serializer.Keyring), loaded once."""
@@ -104,6 +105,11 @@ class Settings:
         """The Engine: the application's own when it handed one, else built once from the URL."""
         if self.engine is None:
             self.engine = create_engine(self.database_url, pgbouncer=self.pgbouncer)
+            self._engine_checked = True
+        elif not self._engine_checked:
+            self._engine_checked = True
+            if self.transaction_pooled():
+                _refuse_prepared_statements(self.engine)
         return self.engine
 
     def transaction_pooled(self) -> bool:
@@ -281,6 +287,23 @@ def create_engine(url: str, *, pgbouncer: str | None = None, **kwargs: Any) -> s
             _ping_when_idle(engine)
         return engine
     return _create(parsed, kwargs)
+
+
+def _refuse_prepared_statements(engine: sa.Engine) -> None:
+    """An application's Engine behind a transaction pooler must not let psycopg prepare
+    statements (dbqueue cannot change how the application made it): say so at the first
+    checkout instead of failing later, now and then, on another client's statement name."""
+    if engine.dialect.driver != "psycopg":
+        return
+
+    @event.listens_for(engine, "checkout")
+    def _check(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if dbapi_connection.prepare_threshold is not None:
+            raise errors.ConfigurationError(
+                f"the Engine given to dbqueue for {redact(engine.url)} lets psycopg prepare "
+                "statements, which a transaction pooler (DBQUEUE_PGBOUNCER=transaction) hands "
+                "to other clients: create it with connect_args={'prepare_threshold': None}"
+            )
 
 
 PING_AFTER_IDLE = 1.0  # seconds a pooled connection may rest before it is tested on checkout

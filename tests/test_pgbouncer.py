@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,6 +157,26 @@ def test_the_url_parameter_is_dbqueues_not_the_drivers(db):
     with plain.get_engine().connect() as conn:
         assert conn.connection.driver_connection.prepare_threshold == 5  # psycopg's default
     plain.get_engine().dispose()
+
+
+def test_an_applications_engine_that_prepares_is_refused_behind_the_pooler(db, monkeypatch):
+    """dbqueue cannot change how the application made its Engine: it says what to change."""
+    monkeypatch.setenv("DBQUEUE_PGBOUNCER", "transaction")
+    preparing = sa.create_engine(db.url)
+    dbqueue.configure(engine=preparing)
+    with pytest.raises(
+        errors.ConfigurationError, match=re.escape("connect_args={'prepare_threshold': None}")
+    ):
+        dbqueue.enqueue(jobs.add, args=(1, 2))
+    preparing.dispose()
+    unprepared = sa.create_engine(db.url, connect_args={"prepare_threshold": None})
+    dbqueue.configure(engine=unprepared)
+    assert dbqueue.enqueue(jobs.add, args=(1, 2)).id > 0
+    unprepared.dispose()
+    monkeypatch.delenv("DBQUEUE_PGBOUNCER")
+    dbqueue.configure(engine=(plain := sa.create_engine(db.url)))  # not pooled: not checked
+    assert dbqueue.enqueue(jobs.add, args=(1, 2)).id > 0
+    plain.dispose()
 
 
 def test_the_setting_comes_from_the_environment(db, monkeypatch):
