@@ -92,13 +92,13 @@ def start(
     return listener
 
 
-def announce_polling(settings: config.Settings, sleep_delay: float) -> bool:
+def announce_polling(settings: config.Settings, sleep_delay: float) -> None:
     """Say once, at the start of `dbqueue work`, that its workers will poll because they
-    are behind a transaction pooler without DBQUEUE_LISTEN_URL; returns whether it did."""
+    are behind a transaction pooler without DBQUEUE_LISTEN_URL."""
     if not settings.notify or settings.listen_url is not None:
-        return False
+        return
     if not settings.transaction_pooled():
-        return False
+        return
     log.info(
         "workers poll for new tasks every %gs (--sleep-delay): LISTEN cannot work through a "
         "transaction pooler (PgBouncer) and DBQUEUE_LISTEN_URL is not set; set it to the "
@@ -106,7 +106,6 @@ def announce_polling(settings: config.Settings, sleep_delay: float) -> bool:
         sleep_delay,
         extra={"event": "listener_polling"},
     )
-    return True
 
 
 class Listener(threading.Thread):

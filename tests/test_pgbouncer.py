@@ -23,11 +23,11 @@ import pytest
 import sqlalchemy as sa
 
 import dbqueue
-from dbqueue import config, errors, store
+from dbqueue import config, database, errors, store
 from tests import jobs
 from tests import pgbouncer as pgbouncer_harness
 from tests import pgbouncer_app as app
-from tests.conftest import PG_ADMIN_URL
+from tests.conftest import PG_ADMIN_URL, _admin_engine
 
 pytestmark = pytest.mark.postgresql_only
 
@@ -225,6 +225,35 @@ def test_a_listen_url_that_is_not_postgresql_is_refused(db):
 
 
 # -- real processes through the pooler ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_migrate_an_empty_database_through_pgbouncer(db, pgbouncer):
+    """Every migration, the CONCURRENTLY index build outside a transaction included, runs
+    through the pooler, and `status` reads through it."""
+    bouncer = pgbouncer(pool_size=1)
+    empty = f"{database_name(db)}_empty"
+    admin = _admin_engine()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{empty}"')
+    try:
+        env = pooled_env(db, bouncer.url(empty))
+        migrate = dbqueue_cli(env, db.tmp_path, "migrate")
+        assert migrate.returncode == 0, migrate.stderr
+        status = dbqueue_cli(env, db.tmp_path, "status")
+        assert status.returncode == 0, status.stderr
+        direct = sa.make_url(db.url).set(database=empty)
+        engine = sa.create_engine(direct, poolclass=sa.pool.NullPool)
+        with engine.connect() as conn:
+            assert database.current_revision(conn) == database.head_revision()
+        engine.dispose()
+        for text in (migrate.stderr, status.stderr):
+            assert PREPARED not in text
+        assert bouncer.stats(empty)["total_xact_count"] > 0
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{empty}" WITH (FORCE)')
+        admin.dispose()
 
 
 @pytest.mark.slow
