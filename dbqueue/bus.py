@@ -30,8 +30,13 @@ import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects import postgresql, sqlite
 
-from dbqueue import config, errors, executor, serializer, store
-from dbqueue.enqueue import RunAt, _connection, build  # `dbqueue.enqueue` is the function
+from dbqueue import config, errors, executor, inline_mode, serializer, store
+from dbqueue.enqueue import (  # `dbqueue.enqueue` is the function
+    RunAt,
+    _connection,
+    build,
+    caller_bind,
+)
 from dbqueue.schema import bus_subscriptions, db_now
 
 log = logging.getLogger("dbqueue.bus")
@@ -117,7 +122,7 @@ def _inline_enabled() -> bool:
 
 @contextlib.contextmanager
 def inline(enabled: bool = True) -> Iterator[None]:
-    """Within the block, `publish` runs this process's subscribers at once (for tests)."""
+    """Within the block, `publish` runs this process's subscribers once it commits (tests)."""
     before = _state.inline
     _state.inline = enabled
     try:
@@ -447,11 +452,8 @@ def publish(
             for queue, handler in targets
         ]
         ids = store.insert(conn, new, notify=settings.notify)
-        if settings.inline or _inline_enabled():
-            from dbqueue import worker
-
-            for task_id in ids:
-                worker.run_inline(settings, conn, task_id)
+    if settings.inline or _inline_enabled():
+        inline_mode.after_commit(settings, caller_bind(session, connection), ids)
     return ids
 
 

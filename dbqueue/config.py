@@ -154,7 +154,8 @@ def configure(
 
 @contextlib.contextmanager
 def inline(enabled: bool = True) -> Iterator[None]:
-    """Run tasks at enqueue, in this process, recording the row as a worker would (for tests)."""
+    """Run tasks in this process once their enqueue commits, recording the row as a worker
+    would (for tests; see inline_mode.py)."""
     settings = current()
     before = settings.inline
     settings.inline = enabled

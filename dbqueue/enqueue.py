@@ -22,7 +22,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from dbqueue import config, database, errors, hooks, retry, serializer, store
+from dbqueue import config, database, errors, hooks, inline_mode, retry, serializer, store
 from dbqueue import task as task_module
 
 P = ParamSpec("P")
@@ -293,6 +293,14 @@ def _size(n: int) -> str:
     return f"{n / 1024 / 1024:.1f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.1f} KiB"
 
 
+def caller_bind(session: Bind, connection: Bind) -> Any:
+    """The caller's Session or Connection, if they gave one (a scoped_session resolved)."""
+    bind = session if session is not None else connection
+    if isinstance(bind, orm.scoped_session):  # Flask-SQLAlchemy's db.session, for one
+        return bind()
+    return bind
+
+
 @contextmanager
 def _connection(
     settings: config.Settings, session: Bind, connection: Bind
@@ -301,9 +309,7 @@ def _connection(
 
     (A lone task of our own on PostgreSQL skips this: store.insert_one_autocommit.)
     """
-    bind = session if session is not None else connection
-    if isinstance(bind, orm.scoped_session):  # Flask-SQLAlchemy's db.session, for one
-        bind = bind()
+    bind = caller_bind(session, connection)
     if isinstance(bind, orm.Session):
         yield bind.connection()
     elif isinstance(bind, sa.Connection):
@@ -387,10 +393,8 @@ def enqueue(
         return task_module.Task(task_id, settings=settings)
     with _connection(settings, session, connection) as conn:
         (task_id,) = store.insert(conn, [new], replace=replace, notify=settings.notify)
-        if settings.inline:
-            from dbqueue import worker
-
-            worker.run_inline(settings, conn, task_id)
+    if settings.inline:
+        inline_mode.after_commit(settings, caller_bind(session, connection), [task_id])
     return task_module.Task(task_id, settings=settings)
 
 
@@ -422,11 +426,8 @@ def enqueue_many(
             new.append(recipe.task((item,), None))
     with _connection(settings, session, connection) as conn:
         ids = store.insert(conn, new, replace=replace, notify=settings.notify)
-        if settings.inline:
-            from dbqueue import worker
-
-            for task_id in ids:
-                worker.run_inline(settings, conn, task_id)
+    if settings.inline:
+        inline_mode.after_commit(settings, caller_bind(session, connection), ids)
     return ids
 
 

@@ -1,6 +1,6 @@
 """The pytest plugin (entry point `pytest11`, active once dbqueue is installed).
 
-    dbqueue_inline    tasks run at enqueue, in the test's process, for the test's duration
+    dbqueue_inline    tasks run once their enqueue commits, in the test's process (inline mode)
     dbqueue_workoff   a callable running every ready task in process; returns the Summary
     assert_enqueued   a callable: `assert_enqueued(func, args=..., kwargs=..., queue=...)`
     refute_enqueued   a callable: the same, asserting that no such task is queued
@@ -123,7 +123,8 @@ def workoff(
 
 @pytest.fixture
 def dbqueue_inline() -> Iterator[None]:
-    """Tasks run at enqueue, in this process, recording their rows as a worker would."""
+    """Tasks run in this process once their enqueue commits, their rows recorded as a worker
+    would."""
     with config.inline():
         yield
 

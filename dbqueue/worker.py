@@ -635,14 +635,3 @@ def rescue(conn: sa.Connection, rescue_after: float) -> list[int]:
             extra={"event": "rescued"},
         )
     return ids
-
-
-def run_inline(settings: config.Settings, conn: sa.Connection, task_id: int) -> store.Outcome:
-    """Inline mode: claim the task just inserted on `conn`, run it here, record it there."""
-    name = f"inline:{os.getpid()}"
-    rows = [r for r in store.claim_by_id(conn, name, task_id)]
-    if not rows:
-        raise errors.DbqueueError(f"inline mode could not claim task {task_id}")
-    outcome = executor.execute(settings, rows[0], bind=conn)
-    store.record(conn, name, [outcome])
-    return outcome
