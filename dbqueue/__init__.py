@@ -5,6 +5,7 @@ from __future__ import annotations
 from dbqueue import bus, counters
 from dbqueue.aio import enqueue_async, enqueue_many_async, schedule_async
 from dbqueue.config import Settings, configure, inline
+from dbqueue.control import configure_queue, pause, paused_queues, resume
 from dbqueue.counters import async_counter_cache
 from dbqueue.decorator import delay, handle_asynchronously
 from dbqueue.enqueue import enqueue, enqueue_many, schedule
@@ -13,9 +14,12 @@ from dbqueue.errors import (
     DatabaseUnavailable,
     DbqueueError,
     EnqueueError,
+    InvalidOperation,
     ResultNotStored,
     SchemaError,
     SignatureError,
+    Snooze,
+    TaskCancelled,
     TaskNotFound,
     TaskTimeout,
 )
@@ -28,17 +32,21 @@ __all__ = [
     "DatabaseUnavailable",
     "DbqueueError",
     "EnqueueError",
+    "InvalidOperation",
     "ResultNotStored",
     "SchemaError",
     "Settings",
     "SignatureError",
+    "Snooze",
     "Status",
     "Task",
+    "TaskCancelled",
     "TaskNotFound",
     "TaskTimeout",
     "async_counter_cache",
     "bus",
     "configure",
+    "configure_queue",
     "counters",
     "delay",
     "enqueue",
@@ -47,7 +55,10 @@ __all__ = [
     "enqueue_many_async",
     "handle_asynchronously",
     "inline",
+    "pause",
+    "paused_queues",
     "periodic",
+    "resume",
     "schedule",
     "schedule_async",
 ]

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from dbqueue import (
     bus,
     config,
+    control,
     counters,
     database,
     errors,
@@ -276,6 +277,7 @@ def workoff(
     progress = Progress(obj.settings, queues)
     summary = supervisor.Supervisor(spec, concurrency, on_progress=progress).run()
     progress.finish(summary)
+    _report_paused(obj, queues)
     if summary.failed or summary.retried:
         sys.exit(1)
 
@@ -320,6 +322,20 @@ class Progress:
             f"workoff: {summary.done} tasks in {summary.elapsed:.1f}s "
             f"({summary.rate:.0f}/s): {summary.succeeded} succeeded, "
             f"{summary.retried} retried, {summary.failed} failed"
+        )
+
+
+def _report_paused(obj: Context, queues: Sequence[str]) -> None:
+    """After workoff: name the paused queues it skipped that still hold ready tasks, so an
+    empty run is not mistaken for an empty queue."""
+    with obj.settings.get_engine().connect() as conn:
+        paused = control.read_paused(conn)
+        skipped = sorted(q for q in paused if not queues or q in queues)
+        waiting = {q: store.ready_count(conn, [q]) for q in skipped}
+    for queue_name, ready in waiting.items():
+        click.echo(
+            f"workoff: queue {queue_name} is paused ({ready} ready, not run); "
+            f"`dbqueue resume {queue_name}` to run them"
         )
 
 
@@ -406,6 +422,7 @@ def status(obj: Context) -> None:
     with obj.settings.get_engine().begin() as conn:
         rows = store.counts(conn)
         workers = store.list_workers(conn)
+        paused = control.read_paused(conn)
         old_transactions = database.long_transactions(conn, older_than_seconds=60)
     table: dict[str, dict[str, int]] = {}
     for row in rows:
@@ -420,6 +437,8 @@ def status(obj: Context) -> None:
         )
     if not table:
         click.echo("(no tasks)")
+    if paused:
+        click.echo(f"\npaused: {', '.join(sorted(paused))}  (dbqueue resume QUEUE)")
     click.echo(f"\nworkers: {len(workers)}")
     for w in workers:
         age = (w.now - w.heartbeat_at).total_seconds()
@@ -431,6 +450,73 @@ def status(obj: Context) -> None:
             "dead task rows pile up and claims slow down until it ends",
             err=True,
         )
+
+
+@cli.command(short_help="Pause queues fleet-wide (workers stop claiming from them).")
+@click.argument("queue_names", nargs=-1, required=True, metavar="QUEUE...")
+@pass_context
+def pause(obj: Context, queue_names: tuple[str, ...]) -> None:
+    """Pause QUEUEs on every worker within about a second; running tasks finish, enqueueing
+    still works. The state is in the database: it survives restarts."""
+    database.check_schema(obj.settings)
+    control.pause(*queue_names, settings=obj.settings)
+    click.echo(f"paused: {', '.join(queue_names)}")
+
+
+@cli.command(short_help="Resume paused queues.")
+@click.argument("queue_names", nargs=-1, required=True, metavar="QUEUE...")
+@pass_context
+def resume(obj: Context, queue_names: tuple[str, ...]) -> None:
+    """Resume paused QUEUEs."""
+    database.check_schema(obj.settings)
+    control.resume(*queue_names, settings=obj.settings)
+    click.echo(f"resumed: {', '.join(queue_names)}")
+
+
+@cli.command(short_help="Cancel tasks: queued at once, running ones asked to stop.")
+@click.argument("task_ids", nargs=-1, type=int)
+@click.option("--queue", "-q", "queue_name", metavar="NAME", help="Every queued task of a queue.")
+@pass_context
+def cancel(obj: Context, task_ids: tuple[int, ...], queue_name: str | None) -> None:
+    """Cancel tasks by id: a queued task becomes cancelled at once; a running one gets
+    dbqueue.TaskCancelled raised inside it by its worker within about a second. A finished
+    task is an error (exit 1), and then nothing is changed."""
+    if bool(task_ids) == bool(queue_name):
+        raise click.UsageError("give task ids, or --queue NAME (not both)")
+    database.check_schema(obj.settings)
+    with obj.settings.get_engine().begin() as conn:
+        if queue_name:
+            ids = store.queued_ids(conn, queue_name)
+            count = len(store.cancel(conn, ids, returning=True)) if ids else 0
+            click.echo(f"cancelled {count} queued task(s) of {queue_name}")
+            return
+        done = control.cancel_tasks(conn, task_ids)
+    if done.cancelled:
+        click.echo(f"cancelled: {' '.join(map(str, done.cancelled))}")
+    if done.requested:
+        click.echo(
+            f"asked to stop (running): {' '.join(map(str, done.requested))}; "
+            "their workers cancel them within about a second"
+        )
+
+
+@cli.command("queue-limit", short_help="Cap how many tasks of a queue run at once.")
+@click.argument("queue_name", metavar="QUEUE")
+@click.argument("limit", metavar="N|none")
+@pass_context
+def queue_limit(obj: Context, queue_name: str, limit: str) -> None:
+    """At most N tasks of QUEUE run at once across every worker ("none" removes the cap)."""
+    value: int | None
+    if limit.lower() == "none":
+        value = None
+    else:
+        try:
+            value = int(limit)
+        except ValueError:
+            raise click.UsageError(f"N is a positive integer or 'none', not {limit!r}") from None
+    database.check_schema(obj.settings)
+    control.configure_queue(queue_name, max_concurrency=value, settings=obj.settings)
+    click.echo(f"{queue_name}: max_concurrency={value if value is not None else 'none'}")
 
 
 @cli.command("retry", short_help="Queue failed or cancelled tasks again.")

@@ -41,3 +41,23 @@ class TaskTimeout(DbqueueError, TimeoutError):
 
 class HandlerNotAllowed(DbqueueError):
     """The task's handler is outside DBQUEUE_ALLOWED_MODULES."""
+
+
+class TaskCancelled(DbqueueError):
+    """Raised inside a running task whose cancellation was requested (Task.cancel(),
+    `dbqueue cancel`); the run is recorded `cancelled`, not retried."""
+
+
+class InvalidOperation(DbqueueError):
+    """The operation does not apply to the task in its current state (the message says why)."""
+
+
+class Snooze(Exception):
+    """Raise (or return) `Snooze(seconds)` from a task to run it again `seconds` from now
+    without spending an attempt and without recording an error."""
+
+    def __init__(self, seconds: float) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise ValueError(f"Snooze takes a number of seconds >= 0, not {seconds!r}")
+        super().__init__(f"snoozed for {seconds:g}s")
+        self.seconds = float(seconds)

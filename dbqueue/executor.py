@@ -224,6 +224,8 @@ def execute(
             if session is not None:
                 session.close()
     except Exception as exc:
+        if isinstance(exc, (errors.Snooze, errors.TaskCancelled)):
+            return _stopped(row, exc, view, own)
         outcome = failure(settings, row, exc, func=locals().get("func"))
         if view is not None or hooks.active:
             view = view or task_view(row, (), {})
@@ -231,12 +233,49 @@ def execute(
             hooks.fire("on_retry" if ended == "retrying" else "on_failure", view, exc, extra=own)
             hooks.fire("after_task", view, hooks.Outcome(ended, exception=exc), extra=own)
         return outcome
+    if isinstance(value, errors.Snooze):
+        return _stopped(row, value, view, own)
     if view is not None:
         hooks.fire("on_success", view, value, extra=own)
         hooks.fire("after_task", view, hooks.Outcome("succeeded", result=value), extra=own)
     result, note = _store_result(settings, row.handler, value)
     return store.Outcome(
         id=row.id, attempts=row.attempts, status=Status.SUCCEEDED, result=result, error=note
+    )
+
+
+def _stopped(
+    row: Any,
+    signal: errors.Snooze | errors.TaskCancelled,
+    view: hooks.TaskView | None,
+    own: dict[str, Any] | None,
+) -> store.Outcome:
+    """A run that ended neither in success nor in failure: snoozed (back to the queue, the
+    attempt given back, no error) or cancelled (final, with how it was stopped)."""
+    if isinstance(signal, errors.Snooze):
+        outcome = store.Outcome(
+            id=row.id,
+            attempts=row.attempts,
+            status=Status.QUEUED,
+            retry_in=signal.seconds,
+            snooze=True,
+        )
+        ended = "snoozed"
+    else:
+        outcome = store.Outcome(
+            id=row.id, attempts=row.attempts, status=Status.CANCELLED, error=describe(signal)
+        )
+        ended = "cancelled"
+    if view is not None or hooks.active:
+        view = view or task_view(row, (), {})
+        hooks.fire("after_task", view, hooks.Outcome(ended, exception=signal), extra=own)
+    return outcome
+
+
+def cancelled(row: Any, message: str) -> store.Outcome:
+    """The Outcome of a run stopped by a cancel request (final, not retried)."""
+    return store.Outcome(
+        id=row.id, attempts=row.attempts, status=Status.CANCELLED, error=f"TaskCancelled: {message}"
     )
 
 

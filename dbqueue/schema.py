@@ -183,6 +183,26 @@ tasks = sa.Table(
         nullable=True,
         comment="small JSON dict (trace context, tenant): not pickled, not signed (migration 0006)",
     ),
+    sa.Column(
+        "snoozes",
+        sa.Integer,
+        nullable=False,
+        server_default="0",
+        comment="times the task put itself back with Snooze (no attempt spent)",
+    ),
+    sa.Column(
+        "cancel_requested_at",
+        UTCDateTime(),
+        nullable=True,
+        comment="Task.cancel() of a running task: its worker raises TaskCancelled in it",
+    ),
+    sa.Column(
+        "concurrency_key",
+        sa.Text,
+        nullable=True,
+        comment="tasks sharing a key run at most max_concurrency at once, fleet-wide",
+    ),
+    sa.Column("max_concurrency", sa.Integer, nullable=True, comment="limit for concurrency_key"),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("started_at", UTCDateTime(), nullable=True),
     sa.Column("finished_at", UTCDateTime(), nullable=True),
@@ -311,6 +331,26 @@ periodic_slots = sa.Table(
         UTCDateTime(),
         nullable=False,
         comment="latest slot enqueued (first seen: the slot current then, not enqueued)",
+    ),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+queue_settings = sa.Table(
+    "queue_settings",
+    metadata,
+    sa.Column("queue", sa.String(100), primary_key=True),
+    sa.Column(
+        "paused",
+        sa.Boolean,
+        nullable=False,
+        server_default=sa.false(),
+        comment="workers claim nothing of a paused queue; enqueueing still works",
+    ),
+    sa.Column(
+        "max_concurrency",
+        sa.Integer,
+        nullable=True,
+        comment="at most this many of the queue's tasks run at once, fleet-wide; null: no cap",
     ),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
 )

@@ -84,6 +84,7 @@ class Outcome:
     exception: bytes | None = None
     error: str | None = None
     retry_in: float = 0.0
+    snooze: bool = False  # QUEUED again without spending the attempt (Snooze)
 
 
 def _insert_values(task: NewTask) -> dict[str, Any]:
@@ -487,6 +488,7 @@ def claim(
     queues: Sequence[str] | None = None,
     *,
     registered: bool = False,
+    exclude: Sequence[str] = (),
 ) -> list[Any]:
     """queued -> running for up to `limit` ready tasks, lowest priority value first; rows
     with CLAIM_COLUMNS' names as attributes, in claim order.
@@ -497,6 +499,9 @@ def claim(
     they would run twice. On PostgreSQL the row is read `FOR KEY SHARE`, so a rescue deleting
     it waits for this claim to commit and then sees (and returns) what it took.
 
+    `exclude`: queues not to claim from when `queues` is None (the paused ones). A worker
+    given queues drops paused ones from its list instead, which keeps its index reads exact.
+
     PostgreSQL: the candidate ids are locked `FOR UPDATE SKIP LOCKED` inside a MATERIALIZED CTE:
     without the fence the planner may re-run the LIMITed subquery in a nested loop and update
     more rows than the limit (Oban learned this). SKIP LOCKED lets concurrent workers take
@@ -505,7 +510,9 @@ def claim(
     SQLite: the caller's transaction began with BEGIN IMMEDIATE, so one claimer at a time.
     """
     postgresql = conn.dialect.name == "postgresql"
-    stmt = _claim_statement(tuple(queues) if queues else None, postgresql, registered)
+    stmt = _claim_statement(
+        tuple(queues) if queues else None, postgresql, registered, tuple(sorted(exclude))
+    )
     values = {"claim_limit": limit, "claim_worker": worker}
     rows: list[Any]
     if database.is_psycopg(conn):
@@ -552,7 +559,10 @@ _CLAIM_ORDER = operator.itemgetter(2, 3, 0)  # priority, run_at, id in CLAIM_COL
 
 @functools.lru_cache(maxsize=32)
 def _claim_statement(
-    queues: tuple[str, ...] | None, postgresql: bool, registered: bool = False
+    queues: tuple[str, ...] | None,
+    postgresql: bool,
+    registered: bool = False,
+    exclude: tuple[str, ...] = (),
 ) -> Any:
     """The claim, built once per set of queues: building the construct and its cache key on
     every call cost more client time than the database spent running it (measured: 1.6 ms
@@ -569,7 +579,7 @@ def _claim_statement(
     enqueue still waits for its flush, which also makes every earlier claim durable. It
     saves a disk flush per batch (measured: about a tenth of a drain's time).
     """
-    candidates = _claimable(queues, sa.bindparam("claim_limit", type_=sa.Integer))
+    candidates = _claimable(queues, sa.bindparam("claim_limit", type_=sa.Integer), exclude)
     if postgresql:
         relaxed = sa.select(
             sa.func.set_config(
@@ -614,7 +624,9 @@ def _claim_statement(
     )
 
 
-def _claimable(queues: tuple[str, ...] | None, limit: Any) -> sa.Select[Any]:
+def _claimable(
+    queues: tuple[str, ...] | None, limit: Any, exclude: tuple[str, ...] = ()
+) -> sa.Select[Any]:
     """SELECT the ids of up to `limit` ready tasks of `queues` (None: every queue) in claim
     order (priority, run_at, id), locked `FOR UPDATE SKIP LOCKED` where the engine has it.
 
@@ -639,6 +651,8 @@ def _claimable(queues: tuple[str, ...] | None, limit: Any) -> sa.Select[Any]:
             .with_for_update(skip_locked=True)
         )
         if queue is None:
+            if exclude:  # paused queues: their ready rows are read and skipped (docs/operations)
+                stmt = stmt.where(tasks.c.queue.not_in([sa.literal(q) for q in exclude]))
             return stmt
         # SQLite's planner, once ANALYZE has run, may prefer walking ix_tasks_claimable in
         # order and filtering by queue (measured: every row of a 100,000-row backlog)
@@ -707,16 +721,44 @@ def record(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int
     """
     written = 0
     by_status: dict[Status, list[Outcome]] = {}
+    snoozed = [o for o in outcomes if o.snooze]
     for outcome in outcomes:
-        by_status.setdefault(outcome.status, []).append(outcome)
+        if not outcome.snooze:
+            by_status.setdefault(outcome.status, []).append(outcome)
     for status, group in by_status.items():
         if status is Status.SUCCEEDED:
             written += complete(conn, worker, group)
         elif status is Status.QUEUED:
             written += retry(conn, worker, group)
+        elif status is Status.CANCELLED:
+            written += _execute_fenced(conn, Status.CANCELLED, worker, group)
         else:
             written += fail(conn, worker, group)
+    if snoozed:
+        written += snooze(conn, worker, snoozed)
     return written
+
+
+def snooze(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
+    """running -> queued `retry_in` seconds from now, the attempt given back, the snooze
+    counted; the previous error and exception stay as they were (a snooze is no failure)."""
+    stmt = (
+        sa.update(tasks)
+        .where(_fence())
+        .values(
+            status=Status.QUEUED.value,
+            locked_by=None,
+            locked_at=None,
+            attempts=tasks.c.attempts - 1,
+            snoozes=tasks.c.snoozes + 1,
+            run_at=db_now(sa.bindparam("retry_in", type_=sa.Float)),
+        )
+        .returning(tasks.c.id)
+    )
+    landed: set[int] = set()
+    for params in _params(outcomes, fence_worker=worker):
+        landed.update(r[0] for r in conn.execute(stmt, params))
+    return _written(conn, worker, outcomes, len(landed), landed)
 
 
 def _params(outcomes: Sequence[Outcome], **extra: Any) -> list[dict[str, Any]]:
@@ -942,30 +984,72 @@ def rescue(conn: sa.Connection, dead_workers: Sequence[str], reason: str) -> lis
     if not dead_workers:
         return []
     out_of_attempts = tasks.c.attempts >= tasks.c.max_attempts
+    cancelled = tasks.c.cancel_requested_at.is_not(None)  # asked to stop: it stops here
+    ends = sa.or_(cancelled, out_of_attempts)
     stmt = (
         sa.update(tasks)
         .where(status_is(Status.RUNNING), tasks.c.locked_by.in_(list(dead_workers)))
         .values(
-            status=sa.case((out_of_attempts, Status.FAILED.value), else_=Status.QUEUED.value),
+            status=sa.case(
+                (cancelled, Status.CANCELLED.value),
+                (out_of_attempts, Status.FAILED.value),
+                else_=Status.QUEUED.value,
+            ),
             error=sa.literal(reason),
             locked_by=None,
             locked_at=None,
             run_at=db_now(),
-            finished_at=sa.case((out_of_attempts, db_now()), else_=None),
+            finished_at=sa.case((ends, db_now()), else_=None),
         )
         .returning(tasks.c.id)
     )
     return [r[0] for r in conn.execute(stmt)]
 
 
-def cancel(conn: sa.Connection, task_ids: Sequence[int]) -> int:
-    """queued -> cancelled."""
+def cancel(conn: sa.Connection, task_ids: Sequence[int], *, returning: bool = False) -> Any:
+    """queued -> cancelled; how many (or, `returning`, which ids) were."""
     stmt = (
         sa.update(tasks)
         .where(tasks.c.id.in_(list(task_ids)), status_is(Status.QUEUED))
         .values(status=Status.CANCELLED.value, finished_at=db_now())
     )
+    if returning:
+        return sorted(r[0] for r in conn.execute(stmt.returning(tasks.c.id)))
     return int(conn.execute(stmt).rowcount)
+
+
+def request_cancel(conn: sa.Connection, task_ids: Sequence[int]) -> list[int]:
+    """running -> running with `cancel_requested_at` set: its worker stops the run."""
+    stmt = (
+        sa.update(tasks)
+        .where(tasks.c.id.in_(list(task_ids)), status_is(Status.RUNNING))
+        .values(cancel_requested_at=sa.func.coalesce(tasks.c.cancel_requested_at, db_now()))
+        .returning(tasks.c.id)
+    )
+    return sorted(r[0] for r in conn.execute(stmt))
+
+
+def cancel_requests(conn: sa.Connection, worker: str, task_ids: Sequence[int]) -> list[int]:
+    """Which of this worker's running tasks were asked to stop (read by primary key)."""
+    stmt = sa.select(tasks.c.id).where(
+        tasks.c.id.in_(list(task_ids)),
+        status_is(Status.RUNNING),
+        tasks.c.locked_by == worker,
+        tasks.c.cancel_requested_at.is_not(None),
+    )
+    return [r[0] for r in conn.execute(stmt)]
+
+
+def queued_ids(conn: sa.Connection, queue: str) -> list[int]:
+    """Ids of the queued tasks of one queue (through ix_tasks_queue_claimable)."""
+    stmt = sa.select(tasks.c.id).where(status_is(Status.QUEUED), tasks.c.queue == queue)
+    return [r[0] for r in conn.execute(stmt)]
+
+
+def statuses(conn: sa.Connection, task_ids: Sequence[int]) -> dict[int, str]:
+    """id -> status for the ids that exist."""
+    stmt = sa.select(tasks.c.id, tasks.c.status).where(tasks.c.id.in_(list(task_ids)))
+    return {r.id: r.status for r in conn.execute(stmt)}
 
 
 def requeue(
@@ -985,7 +1069,13 @@ def requeue(
         return 0
     if queues:
         stmt = stmt.where(tasks.c.queue.in_(list(queues)))
-    stmt = stmt.values(status=Status.QUEUED.value, attempts=0, run_at=db_now(), finished_at=None)
+    stmt = stmt.values(
+        status=Status.QUEUED.value,
+        attempts=0,
+        run_at=db_now(),
+        finished_at=None,
+        cancel_requested_at=None,
+    )
     return int(conn.execute(stmt).rowcount)
 
 

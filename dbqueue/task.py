@@ -28,6 +28,9 @@ _COLUMNS = (
     "error",
     "unique_key",
     "meta",
+    "snoozes",
+    "cancel_requested_at",
+    "concurrency_key",
     "created_at",
     "started_at",
     "finished_at",
@@ -68,6 +71,16 @@ class Task:
         task = cls(task_id, settings=settings)
         task.refresh()
         return task
+
+    def cancel(self) -> bool:
+        """Cancel this task: a queued one at once (True), a running one by asking its worker,
+        which raises `dbqueue.TaskCancelled` inside it within about a second (False: it is
+        still running now). Cancelling a finished task raises InvalidOperation."""
+        from dbqueue import control
+
+        done = control.cancel([self.id], settings=self._settings)
+        self._row = None
+        return bool(done.cancelled)
 
     def refresh(self) -> Task:
         """Re-read the row."""

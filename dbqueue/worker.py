@@ -26,7 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dbqueue import config, database, errors, executor, hooks, identity, listener, store
+from dbqueue import config, control, database, errors, executor, hooks, identity, listener, store
 
 # A name, not the module: `dbqueue.periodic` is the decorator once the package is imported.
 from dbqueue.periodic import Scheduler
@@ -37,7 +37,9 @@ log = logging.getLogger("dbqueue.worker")
 MAX_BATCH = 100
 BATCH_WINDOW = 0.05  # seconds of expected work claimed at once
 RECORD_EVERY = 0.5  # seconds a finished outcome may wait for its batch
-PROBE_INTERVAL = 1.0  # seconds between checks for dead worker processes on this host
+PROBE_INTERVAL = 1.0  # seconds between checks of local pids, paused queues, cancel requests
+CANCEL_GRACE = 2.0  # seconds a task asked to stop gets before its process is ended
+CANCEL_SIGNAL = getattr(signal, "SIGUSR2", signal.SIGTERM)
 
 
 @dataclasses.dataclass
@@ -110,6 +112,10 @@ class Worker:
         self._avg_duration = 1.0  # seconds; pessimistic until measured, so the first claim is 1
         self._heart: Heart | None = None
         self.registered = False  # has had a row in `workers`: then claims only while it has
+        self.paused: frozenset[str] = frozenset()  # read every second by the heart
+        self._executing: dict[int, tuple[int, Any]] = {}  # task id -> (thread, row) running
+        self._cancel: dict[int, float] = {}  # task id -> monotonic time it was asked to stop
+        self._batch: set[int] = set()  # ids of the batch being run (claimed, not recorded)
         self.scheduler = Scheduler(settings, min(1.0, max(sleep_delay, 0.1)))
         self.threads = threads
         self.listen = listen and settings.notify
@@ -138,6 +144,7 @@ class Worker:
             conn, self.name, socket.gethostname(), os.getpid(), self.queues, identity.host_id()
         )
         self.registered = True
+        self.paused = frozenset(control.read_paused(conn))  # before the first claim
 
     def stop(self) -> None:
         """Stop claiming; the running task finishes, the rest of its batch is released."""
@@ -169,6 +176,34 @@ class Worker:
 
         signal.signal(signal.SIGTERM, graceful)
         signal.signal(signal.SIGINT, graceful)
+        signal.signal(CANCEL_SIGNAL, self._cancel_here)
+
+    def _cancel_here(self, signum: int, frame: Any) -> None:
+        """SIGUSR2, sent by this worker's heart to its own main thread: raise TaskCancelled
+        in the task running there if it was asked to stop (a signal, unlike an exception set
+        from another thread, also interrupts a sleep or a blocking read)."""
+        me = threading.get_ident()
+        for task_id, (thread, _) in list(self._executing.items()):
+            if thread == me and task_id in self._cancel:
+                raise errors.TaskCancelled(f"task {task_id} was cancelled while running")
+
+    def interrupt(self, task_id: int) -> None:
+        """Raise TaskCancelled in the thread running `task_id` (called by the heart)."""
+        if task_id not in self._executing:
+            return
+        thread = self._executing[task_id][0]
+        if thread == threading.main_thread().ident and hasattr(signal, "pthread_kill"):
+            signal.pthread_kill(thread, CANCEL_SIGNAL)
+            return
+        import ctypes  # a --threads worker: the exception is raised at its next bytecode
+
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(thread), ctypes.py_object(errors.TaskCancelled)
+        )
+
+    def cancel_candidates(self) -> list[int]:
+        """Ids a cancel request could concern now: claimed in this batch or running."""
+        return sorted(self._batch | set(self._executing) | self.in_flight())
 
     # -- loops --------------------------------------------------------------------------------
 
@@ -253,21 +288,35 @@ class Worker:
             size = min(size, self.max_tasks - self.summary.done)
         return max(1, min(self.max_batch, size))
 
+    def claimable_queues(self) -> list[str] | None:
+        """The queues to claim from now: the worker's own less the paused ones ([]: none)."""
+        if self.queues is None:
+            return None
+        return [q for q in self.queues if q not in self.paused]
+
     def claim(self, limit: int) -> list[Any]:
         """Claim a batch. After a claim whose commit was cut off, first give back what that
         claim may have taken: the rows say `running` under this worker, which is alive, so no
         rescue would ever return them. The usual claim is one statement, sent in autocommit
         on PostgreSQL (no BEGIN/COMMIT round trips)."""
+        queues = self.claimable_queues()
+        exclude = sorted(self.paused) if queues is None else []
         try:
             if self._claim_uncertain:
                 with self.engine.begin() as conn:
                     store.release_unknown(conn, self.name, self.in_flight())
                     self._claim_uncertain = False
+                    if queues == []:
+                        return []
                     return store.claim(
-                        conn, self.name, limit, self.queues, registered=self.registered
+                        conn, self.name, limit, queues, registered=self.registered, exclude=exclude
                     )
+            if queues == []:
+                return []  # every queue of this worker is paused
             with self._one_statement() as conn:
-                return store.claim(conn, self.name, limit, self.queues, registered=self.registered)
+                return store.claim(
+                    conn, self.name, limit, queues, registered=self.registered, exclude=exclude
+                )
         except Exception as exc:
             if database.is_disconnect(exc):
                 self._claim_uncertain = True
@@ -283,6 +332,7 @@ class Worker:
         if self.threads > 1:
             return self.run_threaded()
         rows = self.claim(self.batch_size())
+        self._batch = {r.id for r in rows}
         pending: list[store.Outcome] = []
         first_pending = 0.0
         for index, row in enumerate(rows):
@@ -298,6 +348,7 @@ class Worker:
                 pending = []
         if pending:
             self.record(pending)
+        self._batch = set()
         return len(rows)
 
     def release(self, rows: Sequence[Any]) -> None:
@@ -312,13 +363,33 @@ class Worker:
         if self._heart is not None:
             self._heart.watch(row, self.default_timeout)
         try:
-            outcome = executor.execute(self.settings, row, self.default_timeout)
+            outcome = self._execute(row)
         finally:
             if self._heart is not None:
                 self._heart.watch(None, None)
         duration = time.monotonic() - started
         self._avg_duration = 0.8 * self._avg_duration + 0.2 * duration
         self._log_outcome(row, outcome, duration)
+        return outcome
+
+    def _execute(self, row: Any) -> store.Outcome:
+        """executor.execute, stoppable by a cancel request while it runs (see interrupt)."""
+        if row.id in self._cancel:  # asked to stop before it started
+            return executor.cancelled(row, f"task {row.id} was cancelled before it started")
+        outcome: store.Outcome | None = None
+        thread = threading.get_ident()
+        try:
+            self._executing[row.id] = (thread, row)
+            try:
+                outcome = executor.execute(self.settings, row, self.default_timeout)
+            finally:
+                del self._executing[row.id]
+                if row.id in self._cancel and thread != threading.main_thread().ident:
+                    _clear_async_exception(thread)
+        except errors.TaskCancelled as exc:  # arrived just after the task returned
+            if outcome is None:
+                outcome = executor.cancelled(row, str(exc))
+        self._cancel.pop(row.id, None)
         return outcome
 
     def record(self, outcomes: list[store.Outcome]) -> None:
@@ -373,7 +444,7 @@ class Worker:
 
     def _run_in_thread(self, row: Any) -> store.Outcome:
         started = time.monotonic()
-        outcome = executor.execute(self.settings, row, self.default_timeout)
+        outcome = self._execute(row)
         self._log_outcome(row, outcome, time.monotonic() - started)
         return outcome
 
@@ -470,6 +541,15 @@ class Worker:
         if succeeded:
             log.info("task %s %s succeeded in %.3fs", row.id, row.handler, duration, extra=extra)
             return
+        if outcome.snooze:
+            extra["outcome"] = "snoozed"
+            log.info(
+                "task %s %s snoozed for %gs", row.id, row.handler, outcome.retry_in, extra=extra
+            )
+            return
+        if outcome.status is Status.CANCELLED:
+            log.info("task %s %s cancelled", row.id, row.handler, extra=extra)
+            return
         first_line = (outcome.error or "").strip().splitlines()[-1:] or [""]
         level = logging.WARNING
         if "signature did not verify" in (outcome.error or ""):
@@ -522,7 +602,9 @@ class Heart(threading.Thread):
                 next_beat = time.monotonic() + self.interval
             else:
                 self.probe_local()
+            self.poll_controls()
             self.check_timeout()
+            self.check_cancelled()
             self.check_parent()
 
     def _tick_interval(self) -> float:
@@ -540,6 +622,61 @@ class Heart(threading.Thread):
                 extra={"event": "orphaned"},
             )
             self.worker.stop()
+
+    def poll_controls(self) -> None:
+        """Read the paused queues and the cancel requests for this worker's tasks (every
+        second: an operator's pause or cancel reaches every host within about a second)."""
+        worker = self.worker
+        try:
+            with worker.engine.begin() as conn:
+                paused = frozenset(control.read_paused(conn))
+                candidates = worker.cancel_candidates()
+                requested = (
+                    store.cancel_requests(conn, worker.name, candidates) if candidates else []
+                )
+        except Exception:  # the next heartbeat reports database trouble
+            return
+        if paused != worker.paused:
+            log.info(
+                "paused queues now: %s",
+                ",".join(sorted(paused)) or "none",
+                extra={"event": "paused_queues", "worker": worker.name},
+            )
+            worker.paused = paused
+        for task_id in requested:
+            if task_id not in worker._cancel:
+                worker._cancel[task_id] = time.monotonic()
+                log.info(
+                    "task %s: cancel requested; stopping it",
+                    task_id,
+                    extra={"event": "cancel_requested", "task_id": task_id},
+                )
+                worker.interrupt(task_id)
+
+    def check_cancelled(self) -> None:
+        """A task asked to stop that ignored TaskCancelled for CANCEL_GRACE seconds (stuck in
+        C code, or catching everything) is stopped at the process boundary, as timeouts are."""
+        worker = self.worker
+        for task_id, asked in list(worker._cancel.items()):
+            if task_id not in worker._executing or time.monotonic() - asked < CANCEL_GRACE:
+                continue
+            outcome = store.Outcome(
+                id=task_id,
+                attempts=int(worker._executing[task_id][1].attempts),
+                status=Status.CANCELLED,
+                error=f"task {task_id} was cancelled and did not stop (the process was stopped)",
+            )
+            try:
+                with worker.engine.begin() as conn:
+                    store.record(conn, worker.name, [outcome])
+            finally:
+                log.error(
+                    "task %s was cancelled and did not stop within %gs: exiting the process",
+                    task_id,
+                    CANCEL_GRACE,
+                    extra={"event": "hard_cancel", "task_id": task_id},
+                )
+                os._exit(70)
 
     def probe_local(self) -> None:
         """Rescue at once the tasks of workers in this process table whose process is gone."""
@@ -612,6 +749,14 @@ class Heart(threading.Thread):
                 extra={"event": "hard_timeout"},
             )
             os._exit(70)
+
+
+def _clear_async_exception(thread: int) -> None:
+    """Drop a TaskCancelled set for `thread` that has not been raised yet (its task ended
+    first), so it cannot surface in the thread pool's own code."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), None)
 
 
 def rescue(conn: sa.Connection, rescue_after: float) -> list[int]:

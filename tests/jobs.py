@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from dbqueue import handle_asynchronously
+from dbqueue import Snooze, handle_asynchronously
 
 
 def add(a: int, b: int) -> int:
@@ -257,3 +258,14 @@ def hooked(x: int) -> int:
     if x < 0:
         raise ValueError("negative")
     return x * 2
+
+
+def snooze_once(marker: str, seconds: float, returned: bool = False) -> str:
+    """Snooze the first run (raising, or returning, Snooze), succeed the next one."""
+    path = Path(marker)
+    if not path.exists():
+        path.write_text("snoozed")
+        if returned:
+            return Snooze(seconds)  # type: ignore[return-value]
+        raise Snooze(seconds)
+    return "ran after the snooze"

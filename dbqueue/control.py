@@ -1,0 +1,148 @@
+"""Operator controls kept in the database, so they reach every worker on every host and
+survive restarts: pausing queues and per-queue settings (`queue_settings`), and cancelling
+tasks (a queued task at once, a running one by asking its worker).
+
+    pause("mail")               workers stop claiming from mail within a second
+    resume("mail")
+    paused_queues()             {"mail"}
+    configure_queue("mail", max_concurrency=5)
+    cancel([12, 13])            queued: cancelled now; running: asked to stop
+
+Every statement on `queue_settings` lives here; task transitions stay in store.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from dbqueue import config, database, errors, store
+from dbqueue.schema import Status, db_now, queue_settings
+
+_UNSET: Any = object()
+
+
+def _upsert(conn: sa.Connection, queue: str, **values: Any) -> None:
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    row = {"queue": queue, "paused": False, "max_concurrency": None, **values}
+    stmt = insert(queue_settings).values(**row, updated_at=db_now())
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[queue_settings.c.queue], set_={**values, "updated_at": db_now()}
+    )
+    conn.execute(stmt)
+
+
+def _check_queues(queues: Sequence[str]) -> list[str]:
+    if not queues:
+        raise errors.ConfigurationError("name at least one queue")
+    bad = [q for q in queues if not isinstance(q, str) or not q or len(q) > 100]
+    if bad:
+        raise errors.ConfigurationError(
+            f"queue names are non-empty strings of at most 100 characters, not {bad[0]!r}"
+        )
+    return list(dict.fromkeys(queues))
+
+
+def set_paused(conn: sa.Connection, queues: Sequence[str], paused: bool) -> None:
+    for queue in _check_queues(queues):
+        _upsert(conn, queue, paused=paused)
+
+
+def read_paused(conn: sa.Connection) -> set[str]:
+    """The paused queues (one indexed read of a table with a row per configured queue)."""
+    stmt = sa.select(queue_settings.c.queue).where(queue_settings.c.paused.is_(True))
+    return {row[0] for row in conn.execute(stmt)}
+
+
+def read_settings(conn: sa.Connection) -> list[sa.Row[Any]]:
+    """Every configured queue's settings, by name."""
+    return list(conn.execute(sa.select(queue_settings).order_by(queue_settings.c.queue)))
+
+
+def pause(*queues: str, settings: config.Settings | None = None) -> None:
+    """Pause `queues` fleet-wide: workers stop claiming from them within a second (tasks
+    already running finish); enqueueing into them still works."""
+    settings = settings or config.current()
+    with database.errors_translated(settings), settings.get_engine().begin() as conn:
+        set_paused(conn, queues, True)
+
+
+def resume(*queues: str, settings: config.Settings | None = None) -> None:
+    """Resume paused `queues`."""
+    settings = settings or config.current()
+    with database.errors_translated(settings), settings.get_engine().begin() as conn:
+        set_paused(conn, queues, False)
+
+
+def paused_queues(settings: config.Settings | None = None) -> set[str]:
+    """The names of the paused queues."""
+    settings = settings or config.current()
+    with database.errors_translated(settings), settings.get_engine().connect() as conn:
+        return read_paused(conn)
+
+
+def configure_queue(
+    queue: str, *, max_concurrency: int | None = _UNSET, settings: config.Settings | None = None
+) -> None:
+    """Store a queue's settings: `max_concurrency` caps how many of its tasks run at once
+    across every worker (None: no cap)."""
+    (queue,) = _check_queues([queue])
+    values: dict[str, Any] = {}
+    if max_concurrency is not _UNSET:
+        if max_concurrency is not None and (
+            not isinstance(max_concurrency, int)
+            or isinstance(max_concurrency, bool)
+            or max_concurrency < 1
+        ):
+            raise errors.ConfigurationError(
+                f"max_concurrency must be a positive integer or None, not {max_concurrency!r}"
+            )
+        values["max_concurrency"] = max_concurrency
+    if not values:
+        raise errors.ConfigurationError("configure_queue: give a setting (max_concurrency=N)")
+    settings = settings or config.current()
+    with database.errors_translated(settings), settings.get_engine().begin() as conn:
+        _upsert(conn, queue, **values)
+
+
+@dataclasses.dataclass
+class Cancelled:
+    """What `cancel` did: ids cancelled at once, ids whose worker was asked to stop them."""
+
+    cancelled: list[int] = dataclasses.field(default_factory=list)
+    requested: list[int] = dataclasses.field(default_factory=list)
+
+
+def cancel_tasks(conn: sa.Connection, task_ids: Iterable[int]) -> Cancelled:
+    """Cancel tasks: queued ones now, running ones by request; TaskNotFound for an id that
+    does not exist and InvalidOperation for a finished one (nothing is changed then)."""
+    ids = sorted({int(i) for i in task_ids})
+    statuses = store.statuses(conn, ids)
+    missing = [i for i in ids if i not in statuses]
+    if missing:
+        raise errors.TaskNotFound(f"task {missing[0]} does not exist (it may have been pruned)")
+    finished = [i for i in ids if statuses[i] not in (Status.QUEUED.value, Status.RUNNING.value)]
+    if finished:
+        raise errors.InvalidOperation(
+            f"task {finished[0]} is already {statuses[finished[0]]}: only queued or running "
+            "tasks can be cancelled (`dbqueue retry` queues a finished one again)"
+        )
+    done = Cancelled()
+    queued = [i for i in ids if statuses[i] == Status.QUEUED.value]
+    done.cancelled = store.cancel(conn, queued, returning=True) if queued else []
+    running = [i for i in ids if statuses[i] == Status.RUNNING.value]
+    # a queued task claimed meanwhile is running now: ask its worker instead
+    running += [i for i in queued if i not in done.cancelled]
+    done.requested = store.request_cancel(conn, running) if running else []
+    return done
+
+
+def cancel(task_ids: Iterable[int], *, settings: config.Settings | None = None) -> Cancelled:
+    """Cancel tasks by id (see `cancel_tasks`)."""
+    settings = settings or config.current()
+    with database.errors_translated(settings), settings.get_engine().begin() as conn:
+        return cancel_tasks(conn, task_ids)
