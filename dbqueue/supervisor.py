@@ -21,7 +21,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dbqueue import config, errors, identity, logs, store, worker
+import sqlalchemy as sa
+
+from dbqueue import config, database, errors, identity, logs, store, worker
 
 log = logging.getLogger("dbqueue.supervisor")
 
@@ -178,10 +180,14 @@ def child_main(spec: ChildSpec, name: str, progress: Any, supervisor_pid: int) -
             extra={"event": "orphaned"},
         )
         sys.exit(EXIT_ORPHANED)
-    if spec.burst:
-        w.work_off()
-    else:
-        w.work()
+    try:
+        if spec.burst:
+            w.work_off()
+        else:
+            w.work()
+    except sa.exc.DBAPIError as exc:  # one readable line (what to do) above the traceback
+        log.error("worker %s stops: %s", name, database.describe_error(settings, exc))
+        raise
     if w.zombie:
         sys.exit(EXIT_ZOMBIE)
     if getattr(w, "recycle", False) or (

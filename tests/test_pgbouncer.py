@@ -27,7 +27,7 @@ from dbqueue import config, database, errors, store
 from tests import jobs
 from tests import pgbouncer as pgbouncer_harness
 from tests import pgbouncer_app as app
-from tests.conftest import PG_ADMIN_URL, _admin_engine
+from tests.conftest import PG_ADMIN_URL, Background, _admin_engine
 
 pytestmark = pytest.mark.postgresql_only
 
@@ -141,6 +141,32 @@ def test_prepared_statements_collide_through_pgbouncer_unless_told(db, pgbouncer
     enqueue_from_two_clients(*told)
     assert db.scalar("SELECT count(*) FROM tasks") == 3 * runs + 5
     assert bouncer.stats(database_name(db))["total_xact_count"] >= 2 * runs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_workers_without_the_setting_stop_saying_what_to_set(db, pgbouncer):
+    """Two polling workers on one server session: the second to prepare its claim collides
+    with the first's statement name, and the worker says what to set (not only a traceback)."""
+    bouncer = pgbouncer(pool_size=1)
+    env = pooled_env(db, bouncer.url(database_name(db)))
+    del env["DBQUEUE_PGBOUNCER"]
+    work = Background(
+        [sys.executable, "-m", "dbqueue", "work", "-c", "2", "--sleep-delay", "0.05"],
+        env=env,
+        cwd=db.tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "set DBQUEUE_PGBOUNCER=transaction" not in work.output():
+            assert time.monotonic() < deadline, work.output()
+            time.sleep(0.2)
+    finally:
+        work.send_signal(signal.SIGTERM)
+        _out, err = work.communicate(timeout=60)
+    (line,) = [line for line in err.splitlines() if "set DBQUEUE_PGBOUNCER" in line][:1]
+    assert "stops:" in line and 'prepared statement "_pg3_0"' in line, line
+    assert pgbouncer_harness.PASSWORD not in err
 
 
 def test_the_url_parameter_is_dbqueues_not_the_drivers(db):
