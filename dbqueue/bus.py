@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import math
@@ -53,12 +54,17 @@ class PublishError(errors.EnqueueError):
 
 @dataclasses.dataclass(frozen=True)
 class Subscription:
-    """One `@bus.subscribe` in this process's code; `queue` is the suffix, before the app key."""
+    """One `@bus.subscribe` in this process's code; `queue` is the suffix, before the app key.
+
+    A `sync` one runs in the publisher's transaction, in this process only: it is never
+    stored in `bus_subscriptions`, so no task delivers it.
+    """
 
     matcher: str
     is_regex: bool
     queue: str
     handler: str
+    sync: bool = False
 
     def matches(self, event_type: str) -> bool:
         return matches(self.matcher, self.is_regex, event_type)
@@ -72,6 +78,14 @@ class SyncResult:
     total: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """An event whose publish committed, as `recording()` saw it."""
+
+    event_type: str
+    attributes: dict[str, Any]
+
+
 @dataclasses.dataclass
 class _State:
     app_key: str | None = None
@@ -80,6 +94,7 @@ class _State:
 
 
 _state = _State()
+_recording: list[Published] | None = None  # `recording()`: the pytest fixtures' log
 
 
 def configure(*, app_key: str | None = None, inline: bool | None = None) -> None:
@@ -121,6 +136,18 @@ def _inline_enabled() -> bool:
 
 
 @contextlib.contextmanager
+def recording() -> Iterator[list[Published]]:
+    """Within the block, every event whose publish commits is appended to the list yielded,
+    whether anyone subscribes or not (assert_published / refute_published)."""
+    global _recording
+    before, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = before
+
+
+@contextlib.contextmanager
 def inline(enabled: bool = True) -> Iterator[None]:
     """Within the block, `publish` runs this process's subscribers once it commits (tests)."""
     before = _state.inline
@@ -156,11 +183,16 @@ def _matcher(event: str | re.Pattern[str]) -> tuple[str, bool]:
     )
 
 
-def subscribe(event: str | re.Pattern[str], *, queue: str = "default") -> Callable[[F], F]:
+def subscribe(
+    event: str | re.Pattern[str], *, queue: str = "default", sync: bool = False
+) -> Callable[[F], F]:
     """Run the decorated `handler(attributes)` for every event named `event` (or matching it).
 
     Deliveries go to the queue `<app_key>_<queue>`. The function is returned unchanged, and
     can be decorated several times (a name and a regex: each matching subscription delivers).
+    `sync=True`: this process's `publish` calls the handler at once, in the publisher's
+    transaction (a `session` parameter receives the publisher's Session, or Connection), and
+    raises what it raises; other applications never see this subscription.
     """
     matcher, is_regex = _matcher(event)
     if not isinstance(queue, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,35}", queue):
@@ -170,13 +202,13 @@ def subscribe(event: str | re.Pattern[str], *, queue: str = "default") -> Callab
 
     def decorate(func: F) -> F:
         handler = serializer.handler_name(func)
-        sub = Subscription(matcher, is_regex, queue, handler)
+        sub = Subscription(matcher, is_regex, queue, handler, sync)
         for other in _state.registry:
             if (other.matcher, other.is_regex, other.handler) == (matcher, is_regex, handler):
-                if other.queue != queue:
+                if (other.queue, other.sync) != (queue, sync):
                     raise errors.ConfigurationError(
                         f"{handler} subscribes to {matcher!r} twice, on queues "
-                        f"{other.queue!r} and {queue!r}"
+                        f"{other.queue!r} (sync={other.sync}) and {queue!r} (sync={sync})"
                     )
                 return func  # the same module imported twice (e.g. as __main__ and by name)
         _state.registry.append(sub)
@@ -322,7 +354,7 @@ def sync(
     """
     settings = settings or config.current()
     key = _require_app_key("bus.sync()")
-    wanted = {(s.matcher, s.is_regex, s.handler): s for s in _state.registry}
+    wanted = {(s.matcher, s.is_regex, s.handler): s for s in _state.registry if not s.sync}
     with _connection(settings, None, connection) as conn:
         _lock_app(conn, key)
         stored = _stored(conn, key)
@@ -402,7 +434,7 @@ def _targets(conn: sa.Connection, event_type: str) -> tuple[list[tuple[str, str]
     targets: list[tuple[str, str]] = []
     now = None
     if _inline_enabled():
-        matched = [s for s in _state.registry if s.matches(event_type)]
+        matched = [s for s in _state.registry if not s.sync and s.matches(event_type)]
         if matched:
             key = _require_app_key("bus inline mode")
             rows = [(key, queue_name(key, s.queue), s.handler) for s in matched]
@@ -442,19 +474,41 @@ def publish(
     attributes = {} if attributes is None else attributes
     _validate(event_type, attributes)
     settings = settings or config.current()
+    bind = caller_bind(session, connection)
+    ids: list[int] = []
     with _connection(settings, session, connection) as conn:
         targets, now = _targets(conn, event_type)
-        if not targets:
-            return []
-        body = message(event_type, attributes, now.isoformat(), app_key())
-        new = [
-            build(settings, dispatch, (handler, body), None, queue=queue, run_at=run_at)
-            for queue, handler in targets
-        ]
-        ids = store.insert(conn, new, notify=settings.notify)
-    if settings.inline or _inline_enabled():
-        inline_mode.after_commit(settings, caller_bind(session, connection), ids)
+        handlers = sorted({s.handler for s in _state.registry if s.sync and s.matches(event_type)})
+        if handlers:
+            now = now if now is not None else _database_now(conn)
+            for handler in handlers:
+                _call_sync(
+                    handler,
+                    message(event_type, attributes, now.isoformat(), app_key()),
+                    bind or conn,
+                )
+        if targets:
+            body = message(event_type, attributes, now.isoformat(), app_key())
+            new = [
+                build(settings, dispatch, (handler, body), None, queue=queue, run_at=run_at)
+                for queue, handler in targets
+            ]
+            ids = store.insert(conn, new, notify=settings.notify)
+    if _recording is not None:
+        seen = Published(event_type, json.loads(json.dumps(attributes)))
+        inline_mode.on_commit(bind, functools.partial(_recording.append, seen))
+    if ids and (settings.inline or _inline_enabled()):
+        inline_mode.after_commit(settings, bind, ids)
     return ids
+
+
+def _call_sync(handler: str, attributes: dict[str, Any], bind: Any) -> None:
+    """Call a sync subscriber in the publisher's transaction, with `session=` if it takes one."""
+    func = serializer.import_handler(handler)
+    if "session" in inspect.signature(func).parameters:
+        func(attributes, session=bind)
+    else:
+        func(attributes)
 
 
 def publish_at(

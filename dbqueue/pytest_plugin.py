@@ -4,6 +4,9 @@
     dbqueue_workoff   a callable running every ready task in process; returns the Summary
     assert_enqueued   a callable: `assert_enqueued(func, args=..., kwargs=..., queue=...)`
     refute_enqueued   a callable: the same, asserting that no such task is queued
+    dbqueue_published   the bus events whose publish committed during the test
+    assert_published  a callable: `assert_published("user_created", id=42)`
+    refute_published  a callable: the same, asserting that no such event was published
 
 The fixtures use dbqueue's default settings (`dbqueue.configure(...)` or DBQUEUE_DATABASE_URL),
 which the application's conftest points at its test database. Nothing is faked: tasks are real
@@ -12,13 +15,14 @@ rows, read back through store.py and the signed payload, and run by the real Wor
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
 
-from dbqueue import config, serializer, store, worker
+from dbqueue import bus, config, serializer, store, worker
 from dbqueue import task as task_module
 from dbqueue.enqueue import reference
 
@@ -145,3 +149,64 @@ def assert_enqueued_fixture() -> Callable[..., list[task_module.Task]]:
 def refute_enqueued_fixture() -> Callable[..., None]:
     """`refute_enqueued(func, args=..., kwargs=..., queue=...)`."""
     return refute_enqueued
+
+
+def _published(
+    events: Sequence[bus.Published], event_type: str, attributes: dict[str, Any]
+) -> tuple[list[bus.Published], str]:
+    """(events of that type whose attributes include `attributes`, every event, described)."""
+    wanted = json.loads(json.dumps(attributes))  # compared as subscribers receive them
+    matches = [
+        e
+        for e in events
+        if e.event_type == event_type
+        and all(k in e.attributes and e.attributes[k] == v for k, v in wanted.items())
+    ]
+    seen = "; ".join(f"{e.event_type} {e.attributes!r}" for e in events) or "none"
+    return matches, seen
+
+
+def _described(event_type: str, attributes: dict[str, Any]) -> str:
+    parts = ", ".join(f"{k}={v!r}" for k, v in attributes.items())
+    return f"{event_type!r}" + (f" with {parts}" if parts else "")
+
+
+@pytest.fixture
+def dbqueue_published() -> Iterator[list[bus.Published]]:
+    """The bus events whose publish committed during the test, subscribers or not."""
+    with bus.recording() as events:
+        yield events
+
+
+@pytest.fixture(name="assert_published")
+def assert_published_fixture(
+    dbqueue_published: list[bus.Published],
+) -> Callable[..., list[bus.Published]]:
+    """`assert_published(event_type, **attributes)`: an event of that type was published
+    (and committed) in this test with at least these attributes; returns the matches."""
+
+    def assert_published(event_type: str, /, **attributes: Any) -> list[bus.Published]:
+        matches, seen = _published(dbqueue_published, event_type, attributes)
+        if not matches:
+            raise AssertionError(
+                f"expected event {_described(event_type, attributes)} to be published, found "
+                f"none. Events published in this test: {seen}"
+            )
+        return matches
+
+    return assert_published
+
+
+@pytest.fixture(name="refute_published")
+def refute_published_fixture(dbqueue_published: list[bus.Published]) -> Callable[..., None]:
+    """`refute_published(event_type, **attributes)`: no such event was published."""
+
+    def refute_published(event_type: str, /, **attributes: Any) -> None:
+        matches, seen = _published(dbqueue_published, event_type, attributes)
+        if matches:
+            raise AssertionError(
+                f"expected no event {_described(event_type, attributes)}, found {len(matches)}."
+                f" Events published in this test: {seen}"
+            )
+
+    return refute_published

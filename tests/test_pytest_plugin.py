@@ -127,5 +127,13 @@ def test_fixtures_are_listed_with_their_help(tmp_path):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    for name in ("dbqueue_inline", "dbqueue_workoff", "assert_enqueued", "refute_enqueued"):
+    for name in (
+        "dbqueue_inline",
+        "dbqueue_workoff",
+        "assert_enqueued",
+        "refute_enqueued",
+        "dbqueue_published",
+        "assert_published",
+        "refute_published",
+    ):
         assert name in result.stdout
