@@ -205,3 +205,14 @@ def test_per_function_hooks_run_after_the_process_wide_ones_for_that_function_on
 def test_a_per_function_hook_that_is_not_callable_fails_at_decoration():
     with pytest.raises(TypeError, match="on_success= must be a function"):
         dbqueue.handle_asynchronously(on_success="notify_team")
+
+
+def test_hooks_run_in_inline_mode_too(db):
+    seen: list[tuple[str, object]] = []
+    hooks.on_enqueue(lambda task: seen.append(("enqueue", task.id)))
+    hooks.before_task(lambda task: seen.append(("before", task.handler)))
+    hooks.on_success(lambda task, result: seen.append(("success", result)))
+    with dbqueue.inline():
+        task = dbqueue.enqueue(jobs.add, args=(4, 5))
+    assert seen == [("enqueue", None), ("before", "tests.jobs:add"), ("success", 9)]
+    assert task.refresh().status is dbqueue.Status.SUCCEEDED
