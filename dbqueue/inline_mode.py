@@ -48,16 +48,23 @@ def on_commit(bind: orm.Session | sa.Connection | None, callback: Callable[[], A
     if isinstance(bind, orm.Session):
         if not event.contains(bind, "after_commit", _session_committed):
             event.listen(bind, "after_commit", _session_committed)
-            event.listen(bind, "after_rollback", _forget)
+            event.listen(bind, "after_transaction_end", _session_transaction_ended)
     elif not event.contains(bind, "commit", _connection_commits):
         event.listen(bind, "commit", _connection_commits)
         event.listen(bind, "rollback", _forget)
 
 
 def _forget(bind: orm.Session | sa.Connection) -> None:
-    """The transaction rolled back: its tasks are gone, and so are their ids (which SQLite
-    may give to the next tasks)."""
+    """The transaction ended without a commit: its tasks are gone, and so are their ids
+    (which SQLite may give to the next tasks)."""
     bind.info.pop(_PENDING, None)
+
+
+def _session_transaction_ended(session: orm.Session, transaction: orm.SessionTransaction) -> None:
+    """A commit has taken the callbacks already; a rollback, or a close without either
+    (which fires no rollback event), leaves them to forget. Savepoints end inside it."""
+    if transaction.parent is None:
+        _forget(session)
 
 
 def _session_committed(session: orm.Session) -> None:

@@ -3,6 +3,8 @@ commits, never inside one, never after a rollback; its row recorded as a worker 
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -68,6 +70,30 @@ def test_session_rollback_never_runs_the_task(runs):
     assert labels(db) == ["kept"]
     assert kept.refresh().success
     assert db.scalar("SELECT count(*) FROM tasks") == 1
+
+
+def test_a_transaction_closed_without_commit_forgets_its_tasks(runs):
+    """Its ids are forgotten: SQLite gives them to the next tasks, which must not be run by a
+    later commit of the same Session (or of the same pooled connection)."""
+    db = runs
+    session = orm.Session(db.engine)
+    dbqueue.enqueue(jobs.record_run, args=(db.url, "closed session"), session=session)
+    session.close()
+    with db.engine.connect() as conn:
+        dbqueue.enqueue(jobs.record_run, args=(db.url, "closed connection"), connection=conn)
+    with dbqueue.inline(False):
+        later = [
+            dbqueue.enqueue(jobs.record_run, args=(db.url, "later"), run_at=dt.timedelta(hours=1))
+            for _ in range(2)
+        ]
+    dbqueue.enqueue(jobs.record_run, args=(db.url, "session"), session=session)
+    session.commit()
+    session.close()
+    with db.engine.connect() as conn:
+        dbqueue.enqueue(jobs.record_run, args=(db.url, "connection"), connection=conn)
+        conn.commit()
+    assert labels(db) == ["connection", "session"]
+    assert [task.refresh().status for task in later] == [dbqueue.Status.QUEUED] * 2
 
 
 def test_savepoint_rolled_back_leaves_its_task_unrun(runs):
