@@ -90,7 +90,7 @@ def snapshot(db) -> list[tuple]:
 
 def row_cells(html: str, first_cell: str) -> list[str]:
     """The text of each cell of the table row whose first cell is `first_cell`."""
-    for row in re.findall(r"<tr>(.*?)</tr>", html, re.S):
+    for row in re.findall(r"<tr(?: [^>]*)?>(.*?)</tr>", html, re.S):
         cells = [
             re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
         ]
@@ -322,6 +322,8 @@ def test_posts_without_a_valid_csrf_token_are_refused_and_change_nothing(db, cli
         (f"/tasks/{done.id}/delete", {}),
         ("/queues/retry-failed", {"queue": "q"}),
         ("/queues/clear", {"queue": "q"}),
+        ("/queues/pause", {"queue": "q"}),
+        ("/queues/resume", {"queue": "q"}),
     ]
     altered = ("e" if token[0] == "f" else "f") + token[1:]
     other_app = create_app(db.settings)
@@ -336,6 +338,69 @@ def test_posts_without_a_valid_csrf_token_are_refused_and_change_nothing(db, cli
             assert stranger.post(path, data={**fields, "csrf_token": token}).status_code == 403
             assert cookieless.post(path, data={**fields, "csrf_token": token}).status_code == 403
     assert snapshot(db) == before
+    assert dbqueue.paused_queues() == set()
+
+
+def test_pause_and_resume_buttons_mark_the_queue_fleet_wide(db, client):
+    dbqueue.enqueue(jobs.noop, queue="mail")
+    succeeded_task(queue="default")
+    token = csrf_of(client)
+    assert "paused" not in row_cells(client.get("/").text, "mail")[0]
+
+    reply = client.post(
+        "/queues/pause", data={"csrf_token": token, "queue": "mail"}, follow_redirects=False
+    )
+    assert reply.status_code == 303 and reply.headers["location"] == "/?done=queue-paused"
+    assert dbqueue.paused_queues() == {"mail"}  # in the table every worker reads
+    # A queue with no task yet can be paused from a form too; the overview lists it.
+    client.post("/queues/pause", data={"csrf_token": token, "queue": "<b>later</b>"})
+    page = client.get(reply.headers["location"]).text
+    assert "Queue paused: workers stop claiming its tasks within a second" in page
+    assert row_cells(page, "mail paused")[1] == "1"
+    assert row_cells(page, "&lt;b&gt;later&lt;/b&gt; paused")[1:8] == ["0"] * 6 + ["—"]
+    assert "<b>later</b>" not in page
+    assert row_cells(page, "default")[0] == "default"
+    mail_row = next(r for r in page.split("<tr") if ">mail</a>" in r)
+    assert 'action="/queues/resume"' in mail_row and 'action="/queues/pause"' not in mail_row
+
+    dbqueue.enqueue(jobs.noop, queue="mail")  # enqueueing into a paused queue still works
+    assert db.scalar("SELECT count(*) FROM tasks WHERE queue = 'mail' AND status = 'queued'") == 2
+
+    client.post("/queues/resume", data={"csrf_token": token, "queue": "mail"})
+    assert dbqueue.paused_queues() == {"<b>later</b>"}
+    page = client.get("/").text
+    assert row_cells(page, "mail")[0] == "mail" and "Queue resumed" not in page
+    assert (
+        client.post("/queues/pause", data={"csrf_token": token, "queue": "x" * 101}).status_code
+        == 400
+    )
+    assert client.post("/queues/pause", data={"csrf_token": token}).status_code == 400
+
+
+def test_cancel_button_on_a_running_task_asks_its_worker(db, client):
+    running = dbqueue.enqueue(jobs.noop)
+    set_row(db, running.id, status="running", locked_by="w1", started_at_ago=1)
+    page = client.get(f"/tasks/{running.id}").text
+    assert f'action="/tasks/{running.id}/cancel"' in page
+    assert "asks its worker to stop it" in page
+    token = CSRF.search(page).group(1)
+    assert client.post(f"/tasks/{running.id}/cancel").status_code == 403
+    assert db.scalar("SELECT cancel_requested_at FROM tasks WHERE id = :i", i=running.id) is None
+
+    reply = client.post(
+        f"/tasks/{running.id}/cancel", data={"csrf_token": token}, follow_redirects=False
+    )
+    assert reply.headers["location"] == f"/tasks/{running.id}?done=cancel-requested"
+    assert running.refresh().status is dbqueue.Status.RUNNING  # its worker records it
+    assert db.scalar("SELECT cancel_requested_at FROM tasks WHERE id = :i", i=running.id)
+    page = client.get(reply.headers["location"]).text
+    assert "Cancel requested: the task is running" in page and "<dt>cancel requested</dt>" in page
+    assert f'action="/tasks/{running.id}/cancel"' not in page  # asked once is enough
+
+    set_row(db, running.id, status="succeeded", finished_at_ago=0)  # its worker finished it
+    again = client.post(f"/tasks/{running.id}/cancel", data={"csrf_token": token})
+    assert "Nothing changed" in again.text
+    assert running.refresh().status is dbqueue.Status.SUCCEEDED
 
 
 def test_access_token_via_bearer_or_login_form(db):
@@ -446,6 +511,21 @@ def test_metrics_in_prometheus_format(db, client):
     assert second[("dbqueue_tasks_failed_total", mail)] == 2
     assert second[("dbqueue_task_duration_seconds_count", add)] == 2
     assert scrape(client)[("dbqueue_tasks_processed_total", mail)] == 4  # not counted twice
+
+
+def test_metrics_queue_paused_gauge(db, client):
+    dbqueue.enqueue(jobs.noop, queue="mail")
+    dbqueue.enqueue(jobs.noop, queue="default")
+    dbqueue.pause("mail", "idle")  # idle has no task yet
+    dbqueue.pause("sms")
+    dbqueue.resume("sms")
+    values = scrape(client)
+    paused = {
+        dict(labels)["queue"]: value
+        for (name, labels), value in values.items()
+        if name == "dbqueue_queue_paused"
+    }
+    assert paused == {"default": 0, "idle": 1, "mail": 1, "sms": 0}
 
 
 # -- the `dbqueue web` command ------------------------------------------------------------------

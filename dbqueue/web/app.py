@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import jinja2
@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from dbqueue import bus, config, database, errors, store
+from dbqueue import bus, config, control, database, errors, store
 from dbqueue.schema import Status
 from dbqueue.web import display, metrics, queries, security
 
@@ -40,16 +40,26 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
 }
 Endpoint = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 # Messages shown after an action's redirect: codes in the URL, text here, so a link cannot
 # make the dashboard display words of someone else's choosing.
 DONE = {
     "retried": "Task queued again.",
     "cancelled": "Task cancelled.",
+    "cancel-requested": (
+        "Cancel requested: the task is running, so its worker is asked to stop it. It raises "
+        "TaskCancelled in the task within about a second and records it cancelled."
+    ),
     "deleted": "Task deleted.",
     "unchanged": "Nothing changed: the task is no longer in a state that allows this.",
     "queue-retried": "Failed tasks of the queue queued again.",
     "queue-cleared": "Queued tasks of the queue deleted.",
+    "queue-paused": (
+        "Queue paused: workers stop claiming its tasks within a second; running tasks finish "
+        "and new tasks can still be enqueued."
+    ),
+    "queue-resumed": "Queue resumed: workers claim its tasks again.",
 }
 
 
@@ -94,7 +104,7 @@ class Dashboard:
             finally:
                 conn.rollback()
 
-    def write(self, body: Callable[[sa.Connection], int]) -> int:
+    def write(self, body: Callable[[sa.Connection], T]) -> T:
         settings = self.settings
         with database.errors_translated(settings), settings.get_engine().begin() as conn:
             return body(conn)
@@ -160,13 +170,15 @@ class Dashboard:
     # -- pages ----------------------------------------------------------------------------------
 
     async def overview(self, request: Request) -> Response:
-        queues, workers = await run_in_threadpool(
-            self.read, lambda c: (queries.overview(c), queries.list_workers(c))
+        queues, paused, workers = await run_in_threadpool(
+            self.read,
+            lambda c: (queries.overview(c), control.read_paused(c), queries.list_workers(c)),
         )
         return self.render(
             request,
             "overview.html",
-            queues=queues,
+            queues=queries.with_idle_queues(queues, paused),
+            paused=paused,
             workers=workers[0],
             now=workers[1],
             window_minutes=int(queries.THROUGHPUT_WINDOW // 60),
@@ -226,7 +238,8 @@ class Dashboard:
             kwargs=kwargs,
             result=result,
             can_retry=row.status in (Status.FAILED.value, Status.CANCELLED.value),
-            can_cancel=row.status == Status.QUEUED.value,
+            can_cancel=row.status == Status.QUEUED.value
+            or (row.status == Status.RUNNING.value and row.cancel_requested_at is None),
             can_delete=row.status != Status.RUNNING.value,
         )
 
@@ -259,19 +272,18 @@ class Dashboard:
     async def task_action(self, request: Request, form: Any) -> Response:
         task_id = int(request.path_params["task_id"])
         verb = request.path_params["verb"]
-        change: dict[str, Callable[[sa.Connection], int]] = {
-            "retry": lambda c: store.requeue(c, [task_id]),
-            "cancel": lambda c: store.cancel(c, [task_id]),
-            "delete": lambda c: store.delete(c, [task_id]),
+        change: dict[str, Callable[[sa.Connection], str | None]] = {
+            "retry": lambda c: "retried" if store.requeue(c, [task_id]) else None,
+            "cancel": lambda c: _cancel_one(c, task_id),
+            "delete": lambda c: "deleted" if store.delete(c, [task_id]) else None,
         }
         if verb not in change:
             raise HTTPException(404, f"no action {verb!r}; expected retry, cancel or delete")
-        changed = await run_in_threadpool(self.write, change[verb])
-        if not changed:
+        done = await run_in_threadpool(self.write, change[verb])
+        if done is None:
             return self.redirect(request, f"/tasks/{task_id}", done="unchanged")
-        if verb == "delete":
-            return self.redirect(request, "/tasks", done="deleted")
-        done = {"retry": "retried", "cancel": "cancelled"}[verb]
+        if done == "deleted":
+            return self.redirect(request, "/tasks", done=done)
         return self.redirect(request, f"/tasks/{task_id}", done=done)
 
     async def queue_action(self, request: Request, form: Any) -> Response:
@@ -279,14 +291,26 @@ class Dashboard:
         queue = form.get("queue")
         if not isinstance(queue, str) or not queue:
             raise HTTPException(400, "the form must name a queue (field 'queue')")
-        change: dict[str, Callable[[sa.Connection], int]] = {
+        change: dict[str, Callable[[sa.Connection], object]] = {
             "retry-failed": lambda c: store.requeue(c, all_failed=True, queues=[queue]),
             "clear": lambda c: store.clear(c, [queue]),
+            "pause": lambda c: control.set_paused(c, [queue], True),
+            "resume": lambda c: control.set_paused(c, [queue], False),
         }
         if verb not in change:
-            raise HTTPException(404, f"no queue action {verb!r}; expected retry-failed or clear")
-        await run_in_threadpool(self.write, change[verb])
-        done = {"retry-failed": "queue-retried", "clear": "queue-cleared"}[verb]
+            raise HTTPException(
+                404, f"no queue action {verb!r}; expected retry-failed, clear, pause or resume"
+            )
+        try:
+            await run_in_threadpool(self.write, change[verb])
+        except errors.ConfigurationError as exc:  # a queue name too long to be one
+            raise HTTPException(400, str(exc)) from None
+        done = {
+            "retry-failed": "queue-retried",
+            "clear": "queue-cleared",
+            "pause": "queue-paused",
+            "resume": "queue-resumed",
+        }[verb]
         return self.redirect(request, "/", done=done)
 
     # -- login ----------------------------------------------------------------------------------
@@ -322,6 +346,12 @@ class Dashboard:
 
     async def database_error(self, request: Request, exc: Exception) -> Response:
         return self.render(request, "error.html", status_code=503, message=str(exc))
+
+
+def _cancel_one(conn: sa.Connection, task_id: int) -> str | None:
+    """Cancel a queued task now, or ask a running task's worker to stop it."""
+    done = control.cancel_unfinished(conn, store.statuses(conn, [task_id]))
+    return "cancelled" if done.cancelled else "cancel-requested" if done.requested else None
 
 
 def _translated(settings: config.Settings, body: Callable[[], bytes]) -> bytes:

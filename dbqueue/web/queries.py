@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -97,6 +97,16 @@ def overview(conn: sa.Connection) -> list[QueueSummary]:
         )
         for row in conn.execute(stmt)
     ]
+
+
+def with_idle_queues(summaries: list[QueueSummary], queues: Iterable[str]) -> list[QueueSummary]:
+    """The overview's rows plus an empty row for each of `queues` (paused ones) without tasks,
+    so a paused queue is shown, and can be resumed, before anything is enqueued into it."""
+    known = {s.queue for s in summaries}
+    empty = [
+        QueueSummary(q, 0, 0, 0, 0, 0, 0, None, 0) for q in sorted(set(queues)) if q not in known
+    ]
+    return sorted([*summaries, *empty], key=lambda s: s.queue)
 
 
 def _filtered(stmt: Any, status: str | None, queue: str | None, current: dt.datetime) -> Any:
