@@ -81,6 +81,22 @@ def queued(conn: sa.Connection, now: dt.datetime | None = None) -> list[Queued]:
     ]
 
 
+def waiting_queues(conn: sa.Connection) -> list[str]:
+    """The queues that have queued tasks: one index lookup per queue (a recursive CTE that
+    skips from one queue name to the next in `ix_tasks_queue_claimable`), not one per row."""
+
+    def first_after(previous: Any) -> Any:
+        stmt = sa.select(tasks.c.queue).where(status_is(Status.QUEUED))
+        if previous is not None:
+            stmt = stmt.where(tasks.c.queue > previous)
+        stmt = stmt.with_hint(tasks, "INDEXED BY ix_tasks_queue_claimable", "sqlite")
+        return stmt.order_by(tasks.c.queue).limit(1).scalar_subquery()
+
+    names = sa.select(first_after(None).label("queue")).cte("names", recursive=True)
+    names = names.union_all(sa.select(first_after(names.c.queue)).where(names.c.queue.is_not(None)))
+    return [r[0] for r in conn.execute(sa.select(names.c.queue).where(names.c.queue.is_not(None)))]
+
+
 def running(conn: sa.Connection) -> dict[str, int]:
     """Running tasks per queue (exact; as many as the workers hold)."""
     stmt = (

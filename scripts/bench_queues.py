@@ -106,9 +106,10 @@ def drain_pass(settings: config.Settings, jobs: int) -> float:
 def drains(dbs: dict[str, config.Settings], jobs: int, rounds: int) -> Figures:
     rates: dict[str, list[float]] = {name: [] for name in dbs}
     drain_pass(dbs["none"], jobs // 5)  # warm the page cache and the code path
-    for _ in range(rounds):
-        for name, settings in dbs.items():
-            rates[name].append(drain_pass(settings, jobs))
+    names = list(dbs)
+    for round_ in range(rounds):  # each round starts with the next database
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            rates[name].append(drain_pass(dbs[name], jobs))
     figures: Figures = {f"drain_{n}_per_s": statistics.median(r) for n, r in rates.items()}
     for name in ("higher", "equal"):
         ratios = [b / a for a, b in zip(rates["none"], rates[name], strict=True)]
@@ -210,7 +211,7 @@ def migration(settings: config.Settings) -> Figures:
     """Rebuild ix_tasks_queue_claimable through the migration while enqueues go on."""
     rows = bench.scalar(settings, "SELECT count(*) FROM tasks")
     queued = bench.scalar(settings, "SELECT count(*) FROM tasks WHERE status = 'queued'")
-    database.migrate(settings, "0004")
+    database.downgrade(settings, "0004")
     settle(settings)
     latencies: list[float] = []
     stop = threading.Event()
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--backlog", type=int, default=1_000_000)
     parser.add_argument("--jobs", type=int, default=5_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--json", default="bench-queues.json", help="where to write figures")
     args = parser.parse_args(argv)

@@ -187,3 +187,26 @@ def test_metrics_first_scrape_of_a_long_history_starts_totals_at_zero(db, monkey
     with TestClient(create_app(db.settings)) as client:
         again = scrape(client)
     assert again[("dbqueue_tasks_processed_total", mail)] == 75  # a short history is added up
+
+
+def test_task_lists_follow_their_index_order_and_name_every_queue(db):
+    """Queued tasks are listed in the order they will run, finished ones latest finished
+    first; the filter form names queues with queued, running and only finished tasks."""
+    later = dbqueue.enqueue(jobs.noop, queue="mail", priority=5)
+    first = dbqueue.enqueue(jobs.noop, queue="sms", priority=-1)
+    second = dbqueue.enqueue(jobs.noop, queue="mail", priority=0)
+    running = dbqueue.enqueue(jobs.noop, queue="push")
+    set_row(db, running.id, status="running", locked_by="w1")
+    old = dbqueue.enqueue(jobs.noop, queue="archive")
+    new = dbqueue.enqueue(jobs.noop, queue="archive")
+    set_row(db, old.id, status="succeeded", finished_at_ago=10)
+    set_row(db, new.id, status="succeeded", finished_at_ago=20)
+    with db.engine.connect() as conn:
+        queued, total, _ = queries.list_tasks(conn, "queued", None, 50, 0)
+        done, _, _ = queries.list_tasks(conn, "succeeded", None, 50, 0)
+        names = queries.queue_names(conn)
+        waiting = stats.waiting_queues(conn)
+    assert [r.id for r in queued] == [first.id, second.id, later.id] and total == 3
+    assert [r.id for r in done] == [old.id, new.id]  # old finished later
+    assert names == ["archive", "mail", "push", "sms"]
+    assert waiting == ["mail", "sms"]

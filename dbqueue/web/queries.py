@@ -119,19 +119,31 @@ LIST_COLUMNS = (
 )
 
 
+def _list_order(status: str | None) -> tuple[Any, ...]:
+    """A task list's order, the one an index gives for that filter (a list of queued tasks
+    ordered by id walked every finished row first): queued tasks in the order they will run
+    (the claim indexes), finished ones latest finished first (ix_tasks_finished), the rest
+    newest first (the primary key)."""
+    if status == Status.QUEUED.value:
+        return (tasks.c.priority, tasks.c.run_at, tasks.c.id)
+    if status in schema.FINISHED:
+        return (tasks.c.finished_at.desc(), tasks.c.id.desc())
+    return (tasks.c.id.desc(),)
+
+
 COUNT_UP_TO = 10_000  # a task list's total is counted this far, then shown as "more than"
 
 
 def list_tasks(
     conn: sa.Connection, status: str | None, queue: str | None, limit: int, offset: int
 ) -> tuple[list[sa.Row[Any]], int, dt.datetime]:
-    """One page of tasks (newest first), the total matching (at most COUNT_UP_TO + 1: past
+    """One page of tasks (order: `_list_order`), the total matching (at most COUNT_UP_TO + 1: past
     that, "more than COUNT_UP_TO"; counting a history of millions took seconds) and the
     database's now."""
     current = now(conn)
     rows = conn.execute(
         _filtered(sa.select(*LIST_COLUMNS), status, queue, current)
-        .order_by(tasks.c.id.desc())
+        .order_by(*_list_order(status))
         .limit(limit)
         .offset(offset)
     )
@@ -142,9 +154,11 @@ def list_tasks(
 
 
 def queue_names(conn: sa.Connection) -> list[str]:
-    """Every queue that has a task, for the filter form (a queue with only a few finished
-    tasks in a large history may be missed by the estimate's sample)."""
-    return sorted({c.queue for c in stats.counts(conn)})
+    """Every queue that has a task, for the filter form, without counting the queued ones (a
+    queue with only a few finished tasks in a large history may be missed by the sample of
+    stats.finished)."""
+    names = set(stats.waiting_queues(conn)) | set(stats.running(conn))
+    return sorted(names | {c.queue for c in stats.finished(conn)})
 
 
 def list_workers(conn: sa.Connection) -> tuple[list[sa.Row[Any]], dt.datetime]:
