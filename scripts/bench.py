@@ -549,8 +549,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results["dbqueue_sqlite"] = repeat(args.repeats, sqlite_run)
     if not args.no_extras:
-        step("counters / bus / queues benchmarks")
-        results["extras"] = optional_benches(("counters", "bus", "queues"))
+        step("counters / bus benchmarks")
+        results["extras"] = optional_benches(("counters", "bus"))
     results["seconds"] = step.total()
     return results
 

@@ -166,6 +166,102 @@ def test_tasks_list_filters_and_pages(db, client):
     assert client.get("/tasks?page=x").status_code == 400
 
 
+def listed_ids(html: str) -> list[int]:
+    return [int(i) for i in re.findall(r'<td class="num"><a href="/tasks/(\d+)">', html)]
+
+
+def test_tasks_searchable_by_handler_substring_and_by_id(db, client):
+    adds = dbqueue.enqueue_many(jobs.add, [(1, 1), (2, 2)], queue="mail")
+    noop = dbqueue.enqueue(jobs.noop, queue="mail")
+    other_add = dbqueue.enqueue(jobs.add, (3, 3), queue="other")
+
+    assert listed_ids(client.get("/tasks?q=jobs:ADD").text) == [other_add.id, *adds[::-1]]
+    assert listed_ids(client.get("/tasks?q=add&queue=mail").text) == adds[::-1]
+    assert listed_ids(client.get(f"/tasks?q={noop.id}").text) == [noop.id]
+    assert listed_ids(client.get(f"/tasks?q=%23{noop.id}").text) == [noop.id]
+    assert listed_ids(client.get(f"/tasks?q={noop.id}&queue=other").text) == []
+    # % and _ are literal characters, not LIKE wildcards; a search matches no id by accident.
+    assert listed_ids(client.get("/tasks?q=%25").text) == []
+    assert listed_ids(client.get("/tasks?q=jobs_add").text) == []
+    page = client.get("/tasks?q=%3Cscript%3Ex").text
+    assert 'value="&lt;script&gt;x"' in page and "<script>x" not in page
+    assert client.get("/tasks?q=" + "x" * 201).status_code == 400
+    # Paging keeps the search.
+    dbqueue.enqueue_many(jobs.noop, [()] * 60, queue="mail")
+    assert 'href="?q=noop&amp;page=2"' in client.get("/tasks?q=noop").text
+
+
+def test_bulk_retry_of_a_filtered_list_confirms_then_acts_on_what_it_counted(db, client):
+    failed = [failed_task(queue="mail").id for _ in range(3)]
+    cancelled = dbqueue.enqueue(jobs.noop, queue="mail")
+    with db.engine.begin() as conn:
+        store.cancel(conn, [cancelled.id])
+    elsewhere = failed_task(queue="other")
+    succeeded_task(queue="mail")
+    token = csrf_of(client, "/tasks?queue=mail")
+    assert 'action="/tasks/bulk/retry"' in client.get("/tasks?queue=mail").text
+    before = snapshot(db)
+
+    assert client.post("/tasks/bulk/retry", data={"queue": "mail"}).status_code == 403
+    confirm = client.post("/tasks/bulk/retry", data={"csrf_token": token, "queue": "mail"})
+    assert confirm.status_code == 200 and snapshot(db) == before  # only counted
+    assert "4 failed or cancelled tasks will be queued again" in confirm.text
+    assert "Retry 4 tasks</button>" in confirm.text
+    up_to = re.search(r'name="up_to" value="(\d+)"', confirm.text).group(1)
+    assert int(up_to) == cancelled.id
+
+    late = failed_task(queue="mail")  # failed after the confirmation page: not swept in
+    fields = {"queue": "mail", "up_to": up_to}
+    assert client.post("/tasks/bulk/retry", data=fields).status_code == 403
+    assert snapshot(db)[:-1] == before
+    reply = client.post(
+        "/tasks/bulk/retry", data={"csrf_token": token, **fields}, follow_redirects=False
+    )
+    assert reply.status_code == 303
+    assert reply.headers["location"] == "/tasks?queue=mail&done=bulk-retried&n=4"
+    assert (
+        "4 matching failed or cancelled task(s) queued again."
+        in client.get(reply.headers["location"]).text
+    )
+    ids = [*failed, cancelled.id]
+    assert (
+        db.rows(f"SELECT status, attempts FROM tasks WHERE id IN {tuple(ids)}")
+        == [("queued", 0)] * 4
+    )
+    assert late.refresh().status is dbqueue.Status.FAILED
+    assert elsewhere.refresh().status is dbqueue.Status.FAILED
+
+    nothing = client.post(
+        "/tasks/bulk/retry", data={"csrf_token": token, "queue": "mail", "status": "succeeded"}
+    )
+    assert "nothing to retry" in nothing.text and "up_to" not in nothing.text
+    assert client.post("/tasks/bulk/purge", data={"csrf_token": token}).status_code == 404
+
+
+def test_bulk_cancel_of_a_search_cancels_queued_and_asks_running(db, client):
+    queued = dbqueue.enqueue_many(jobs.noop, [()] * 3, queue="q")
+    running = dbqueue.enqueue(jobs.noop, queue="q")
+    set_row(db, running.id, status="running", locked_by="w1", started_at_ago=1)
+    other = dbqueue.enqueue(jobs.add, (1, 2), queue="q")
+    token = csrf_of(client)
+    confirm = client.post("/tasks/bulk/cancel", data={"csrf_token": token, "q": "noop"})
+    assert "4 queued or running tasks will be cancelled" in confirm.text
+    up_to = re.search(r'name="up_to" value="(\d+)"', confirm.text).group(1)
+    reply = client.post(
+        "/tasks/bulk/cancel", data={"csrf_token": token, "q": "noop", "up_to": up_to}
+    )
+    assert "3 matching queued task(s) cancelled; 1 running task(s) asked to stop" in reply.text
+    assert db.rows(f"SELECT DISTINCT status FROM tasks WHERE id IN {tuple(queued)}") == [
+        ("cancelled",)
+    ]
+    assert running.refresh().status is dbqueue.Status.RUNNING
+    assert db.scalar("SELECT cancel_requested_at FROM tasks WHERE id = :i", i=running.id)
+    assert other.refresh().status is dbqueue.Status.QUEUED
+    # The count in the message is a number read from the URL, never text from it.
+    shown = client.get("/tasks?done=bulk-cancelled&n=<b>&m=7").text
+    assert "0 matching queued task(s) cancelled; 7 running" in shown and "<b>" not in shown
+
+
 def test_task_page_shows_arguments_result_and_traceback_escaped(db, client):
     task = failed_task("<script>alert(1)</script>")
     page = client.get(f"/tasks/{task.id}").text
