@@ -15,6 +15,8 @@ Scenarios (the issue's point 1 and 7):
   tasks / (last finished_at - first started_at), both from the database clock, so process
   start-up is not counted (as the peers' drains start at a gate); the wall-clock rate
   including start-up is in the JSON;
+* the same drain at the default log level (INFO: one line per task, text and JSON) beside
+  the drain at WARNING, in each round (logging_drains; the ratio is the round's own);
 * idle enqueue-to-start latency over ``--latency-n`` tasks with a running ``dbqueue work``:
   time.monotonic() before enqueue() to time.monotonic() at the task's start (sent by UDP);
 * claim speed (claims of 100) with ``--finished-rows`` finished rows vs an empty table;
@@ -121,17 +123,42 @@ def worker_env(settings: config.Settings) -> dict[str, str]:
     return env
 
 
-def dbqueue_command(*args: str) -> list[str]:
-    # WARNING: no per-task INFO line (the peers' loggers are silenced too)
-    return [sys.executable, "-m", "dbqueue", "--log-level", "WARNING", *args]
+def dbqueue_command(*args: str, log_level: str = "WARNING", log_format: str = "text") -> list[str]:
+    # WARNING by default: no per-task INFO line (the peers' loggers are silenced too);
+    # logging_drains measures what the line costs
+    return [
+        sys.executable,
+        "-m",
+        "dbqueue",
+        "--log-level",
+        log_level,
+        "--log-format",
+        log_format,
+        *args,
+    ]
 
 
-def workoff(settings: config.Settings, concurrency: int, *extra: str) -> float:
-    """Run `dbqueue workoff` to the end; returns its wall-clock seconds."""
+def workoff(
+    settings: config.Settings,
+    concurrency: int,
+    *extra: str,
+    log_level: str = "WARNING",
+    log_format: str = "text",
+    stderr: list[str] | None = None,
+) -> float:
+    """Run `dbqueue workoff` to the end (its stderr read through a pipe, as a terminal or
+    journald would); returns its wall-clock seconds, and appends its stderr to `stderr`."""
     started = time.monotonic()
     done = subprocess.run(
         dbqueue_command(
-            "workoff", "--concurrency", str(concurrency), "--import", "bench_tasks", *extra
+            "workoff",
+            "--concurrency",
+            str(concurrency),
+            "--import",
+            "bench_tasks",
+            *extra,
+            log_level=log_level,
+            log_format=log_format,
         ),
         env=worker_env(settings),
         cwd=ROOT,  # `python -m` puts the current directory first on sys.path
@@ -140,6 +167,8 @@ def workoff(settings: config.Settings, concurrency: int, *extra: str) -> float:
         timeout=WORKER_TIMEOUT,
     )
     elapsed = time.monotonic() - started
+    if stderr is not None:
+        stderr.append(done.stderr)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"dbqueue workoff exited {done.returncode}: {tail}")
@@ -226,10 +255,12 @@ def enqueue_rates(settings: config.Settings, single_n: int, jobs: int, batch: in
     return figures
 
 
-def drain_rate(settings: config.Settings, jobs: int, concurrency: int) -> Figures:
+def drain_rate(
+    settings: config.Settings, jobs: int, concurrency: int, **workoff_options: Any
+) -> Figures:
     """`dbqueue workoff --concurrency N` over the queued tasks; the rate from the DB clock."""
     vacuum(settings)
-    wall = workoff(settings, concurrency)
+    wall = workoff(settings, concurrency, **workoff_options)
     with settings.get_engine().connect() as conn:
         first, last, done = conn.execute(
             sa.select(
@@ -249,6 +280,42 @@ def enqueue_and_drain(
 ) -> Figures:
     figures = enqueue_rates(settings, single_n, jobs, 1000)
     figures.update(drain_rate(settings, jobs // 1000 * 1000, concurrency))
+    return figures
+
+
+LOG_DRAINS = (
+    ("warning", "WARNING", "text"),
+    ("info", "INFO", "text"),
+    ("info_json", "INFO", "json"),
+)
+
+
+def logging_drains(settings: config.Settings, jobs: int, concurrency: int = 2) -> Figures:
+    """What the default per-task INFO line costs (issue 21): the same drain of `jobs` no-op
+    tasks at WARNING (no line), at INFO (the default, text) and at INFO as JSON, one after
+    the other in this round; the ratios INFO / WARNING are this round's own. Each INFO drain
+    must have logged one task line per task (else the figure would flatter a lost line)."""
+    figures: Figures = {"jobs": jobs}
+    for name, level, fmt in LOG_DRAINS:
+        with settings.get_engine().begin() as conn:
+            conn.execute(sa.delete(tasks))
+        for _ in range(jobs // 1000):
+            dbqueue.enqueue_many(bench_tasks.noop, [()] * 1000, settings=settings)
+        stderr: list[str] = []
+        drained = drain_rate(
+            settings,
+            jobs // 1000 * 1000,
+            concurrency,
+            log_level=level,
+            log_format=fmt,
+            stderr=stderr,
+        )
+        figures[f"drain_{name}_per_s"] = drained["drain_per_s"]
+        lines = sum(line.count("task_finished") for line in stderr[0].splitlines())
+        if level == "INFO" and lines != jobs // 1000 * 1000:
+            raise RuntimeError(f"{lines} task lines logged at {level} ({fmt}) for {jobs} tasks")
+    figures["info_vs_warning"] = figures["drain_info_per_s"] / figures["drain_warning_per_s"]
+    figures["json_vs_warning"] = figures["drain_info_json_per_s"] / figures["drain_warning_per_s"]
     return figures
 
 
@@ -435,6 +502,8 @@ RATIOS = (
     ("many_vs_raw", "dbqueue", "enqueue_batch_per_s", "raw_batch_insert", "executemany_per_s"),
     ("many_vs_pgqueuer", "dbqueue", "enqueue_batch_per_s", "pgqueuer", "enqueue_batch_per_s"),
     ("drain_vs_pgqueuer", "dbqueue", "drain_per_s", "pgqueuer", "drain_per_s"),
+    ("info_vs_warning", "dbqueue_logging", "info_vs_warning", None, None),
+    ("json_vs_warning", "dbqueue_logging", "json_vs_warning", None, None),
 )
 
 
@@ -518,6 +587,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "raw_batch_insert": lambda: bench_peers.raw_batch_insert(admin, args.jobs),
         "dbqueue": lambda: pg_run(lambda s: enqueue_and_drain(s, args.jobs, args.single_n), "dbq"),
         "dbqueue_latency": lambda: pg_run(lambda s: idle_latency(s, args.latency_n), "dbqlat"),
+        "dbqueue_logging": lambda: pg_run(lambda s: logging_drains(s, args.jobs), "dbqlog"),
     }
     if not args.no_peers:
         scenarios["pgqueuer"] = lambda: bench_peers.pgqueuer_scenarios(
@@ -615,6 +685,24 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
+def _logging_row(results: dict[str, Any]) -> str:
+    """The drain at the default INFO (one line per task) beside the drain at WARNING."""
+    logged = results.get("dbqueue_logging", {})
+    if "error" in logged:
+        return f"| drain at INFO vs WARNING | error: {logged['error']} | | | | | | |"
+    ratios = results.get("ratios", {})
+    info = ratios.get("info_vs_warning", _num(logged, "info_vs_warning"))
+    json_ratio = ratios.get("json_vs_warning", _num(logged, "json_vs_warning"))
+    return (
+        f"| drain {int(_num(logged, 'jobs') or 0):,} no-op tasks at INFO, a line per task "
+        f"(text; JSON) | {_cell(_num(logged, 'drain_info_per_s'))}; "
+        f"{_cell(_num(logged, 'drain_info_json_per_s'))} "
+        f"(WARNING: {_cell(_num(logged, 'drain_warning_per_s'))}) | | | | "
+        f"{_cell(info, 'x')}; {_cell(json_ratio, 'x')} of WARNING | >= 0.85x WARNING | "
+        f"{_verdict(None if info is None else info >= 0.85)} |"
+    )
+
+
 def table(results: dict[str, Any]) -> str:
     raw = results.get("raw_limit", {})
     batch_raw = results.get("raw_batch_insert", {})
@@ -675,6 +763,7 @@ def table(results: dict[str, Any]) -> str:
         f"{_cell(full_vs_empty, 'x')} of empty | >= 0.90x empty | "
         f"{at_least(full_vs_empty, 0.9)} |",
     ]
+    rows.append(_logging_row(results))
     rss_points = sorted(
         (int(k.rsplit("_", 1)[1]), v) for k, v in rss.items() if k.startswith("rss_mb_at_")
     )
