@@ -14,7 +14,7 @@ Every statement on `queue_settings` lives here; task transitions stay in store.p
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -131,6 +131,14 @@ def cancel_tasks(conn: sa.Connection, task_ids: Iterable[int]) -> Cancelled:
             f"task {finished[0]} is already {statuses[finished[0]]}: only queued or running "
             "tasks can be cancelled (`dbqueue retry` queues a finished one again)"
         )
+    return cancel_unfinished(conn, statuses)
+
+
+def cancel_unfinished(conn: sa.Connection, statuses: Mapping[int, str]) -> Cancelled:
+    """Cancel the queued tasks of `statuses` (id -> status as read) and ask the workers of
+    the running ones to stop them; a task that finished since it was read is left as it is
+    (the dashboard's bulk cancel of a filtered list)."""
+    ids = sorted(statuses)
     done = Cancelled()
     queued = [i for i in ids if statuses[i] == Status.QUEUED.value]
     done.cancelled = store.cancel(conn, queued, returning=True) if queued else []

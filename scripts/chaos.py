@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -46,6 +45,7 @@ SCRIPTS = ROOT / "scripts"
 sys.path[:0] = [str(SCRIPTS), str(ROOT)]
 
 import chaos_check  # noqa: E402
+import chaos_report  # noqa: E402
 import chaos_tasks  # noqa: E402
 
 import dbqueue  # noqa: E402
@@ -481,11 +481,28 @@ class Chaos:
         exits = self.stop_supervisors()
         self.stop_watch.set()
         watcher.join()
-        leftovers = self.wait_no_orphans()
+        self.wait_no_orphans()
         log = self.collect(exits)
         verdict = chaos_check.check(log)
-        figures = self.figures(log, verdict, time.monotonic() - started, drained, drain_seconds)
-        print(self.summary(log, verdict, figures, leftovers), flush=True)
+        span = self.query(
+            "SELECT extract(epoch FROM max(t.finished_at) - min(t.created_at))::float8 "
+            "FROM tasks t JOIN chaos_enqueued e ON e.task_id = t.id"
+        )[0][0]
+        figures = chaos_report.figures(
+            log,
+            verdict,
+            seconds=time.monotonic() - started,
+            seed=args.seed,
+            enqueue_errors=self.enqueue_errors,
+            drained=drained,
+            drain_seconds=drain_seconds,
+            span=span,
+            worker_logs="".join(
+                p.read_text(errors="replace") for p in self.out.glob("supervisor-*.log")
+            ),
+        )
+        setup = f"{SUPERVISORS} supervisors x {CONCURRENCY} workers, logs {self.out}"
+        print(chaos_report.summary(log, verdict, figures, args.kinds, setup), flush=True)
         (self.out / "summary.json").write_text(
             json.dumps(
                 {
@@ -589,110 +606,6 @@ class Chaos:
             self.args.rescue_after,
         )
 
-    def figures(
-        self,
-        log: chaos_check.RunLog,
-        verdict: chaos_check.Verdict,
-        elapsed: float,
-        drained: bool,
-        drain_seconds: float,
-    ) -> dict[str, Any]:
-        span = self.query(
-            "SELECT extract(epoch FROM max(t.finished_at) - min(t.created_at))::float8 "
-            "FROM tasks t JOIN chaos_enqueued e ON e.task_id = t.id"
-        )[0][0]
-        succeeded = sum(1 for t in log.tasks if t.status == "succeeded")
-        logs = "".join(p.read_text(errors="replace") for p in self.out.glob("supervisor-*.log"))
-        rescues = [
-            f.release_delay
-            for f in self.faults
-            if f.kind in ("kill-worker", "stop-worker") and f.release_delay is not None
-        ]
-        return {
-            "seconds": round(elapsed, 1),
-            "seed": self.args.seed,
-            "rescue_after": self.args.rescue_after,
-            "enqueued": len(log.tasks),
-            "enqueue_errors": self.enqueue_errors,
-            "succeeded": succeeded,
-            "lost": verdict.lost,
-            "runs": len(log.runs),
-            "duplicates": verdict.duplicates,
-            "explained": verdict.explained,
-            "stale_outcomes": verdict.stale,
-            "drained": drained,
-            "drain_seconds": round(drain_seconds, 1),
-            "throughput": round(succeeded / span, 2) if span else 0.0,
-            "max_rescue_delay": round(max(rescues), 2) if rescues else None,
-            "longest_orphan": round(max((o.lifetime for o in log.orphans), default=0.0), 1),
-            "lost_ownership_lines": len(re.findall(r"lost ownership of task", logs)),
-            "zombie_exits": len(re.findall(r"stops claiming and exits", logs)),
-            "tracebacks": len(re.findall(r"^Traceback", logs, re.M)),
-        }
-
-    def summary(
-        self,
-        log: chaos_check.RunLog,
-        verdict: chaos_check.Verdict,
-        f: dict[str, Any],
-        leftovers: list[int],
-    ) -> str:
-        rescue = f["max_rescue_delay"]
-        bound = self.args.rescue_after + max(0.2, self.args.rescue_after / 5)
-        lines = [
-            "",
-            f"CHAOS SUMMARY ({f['seconds']:.0f}s, seed {f['seed']}, {SUPERVISORS} supervisors x "
-            f"{CONCURRENCY} workers, --rescue-after {f['rescue_after']:g}, logs {self.out})",
-            chaos_check.table(
-                [
-                    ("tasks enqueued", str(f["enqueued"])),
-                    ("tasks succeeded", str(f["succeeded"])),
-                    ("tasks lost", str(f["lost"])),
-                    ("runs logged", str(f["runs"])),
-                    ("duplicate runs", str(f["duplicates"])),
-                    ("  explained by a fault", str(f["explained"])),
-                    ("stale outcomes kept", str(f["stale_outcomes"])),
-                    ("max rescue delay (s)", "-" if rescue is None else f"{rescue:.2f}"),
-                    ("  heartbeat bound (s)", f"{bound:.1f}"),
-                    ("longest orphan life (s)", f"{f['longest_orphan']:.1f}"),
-                    ("orphans alive at end", str(len(leftovers))),
-                    ("throughput (tasks/s)", f"{f['throughput']:.2f}"),
-                    ("drain after last enqueue (s)", f"{f['drain_seconds']:.1f}"),
-                    ("enqueues refused (retried)", str(f["enqueue_errors"])),
-                    ("'lost ownership' log lines", str(f["lost_ownership_lines"])),
-                    ("zombie exits", str(f["zombie_exits"])),
-                    ("tracebacks in worker logs", str(f["tracebacks"])),
-                ]
-            ),
-            "",
-            self.fault_table(verdict),
-            "",
-        ]
-        if verdict.violations:
-            lines.append(f"VIOLATIONS ({len(verdict.violations)}):")
-            lines += [f"  - {v}" for v in verdict.violations[:50]]
-            lines.append(f"CHAOS RESULT: {len(verdict.violations)} violation(s)")
-        else:
-            lines.append("CHAOS RESULT: no violation")
-        return "\n".join(lines)
-
-    def fault_table(self, verdict: chaos_check.Verdict) -> str:
-        rows = [("fault", "count", "tasks hit", "duplicates", "max release (s)")]
-        for kind in self.args.kinds:
-            of_kind = [x for x in self.faults if x.kind == kind]
-            delays = [x.release_delay for x in of_kind if x.release_delay is not None]
-            rows.append(
-                (
-                    kind,
-                    str(len(of_kind)),
-                    str(sum(len(x.hit) for x in of_kind)),
-                    str(verdict.by_kind.get(kind, 0)),
-                    f"{max(delays):.2f}" if delays else "-",
-                )
-            )
-        rows.append(("total", str(len(self.faults)), "", str(verdict.explained), ""))
-        return chaos_check.table(rows)
-
     def cleanup(self) -> None:
         for proc in self.sups.values():
             if proc.poll() is None:
@@ -714,7 +627,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dbqueue-chaos-"))
     out.mkdir(parents=True, exist_ok=True)
-    chaos = Chaos(args, out)
+    try:
+        chaos = Chaos(args, out)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:  # no initdb, or it failed
+        detail = (
+            exc.stderr.decode(errors="replace").strip()
+            if isinstance(exc, subprocess.CalledProcessError) and exc.stderr
+            else ""
+        )
+        print(
+            f"scripts/chaos: cannot make a throwaway PostgreSQL cluster: {exc} {detail}".rstrip(),
+            file=sys.stderr,
+        )
+        return 2
     try:
         return chaos.run()
     except KeyboardInterrupt:

@@ -248,15 +248,3 @@ def _unexplained(task: TaskRow, run: Run, runs: list[Run]) -> str:
         f"task {task.task_id} ({task.label}) ran more than once with no fault to explain it: "
         f"run on {run.worker} (pid {run.pid}) at {run.started:.2f} {kind}; other runs: {others}"
     )
-
-
-def table(rows: list[tuple[str, ...]]) -> str:
-    """Columns aligned: the first left, the others right."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import chaos  # noqa: E402
 import chaos_check  # noqa: E402
+import chaos_report  # noqa: E402
 from chaos_check import Fault, Orphan, Run, RunLog, TaskRow  # noqa: E402
 
 W1, W2 = "host:10:aaaaaa", "host:20:bbbbbb"
@@ -148,6 +149,31 @@ def test_orphans_and_bad_supervisor_exits_are_violations():
     assert "exited with status 1 on SIGTERM" in verdict(supervisor_exits=[0, 1]).violations[0]
     assert "exited without being killed" in verdict(supervisor_deaths=1).violations[0]
     assert "without a ledger row" in verdict(unledgered=2).violations[0]
+
+
+def test_the_summary_ends_with_the_verdict_the_slow_test_reads():
+    runs = [run("r1", W1, 1.0), run("r2", W2, 5.0)]
+    for faults, last in (
+        ([kill(W1, 2.0)], "CHAOS RESULT: no violation"),
+        ([], "CHAOS RESULT: 1 violation(s)"),
+    ):
+        log = RunLog([task("r2")], runs, faults)
+        result = chaos_check.check(log)
+        figures = chaos_report.figures(
+            log,
+            result,
+            seconds=10,
+            seed=1,
+            enqueue_errors=0,
+            drained=True,
+            drain_seconds=1,
+            span=5,
+            worker_logs="lost ownership of task 1\n",
+        )
+        text = chaos_report.summary(log, result, figures, list(chaos.KINDS), "test")
+        assert text.splitlines()[-1] == last
+        assert ("ran more than once with no fault to explain it" in text) == (not faults)
+        assert figures["lost_ownership_lines"] == 1 and figures["duplicates"] == 1
 
 
 @pytest.mark.slow

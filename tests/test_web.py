@@ -90,7 +90,7 @@ def snapshot(db) -> list[tuple]:
 
 def row_cells(html: str, first_cell: str) -> list[str]:
     """The text of each cell of the table row whose first cell is `first_cell`."""
-    for row in re.findall(r"<tr>(.*?)</tr>", html, re.S):
+    for row in re.findall(r"<tr(?: [^>]*)?>(.*?)</tr>", html, re.S):
         cells = [
             re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
         ]
@@ -164,6 +164,102 @@ def test_tasks_list_filters_and_pages(db, client):
     assert "unknown status &#39;finished&#39;" in client.get("/tasks?status=finished").text
     assert client.get("/tasks?page=0").status_code == 400
     assert client.get("/tasks?page=x").status_code == 400
+
+
+def listed_ids(html: str) -> list[int]:
+    return [int(i) for i in re.findall(r'<td class="num"><a href="/tasks/(\d+)">', html)]
+
+
+def test_tasks_searchable_by_handler_substring_and_by_id(db, client):
+    adds = dbqueue.enqueue_many(jobs.add, [(1, 1), (2, 2)], queue="mail")
+    noop = dbqueue.enqueue(jobs.noop, queue="mail")
+    other_add = dbqueue.enqueue(jobs.add, (3, 3), queue="other")
+
+    assert listed_ids(client.get("/tasks?q=jobs:ADD").text) == [other_add.id, *adds[::-1]]
+    assert listed_ids(client.get("/tasks?q=add&queue=mail").text) == adds[::-1]
+    assert listed_ids(client.get(f"/tasks?q={noop.id}").text) == [noop.id]
+    assert listed_ids(client.get(f"/tasks?q=%23{noop.id}").text) == [noop.id]
+    assert listed_ids(client.get(f"/tasks?q={noop.id}&queue=other").text) == []
+    # % and _ are literal characters, not LIKE wildcards; a search matches no id by accident.
+    assert listed_ids(client.get("/tasks?q=%25").text) == []
+    assert listed_ids(client.get("/tasks?q=jobs_add").text) == []
+    page = client.get("/tasks?q=%3Cscript%3Ex").text
+    assert 'value="&lt;script&gt;x"' in page and "<script>x" not in page
+    assert client.get("/tasks?q=" + "x" * 201).status_code == 400
+    # Paging keeps the search.
+    dbqueue.enqueue_many(jobs.noop, [()] * 60, queue="mail")
+    assert 'href="?q=noop&amp;page=2"' in client.get("/tasks?q=noop").text
+
+
+def test_bulk_retry_of_a_filtered_list_confirms_then_acts_on_what_it_counted(db, client):
+    failed = [failed_task(queue="mail").id for _ in range(3)]
+    cancelled = dbqueue.enqueue(jobs.noop, queue="mail")
+    with db.engine.begin() as conn:
+        store.cancel(conn, [cancelled.id])
+    elsewhere = failed_task(queue="other")
+    succeeded_task(queue="mail")
+    token = csrf_of(client, "/tasks?queue=mail")
+    assert 'action="/tasks/bulk/retry"' in client.get("/tasks?queue=mail").text
+    before = snapshot(db)
+
+    assert client.post("/tasks/bulk/retry", data={"queue": "mail"}).status_code == 403
+    confirm = client.post("/tasks/bulk/retry", data={"csrf_token": token, "queue": "mail"})
+    assert confirm.status_code == 200 and snapshot(db) == before  # only counted
+    assert "4 failed or cancelled tasks will be queued again" in confirm.text
+    assert "Retry 4 tasks</button>" in confirm.text
+    up_to = re.search(r'name="up_to" value="(\d+)"', confirm.text).group(1)
+    assert int(up_to) == cancelled.id
+
+    late = failed_task(queue="mail")  # failed after the confirmation page: not swept in
+    fields = {"queue": "mail", "up_to": up_to}
+    assert client.post("/tasks/bulk/retry", data=fields).status_code == 403
+    assert snapshot(db)[:-1] == before
+    reply = client.post(
+        "/tasks/bulk/retry", data={"csrf_token": token, **fields}, follow_redirects=False
+    )
+    assert reply.status_code == 303
+    assert reply.headers["location"] == "/tasks?queue=mail&done=bulk-retried&n=4"
+    assert (
+        "4 matching failed or cancelled task(s) queued again."
+        in client.get(reply.headers["location"]).text
+    )
+    ids = [*failed, cancelled.id]
+    assert (
+        db.rows(f"SELECT status, attempts FROM tasks WHERE id IN {tuple(ids)}")
+        == [("queued", 0)] * 4
+    )
+    assert late.refresh().status is dbqueue.Status.FAILED
+    assert elsewhere.refresh().status is dbqueue.Status.FAILED
+
+    nothing = client.post(
+        "/tasks/bulk/retry", data={"csrf_token": token, "queue": "mail", "status": "succeeded"}
+    )
+    assert "nothing to retry" in nothing.text and "up_to" not in nothing.text
+    assert client.post("/tasks/bulk/purge", data={"csrf_token": token}).status_code == 404
+
+
+def test_bulk_cancel_of_a_search_cancels_queued_and_asks_running(db, client):
+    queued = dbqueue.enqueue_many(jobs.noop, [()] * 3, queue="q")
+    running = dbqueue.enqueue(jobs.noop, queue="q")
+    set_row(db, running.id, status="running", locked_by="w1", started_at_ago=1)
+    other = dbqueue.enqueue(jobs.add, (1, 2), queue="q")
+    token = csrf_of(client)
+    confirm = client.post("/tasks/bulk/cancel", data={"csrf_token": token, "q": "noop"})
+    assert "4 queued or running tasks will be cancelled" in confirm.text
+    up_to = re.search(r'name="up_to" value="(\d+)"', confirm.text).group(1)
+    reply = client.post(
+        "/tasks/bulk/cancel", data={"csrf_token": token, "q": "noop", "up_to": up_to}
+    )
+    assert "3 matching queued task(s) cancelled; 1 running task(s) asked to stop" in reply.text
+    assert db.rows(f"SELECT DISTINCT status FROM tasks WHERE id IN {tuple(queued)}") == [
+        ("cancelled",)
+    ]
+    assert running.refresh().status is dbqueue.Status.RUNNING
+    assert db.scalar("SELECT cancel_requested_at FROM tasks WHERE id = :i", i=running.id)
+    assert other.refresh().status is dbqueue.Status.QUEUED
+    # The count in the message is a number read from the URL, never text from it.
+    shown = client.get("/tasks?done=bulk-cancelled&n=<b>&m=7").text
+    assert "0 matching queued task(s) cancelled; 7 running" in shown and "<b>" not in shown
 
 
 def test_task_page_shows_arguments_result_and_traceback_escaped(db, client):
@@ -322,6 +418,8 @@ def test_posts_without_a_valid_csrf_token_are_refused_and_change_nothing(db, cli
         (f"/tasks/{done.id}/delete", {}),
         ("/queues/retry-failed", {"queue": "q"}),
         ("/queues/clear", {"queue": "q"}),
+        ("/queues/pause", {"queue": "q"}),
+        ("/queues/resume", {"queue": "q"}),
     ]
     altered = ("e" if token[0] == "f" else "f") + token[1:]
     other_app = create_app(db.settings)
@@ -336,6 +434,69 @@ def test_posts_without_a_valid_csrf_token_are_refused_and_change_nothing(db, cli
             assert stranger.post(path, data={**fields, "csrf_token": token}).status_code == 403
             assert cookieless.post(path, data={**fields, "csrf_token": token}).status_code == 403
     assert snapshot(db) == before
+    assert dbqueue.paused_queues() == set()
+
+
+def test_pause_and_resume_buttons_mark_the_queue_fleet_wide(db, client):
+    dbqueue.enqueue(jobs.noop, queue="mail")
+    succeeded_task(queue="default")
+    token = csrf_of(client)
+    assert "paused" not in row_cells(client.get("/").text, "mail")[0]
+
+    reply = client.post(
+        "/queues/pause", data={"csrf_token": token, "queue": "mail"}, follow_redirects=False
+    )
+    assert reply.status_code == 303 and reply.headers["location"] == "/?done=queue-paused"
+    assert dbqueue.paused_queues() == {"mail"}  # in the table every worker reads
+    # A queue with no task yet can be paused from a form too; the overview lists it.
+    client.post("/queues/pause", data={"csrf_token": token, "queue": "<b>later</b>"})
+    page = client.get(reply.headers["location"]).text
+    assert "Queue paused: workers stop claiming its tasks within a second" in page
+    assert row_cells(page, "mail paused")[1] == "1"
+    assert row_cells(page, "&lt;b&gt;later&lt;/b&gt; paused")[1:8] == ["0"] * 6 + ["—"]
+    assert "<b>later</b>" not in page
+    assert row_cells(page, "default")[0] == "default"
+    mail_row = next(r for r in page.split("<tr") if ">mail</a>" in r)
+    assert 'action="/queues/resume"' in mail_row and 'action="/queues/pause"' not in mail_row
+
+    dbqueue.enqueue(jobs.noop, queue="mail")  # enqueueing into a paused queue still works
+    assert db.scalar("SELECT count(*) FROM tasks WHERE queue = 'mail' AND status = 'queued'") == 2
+
+    client.post("/queues/resume", data={"csrf_token": token, "queue": "mail"})
+    assert dbqueue.paused_queues() == {"<b>later</b>"}
+    page = client.get("/").text
+    assert row_cells(page, "mail")[0] == "mail" and "Queue resumed" not in page
+    assert (
+        client.post("/queues/pause", data={"csrf_token": token, "queue": "x" * 101}).status_code
+        == 400
+    )
+    assert client.post("/queues/pause", data={"csrf_token": token}).status_code == 400
+
+
+def test_cancel_button_on_a_running_task_asks_its_worker(db, client):
+    running = dbqueue.enqueue(jobs.noop)
+    set_row(db, running.id, status="running", locked_by="w1", started_at_ago=1)
+    page = client.get(f"/tasks/{running.id}").text
+    assert f'action="/tasks/{running.id}/cancel"' in page
+    assert "asks its worker to stop it" in page
+    token = CSRF.search(page).group(1)
+    assert client.post(f"/tasks/{running.id}/cancel").status_code == 403
+    assert db.scalar("SELECT cancel_requested_at FROM tasks WHERE id = :i", i=running.id) is None
+
+    reply = client.post(
+        f"/tasks/{running.id}/cancel", data={"csrf_token": token}, follow_redirects=False
+    )
+    assert reply.headers["location"] == f"/tasks/{running.id}?done=cancel-requested"
+    assert running.refresh().status is dbqueue.Status.RUNNING  # its worker records it
+    assert db.scalar("SELECT cancel_requested_at FROM tasks WHERE id = :i", i=running.id)
+    page = client.get(reply.headers["location"]).text
+    assert "Cancel requested: the task is running" in page and "<dt>cancel requested</dt>" in page
+    assert f'action="/tasks/{running.id}/cancel"' not in page  # asked once is enough
+
+    set_row(db, running.id, status="succeeded", finished_at_ago=0)  # its worker finished it
+    again = client.post(f"/tasks/{running.id}/cancel", data={"csrf_token": token})
+    assert "Nothing changed" in again.text
+    assert running.refresh().status is dbqueue.Status.SUCCEEDED
 
 
 def test_access_token_via_bearer_or_login_form(db):
@@ -446,6 +607,21 @@ def test_metrics_in_prometheus_format(db, client):
     assert second[("dbqueue_tasks_failed_total", mail)] == 2
     assert second[("dbqueue_task_duration_seconds_count", add)] == 2
     assert scrape(client)[("dbqueue_tasks_processed_total", mail)] == 4  # not counted twice
+
+
+def test_metrics_queue_paused_gauge(db, client):
+    dbqueue.enqueue(jobs.noop, queue="mail")
+    dbqueue.enqueue(jobs.noop, queue="default")
+    dbqueue.pause("mail", "idle")  # idle has no task yet
+    dbqueue.pause("sms")
+    dbqueue.resume("sms")
+    values = scrape(client)
+    paused = {
+        dict(labels)["queue"]: value
+        for (name, labels), value in values.items()
+        if name == "dbqueue_queue_paused"
+    }
+    assert paused == {"default": 0, "idle": 1, "mail": 1, "sms": 0}
 
 
 # -- the `dbqueue web` command ------------------------------------------------------------------

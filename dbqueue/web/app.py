@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import jinja2
@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from dbqueue import bus, config, database, errors, store
+from dbqueue import bus, config, control, database, errors, store
 from dbqueue.schema import Status
 from dbqueue.web import display, metrics, queries, security
 
@@ -40,17 +40,38 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
 }
 Endpoint = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 # Messages shown after an action's redirect: codes in the URL, text here, so a link cannot
 # make the dashboard display words of someone else's choosing.
 DONE = {
     "retried": "Task queued again.",
     "cancelled": "Task cancelled.",
+    "cancel-requested": (
+        "Cancel requested: the task is running, so its worker is asked to stop it. It raises "
+        "TaskCancelled in the task within about a second and records it cancelled."
+    ),
     "deleted": "Task deleted.",
     "unchanged": "Nothing changed: the task is no longer in a state that allows this.",
     "queue-retried": "Failed tasks of the queue queued again.",
     "queue-cleared": "Queued tasks of the queue deleted.",
+    "queue-paused": (
+        "Queue paused: workers stop claiming its tasks within a second; running tasks finish "
+        "and new tasks can still be enqueued."
+    ),
+    "queue-resumed": "Queue resumed: workers claim its tasks again.",
+    "bulk-retried": "{n} matching failed or cancelled task(s) queued again.",
+    "bulk-cancelled": (
+        "{n} matching queued task(s) cancelled; {m} running task(s) asked to stop (each "
+        "worker raises TaskCancelled in its task within about a second and records it)."
+    ),
 }
+# Bulk actions on a filtered task list: the statuses each one applies to.
+BULK = {
+    "retry": (Status.FAILED.value, Status.CANCELLED.value),
+    "cancel": (Status.QUEUED.value, Status.RUNNING.value),
+}
+CHUNK = 1000  # ids per statement in a bulk action (well under SQLite's bound-variable limit)
 
 
 class Dashboard:
@@ -94,7 +115,7 @@ class Dashboard:
             finally:
                 conn.rollback()
 
-    def write(self, body: Callable[[sa.Connection], int]) -> int:
+    def write(self, body: Callable[[sa.Connection], T]) -> T:
         settings = self.settings
         with database.errors_translated(settings), settings.get_engine().begin() as conn:
             return body(conn)
@@ -110,7 +131,7 @@ class Dashboard:
             csrf_field=security.CSRF_FIELD,
             csrf=self.guard.csrf_token(session_id),
             login_required=self.guard.token is not None,
-            done=DONE.get(request.query_params.get("done", "")),
+            done=_done_message(request),
             **ctx,
         )
         response = HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
@@ -160,36 +181,32 @@ class Dashboard:
     # -- pages ----------------------------------------------------------------------------------
 
     async def overview(self, request: Request) -> Response:
-        queues, workers = await run_in_threadpool(
-            self.read, lambda c: (queries.overview(c), queries.list_workers(c))
+        queues, paused, workers = await run_in_threadpool(
+            self.read,
+            lambda c: (queries.overview(c), control.read_paused(c), queries.list_workers(c)),
         )
         return self.render(
             request,
             "overview.html",
-            queues=queues,
+            queues=queries.with_idle_queues(queues, paused),
+            paused=paused,
             workers=workers[0],
             now=workers[1],
             window_minutes=int(queries.THROUGHPUT_WINDOW // 60),
         )
 
     async def tasks(self, request: Request) -> Response:
-        status = request.query_params.get("status") or None
-        queue = request.query_params.get("queue") or None
-        if status is not None and status not in queries.FILTERS:
-            raise HTTPException(
-                400, f"unknown status {status!r}; expected one of {', '.join(queries.FILTERS)}"
-            )
+        wanted = _task_filter(request.query_params)
         page = _positive_int(request.query_params.get("page", "1"), "page")
         rows, total, now = await run_in_threadpool(
             self.read,
-            lambda c: queries.list_tasks(c, status, queue, PAGE_SIZE, (page - 1) * PAGE_SIZE),
+            lambda c: queries.list_tasks(c, wanted, PAGE_SIZE, (page - 1) * PAGE_SIZE),
         )
         names = await run_in_threadpool(self.read, queries.queue_names)
         pages = max(1, math.ceil(total / PAGE_SIZE))
 
         def link(n: int) -> str:
-            params = {k: v for k, v in (("status", status), ("queue", queue)) if v}
-            return f"?{urlencode({**params, 'page': n})}"
+            return f"?{urlencode({**wanted.params(), 'page': n})}"
 
         return self.render(
             request,
@@ -197,8 +214,10 @@ class Dashboard:
             rows=rows,
             total=total,
             now=now,
-            status=status or "",
-            queue=queue or "",
+            status=wanted.status or "",
+            queue=wanted.queue or "",
+            search=wanted.search or "",
+            filter_fields=wanted.params(),
             statuses=queries.FILTERS,
             queue_names=names,
             page=page,
@@ -226,7 +245,8 @@ class Dashboard:
             kwargs=kwargs,
             result=result,
             can_retry=row.status in (Status.FAILED.value, Status.CANCELLED.value),
-            can_cancel=row.status == Status.QUEUED.value,
+            can_cancel=row.status == Status.QUEUED.value
+            or (row.status == Status.RUNNING.value and row.cancel_requested_at is None),
             can_delete=row.status != Status.RUNNING.value,
         )
 
@@ -259,19 +279,18 @@ class Dashboard:
     async def task_action(self, request: Request, form: Any) -> Response:
         task_id = int(request.path_params["task_id"])
         verb = request.path_params["verb"]
-        change: dict[str, Callable[[sa.Connection], int]] = {
-            "retry": lambda c: store.requeue(c, [task_id]),
-            "cancel": lambda c: store.cancel(c, [task_id]),
-            "delete": lambda c: store.delete(c, [task_id]),
+        change: dict[str, Callable[[sa.Connection], str | None]] = {
+            "retry": lambda c: "retried" if store.requeue(c, [task_id]) else None,
+            "cancel": lambda c: _cancel_one(c, task_id),
+            "delete": lambda c: "deleted" if store.delete(c, [task_id]) else None,
         }
         if verb not in change:
             raise HTTPException(404, f"no action {verb!r}; expected retry, cancel or delete")
-        changed = await run_in_threadpool(self.write, change[verb])
-        if not changed:
+        done = await run_in_threadpool(self.write, change[verb])
+        if done is None:
             return self.redirect(request, f"/tasks/{task_id}", done="unchanged")
-        if verb == "delete":
-            return self.redirect(request, "/tasks", done="deleted")
-        done = {"retry": "retried", "cancel": "cancelled"}[verb]
+        if done == "deleted":
+            return self.redirect(request, "/tasks", done=done)
         return self.redirect(request, f"/tasks/{task_id}", done=done)
 
     async def queue_action(self, request: Request, form: Any) -> Response:
@@ -279,15 +298,74 @@ class Dashboard:
         queue = form.get("queue")
         if not isinstance(queue, str) or not queue:
             raise HTTPException(400, "the form must name a queue (field 'queue')")
-        change: dict[str, Callable[[sa.Connection], int]] = {
+        change: dict[str, Callable[[sa.Connection], object]] = {
             "retry-failed": lambda c: store.requeue(c, all_failed=True, queues=[queue]),
             "clear": lambda c: store.clear(c, [queue]),
+            "pause": lambda c: control.set_paused(c, [queue], True),
+            "resume": lambda c: control.set_paused(c, [queue], False),
         }
         if verb not in change:
-            raise HTTPException(404, f"no queue action {verb!r}; expected retry-failed or clear")
-        await run_in_threadpool(self.write, change[verb])
-        done = {"retry-failed": "queue-retried", "clear": "queue-cleared"}[verb]
+            raise HTTPException(
+                404, f"no queue action {verb!r}; expected retry-failed, clear, pause or resume"
+            )
+        try:
+            await run_in_threadpool(self.write, change[verb])
+        except errors.ConfigurationError as exc:  # a queue name too long to be one
+            raise HTTPException(400, str(exc)) from None
+        done = {
+            "retry-failed": "queue-retried",
+            "clear": "queue-cleared",
+            "pause": "queue-paused",
+            "resume": "queue-resumed",
+        }[verb]
         return self.redirect(request, "/", done=done)
+
+    async def bulk_action(self, request: Request, form: Any) -> Response:
+        """Retry or cancel every task of a filtered list: first a page that counts them and
+        asks to confirm; the confirmed form acts on the tasks counted (ids up to the highest
+        one seen), so a task enqueued or failed meanwhile is not swept in unseen."""
+        verb = request.path_params["verb"]
+        if verb not in BULK:
+            raise HTTPException(404, f"no bulk action {verb!r}; expected retry or cancel")
+        wanted = _task_filter(form)
+        statuses = BULK[verb]
+        up_to = form.get("up_to")
+        if up_to is None:
+            count, highest = await run_in_threadpool(
+                self.read, lambda c: queries.bulk_extent(c, wanted, statuses)
+            )
+            return self.render(
+                request,
+                "confirm.html",
+                verb=verb,
+                statuses=statuses,
+                count=count,
+                up_to=highest,
+                wanted=wanted,
+                filter_fields=wanted.params(),
+            )
+        last = _positive_int(str(up_to), "up_to")
+
+        def act(conn: sa.Connection) -> dict[str, str]:
+            targets = queries.bulk_targets(conn, wanted, statuses, last)
+            if verb == "retry":
+                ids = sorted(targets)
+                n = sum(store.requeue(conn, ids[i : i + CHUNK]) for i in range(0, len(ids), CHUNK))
+                return {"done": "bulk-retried", "n": str(n)}
+            done = control.Cancelled()
+            items = sorted(targets.items())
+            for i in range(0, len(items), CHUNK):
+                part = control.cancel_unfinished(conn, dict(items[i : i + CHUNK]))
+                done.cancelled += part.cancelled
+                done.requested += part.requested
+            return {
+                "done": "bulk-cancelled",
+                "n": str(len(done.cancelled)),
+                "m": str(len(done.requested)),
+            }
+
+        outcome = await run_in_threadpool(self.write, act)
+        return self.redirect(request, "/tasks", **wanted.params(), **outcome)
 
     # -- login ----------------------------------------------------------------------------------
 
@@ -322,6 +400,42 @@ class Dashboard:
 
     async def database_error(self, request: Request, exc: Exception) -> Response:
         return self.render(request, "error.html", status_code=503, message=str(exc))
+
+
+def _task_filter(fields: Any) -> queries.TaskFilter:
+    """The task list's filter from query parameters or a form; 400 on an unknown status."""
+
+    def text(name: str) -> str | None:
+        value = fields.get(name)
+        return value.strip() or None if isinstance(value, str) else None
+
+    status = text("status")
+    if status is not None and status not in queries.FILTERS:
+        raise HTTPException(
+            400, f"unknown status {status!r}; expected one of {', '.join(queries.FILTERS)}"
+        )
+    search = text("q")
+    if search is not None and len(search) > 200:
+        raise HTTPException(400, "the search is at most 200 characters")
+    return queries.TaskFilter(status=status, queue=text("queue"), search=search)
+
+
+def _cancel_one(conn: sa.Connection, task_id: int) -> str | None:
+    """Cancel a queued task now, or ask a running task's worker to stop it."""
+    done = control.cancel_unfinished(conn, store.statuses(conn, [task_id]))
+    return "cancelled" if done.cancelled else "cancel-requested" if done.requested else None
+
+
+def _done_message(request: Request) -> str | None:
+    """The message for `?done=CODE`; counts (`n`, `m`) are read as numbers, nothing else."""
+    text = DONE.get(request.query_params.get("done", ""))
+    if text is None or "{" not in text:
+        return text
+    counts = {}
+    for name in ("n", "m"):
+        value = request.query_params.get(name, "")
+        counts[name] = int(value) if value.isdigit() and len(value) < 10 else 0
+    return text.format(**counts)
 
 
 def _translated(settings: config.Settings, body: Callable[[], bytes]) -> bytes:
@@ -375,6 +489,7 @@ def create_app(
             methods=["POST"],
             name="task_action",
         ),
+        Route("/tasks/bulk/{verb}", dash.action(dash.bulk_action), methods=["POST"], name="bulk"),
         Route("/queues/{verb}", dash.action(dash.queue_action), methods=["POST"], name="queue"),
         Route("/workers", dash.page(dash.workers), name="workers"),
         Route("/counters", dash.page(dash.counters), name="counters"),

@@ -1,12 +1,13 @@
 """`/metrics`: the queue as Prometheus sees it, read from the tables at each scrape.
 
 Gauges (tasks per queue and status, scheduled tasks, oldest ready task's age) are exact reads
-of the `tasks` table. Totals and the duration histogram need monotonic values, which a table
-that is pruned cannot give directly; so this process keeps them: the first scrape counts every
-finished task in the table, and each later scrape adds the tasks that finished since the last
-one (a watermark on `finished_at`, kept `SETTLE_SECONDS` behind the database clock so a row
-stamped just before its transaction committed is not missed). A restart of the dashboard is a
-counter reset, which Prometheus' rate() and increase() handle.
+of the `tasks` table; `dbqueue_queue_paused` reads `queue_settings`. Totals and the duration
+histogram need monotonic values, which a table that is pruned cannot give directly; so this
+process keeps them: the first scrape counts every finished task in the table, and each later
+scrape adds the tasks that finished since the last one (a watermark on `finished_at`, kept
+`SETTLE_SECONDS` behind the database clock so a row stamped just before its transaction
+committed is not missed). A restart of the dashboard is a counter reset, which Prometheus'
+rate() and increase() handle.
 
 Duration is `finished_at - started_at`. `started_at` is stamped at claim, and a worker claims
 a batch, so a task's duration includes the time it waited behind the earlier tasks of its
@@ -18,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from prometheus_client import registry
@@ -29,6 +31,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from dbqueue import control
 from dbqueue.schema import STATUSES, Status
 from dbqueue.web import queries
 
@@ -81,6 +84,7 @@ class QueueCollector(registry.Collector):
     def collect(self) -> Iterator[Metric]:
         with self.engine.connect() as conn:
             by_status, waiting, now = queries.gauges(conn)
+            settings = control.read_settings(conn)
             self.totals.advance(conn)
             conn.rollback()
         tasks = GaugeMetricFamily(
@@ -109,6 +113,7 @@ class QueueCollector(registry.Collector):
             oldest.add_metric([row.queue], max(0.0, age))
         yield scheduled
         yield oldest
+        yield _paused(settings, seen)
         yield from self._totals()
 
     def _totals(self) -> Iterator[Metric]:
@@ -145,6 +150,19 @@ class QueueCollector(registry.Collector):
             buckets.append(("+Inf", float(h.count)))
             histogram.add_metric([handler], buckets, sum_value=h.total)
         yield histogram
+
+
+def _paused(settings: list[sa.Row[Any]], with_tasks: Iterable[str]) -> Metric:
+    """1 for a paused queue, 0 for every other queue that has tasks or settings."""
+    paused = {row.queue: int(bool(row.paused)) for row in settings}
+    gauge = GaugeMetricFamily(
+        "dbqueue_queue_paused",
+        "1 while the queue is paused (workers claim none of its tasks), else 0",
+        labels=["queue"],
+    )
+    for queue in sorted(set(with_tasks) | set(paused)):
+        gauge.add_metric([queue], paused.get(queue, 0))
+    return gauge
 
 
 def _bound(value: float) -> str:

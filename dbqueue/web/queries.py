@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -99,13 +99,51 @@ def overview(conn: sa.Connection) -> list[QueueSummary]:
     ]
 
 
-def _filtered(stmt: Any, status: str | None, queue: str | None, current: dt.datetime) -> Any:
-    if status == SCHEDULED:
+def with_idle_queues(summaries: list[QueueSummary], queues: Iterable[str]) -> list[QueueSummary]:
+    """The overview's rows plus an empty row for each of `queues` (paused ones) without tasks,
+    so a paused queue is shown, and can be resumed, before anything is enqueued into it."""
+    known = {s.queue for s in summaries}
+    empty = [
+        QueueSummary(q, 0, 0, 0, 0, 0, 0, None, 0) for q in sorted(set(queues)) if q not in known
+    ]
+    return sorted([*summaries, *empty], key=lambda s: s.queue)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFilter:
+    """What the task list shows and a bulk action acts on.
+
+    `search`: a task id (digits, `#` allowed in front) or else a piece of the handler's
+    name (`module:qualname`), matched case-insensitively on both databases, `%` and `_`
+    taken literally.
+    """
+
+    status: str | None = None
+    queue: str | None = None
+    search: str | None = None
+
+    @property
+    def task_id(self) -> int | None:
+        text = (self.search or "").strip().removeprefix("#")
+        return int(text) if text.isdigit() and len(text) < 19 else None
+
+    def params(self) -> dict[str, str]:
+        """The non-empty fields, as the list page's query parameters."""
+        named = (("status", self.status), ("queue", self.queue), ("q", self.search))
+        return {k: v for k, v in named if v}
+
+
+def _filtered(stmt: Any, f: TaskFilter, current: dt.datetime) -> Any:
+    if f.status == SCHEDULED:
         stmt = stmt.where(tasks.c.status == Status.QUEUED.value, tasks.c.run_at > current)
-    elif status:
-        stmt = stmt.where(tasks.c.status == status)
-    if queue:
-        stmt = stmt.where(tasks.c.queue == queue)
+    elif f.status:
+        stmt = stmt.where(tasks.c.status == f.status)
+    if f.queue:
+        stmt = stmt.where(tasks.c.queue == f.queue)
+    if f.task_id is not None:
+        stmt = stmt.where(tasks.c.id == f.task_id)
+    elif f.search and f.search.strip():
+        stmt = stmt.where(tasks.c.handler.icontains(f.search.strip(), autoescape=True))
     return stmt
 
 
@@ -124,20 +162,41 @@ LIST_COLUMNS = (
 
 
 def list_tasks(
-    conn: sa.Connection, status: str | None, queue: str | None, limit: int, offset: int
+    conn: sa.Connection, f: TaskFilter, limit: int, offset: int
 ) -> tuple[list[sa.Row[Any]], int, dt.datetime]:
     """One page of tasks (newest first), the total matching, and the database's now."""
     current = now(conn)
     rows = conn.execute(
-        _filtered(sa.select(*LIST_COLUMNS), status, queue, current)
+        _filtered(sa.select(*LIST_COLUMNS), f, current)
         .order_by(tasks.c.id.desc())
         .limit(limit)
         .offset(offset)
     )
     total = conn.execute(
-        _filtered(sa.select(sa.func.count()).select_from(tasks), status, queue, current)
+        _filtered(sa.select(sa.func.count()).select_from(tasks), f, current)
     ).scalar_one()
     return list(rows), int(total), current
+
+
+def bulk_extent(conn: sa.Connection, f: TaskFilter, statuses: Sequence[str]) -> tuple[int, int]:
+    """(how many tasks match `f` and are in one of `statuses`, the highest such id): what a
+    bulk action's confirmation shows, and the id it stops at."""
+    stmt = sa.select(sa.func.count(), sa.func.coalesce(sa.func.max(tasks.c.id), 0))
+    row = conn.execute(
+        _filtered(stmt.select_from(tasks), f, now(conn)).where(tasks.c.status.in_(statuses))
+    ).one()
+    return int(row[0]), int(row[1])
+
+
+def bulk_targets(
+    conn: sa.Connection, f: TaskFilter, statuses: Sequence[str], up_to: int
+) -> dict[int, str]:
+    """id -> status of the tasks a confirmed bulk action acts on: matching `f`, in one of
+    `statuses`, and no newer than the confirmation (`up_to`, the highest id it counted)."""
+    stmt = sa.select(tasks.c.id, tasks.c.status).where(
+        tasks.c.status.in_(statuses), tasks.c.id <= up_to
+    )
+    return {r.id: r.status for r in conn.execute(_filtered(stmt, f, now(conn)))}
 
 
 def queue_names(conn: sa.Connection) -> list[str]:
