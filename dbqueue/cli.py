@@ -26,6 +26,7 @@ from dbqueue import (
     errors,
     listener,
     logs,
+    stats,
     store,
     supervisor,
     worker,
@@ -384,9 +385,7 @@ def clear(obj: Context, queues: tuple[str, ...], yes: bool) -> None:
     where = f"queue(s) {', '.join(queues)}" if queues else "all queues"
     with obj.settings.get_engine().begin() as conn:
         queued = sum(
-            r._mapping["count"]
-            for r in store.counts(conn)
-            if r.status == "queued" and (not queues or r.queue in queues)
+            q.ready + q.scheduled for q in stats.queued(conn) if not queues or q.queue in queues
         )
     if not yes:
         click.confirm(f"Delete {queued} queued task(s) in {where}?", abort=True)
@@ -420,23 +419,30 @@ def status(obj: Context) -> None:
     """Tasks per queue and status, and the workers alive."""
     database.check_schema(obj.settings)
     with obj.settings.get_engine().begin() as conn:
-        rows = store.counts(conn)
+        rows = stats.counts(conn)
         workers = store.list_workers(conn)
         paused = control.read_paused(conn)
         old_transactions = database.long_transactions(conn, older_than_seconds=60)
-    table: dict[str, dict[str, int]] = {}
+    table: dict[str, dict[str, str]] = {}
     for row in rows:
-        table.setdefault(row.queue, {})[row.status] = row._mapping["count"]
+        table.setdefault(row.queue, {})[row.status] = ("~" if row.estimated else "") + str(
+            row.count
+        )
     columns = ["queued", "running", "succeeded", "failed", "cancelled"]
     width = max([5, *(len(q) for q in table)])
     click.echo(f"{'queue':<{width}}  " + "  ".join(f"{c:>9}" for c in columns))
     for queue_name in sorted(table):
         counts = table[queue_name]
         click.echo(
-            f"{queue_name:<{width}}  " + "  ".join(f"{counts.get(c, 0):>9}" for c in columns)
+            f"{queue_name:<{width}}  " + "  ".join(f"{counts.get(c, '0'):>9}" for c in columns)
         )
     if not table:
         click.echo("(no tasks)")
+    if any(row.estimated for row in rows):
+        click.echo(
+            f"~ estimated from a sample: more than {stats.EXACT_FINISHED_UP_TO:,} finished "
+            "tasks (queued and running are exact; `dbqueue prune` keeps the history short)"
+        )
     if paused:
         click.echo(f"\npaused: {', '.join(sorted(paused))}  (dbqueue resume QUEUE)")
     click.echo(f"\nworkers: {len(workers)}")

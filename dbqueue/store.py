@@ -1112,23 +1112,9 @@ def get(conn: sa.Connection, task_id: int) -> sa.Row[Any] | None:
     return conn.execute(sa.select(tasks).where(tasks.c.id == task_id)).first()
 
 
-def counts(conn: sa.Connection) -> list[sa.Row[Any]]:
-    """(queue, status, count, oldest run_at) for every queue and status present."""
-    stmt = (
-        sa.select(
-            tasks.c.queue,
-            tasks.c.status,
-            sa.func.count().label("count"),
-            sa.func.min(tasks.c.run_at).label("oldest_run_at"),
-        )
-        .group_by(tasks.c.queue, tasks.c.status)
-        .order_by(tasks.c.queue, tasks.c.status)
-    )
-    return list(conn.execute(stmt))
-
-
 def ready_count(conn: sa.Connection, queues: Sequence[str] | None = None) -> int:
-    """Queued tasks whose run_at has come."""
+    """Queued tasks whose run_at has come (exact: an index-only read of the queued rows of
+    `queues`, or of every queue; the history is never read)."""
     stmt = sa.select(sa.func.count()).where(status_is(Status.QUEUED), tasks.c.run_at <= db_now())
     if queues:
         stmt = stmt.where(tasks.c.queue.in_(list(queues)))
@@ -1136,16 +1122,64 @@ def ready_count(conn: sa.Connection, queues: Sequence[str] | None = None) -> int
 
 
 def seconds_until_next(conn: sa.Connection, queues: Sequence[str] | None = None) -> float | None:
-    """Seconds until the earliest queued task becomes ready (0 if one is ready); None if none."""
-    stmt = sa.select(sa.func.min(tasks.c.run_at), db_now()).where(status_is(Status.QUEUED))
-    if queues:
-        stmt = stmt.where(tasks.c.queue.in_(list(queues)))
-    earliest, now = conn.execute(stmt).one()
+    """Seconds until the earliest queued task becomes ready (0 if one is ready); None if none.
+
+    The idle worker's sleep, asked after every empty claim. `min(run_at)` over the queued
+    rows read all of them (300 ms beside 1,000,000 queued rows, on every idle poll): the
+    claim indexes are ordered by priority first. So this reads, per queue, the earliest
+    run_at of each priority present: one index lookup per distinct priority (a recursive
+    CTE that skips from one priority to the next), however many rows each holds.
+    """
+    earliest_of = [_earliest_run_at(q, i) for i, q in enumerate(queues or [None])]
+    earliest_sql = (
+        earliest_of[0]
+        if len(earliest_of) == 1
+        else sa.func.min(
+            sa.union_all(*(sa.select(e.label("run_at")) for e in earliest_of)).subquery().c.run_at
+        )
+    )
+    earliest, now = conn.execute(sa.select(earliest_sql, db_now())).one()
     if earliest is None:
         return None
     if isinstance(earliest, str):
         earliest = UTCDateTime().process_result_value(earliest, conn.dialect)
     return max(0.0, float((earliest - now).total_seconds()))
+
+
+def _earliest_run_at(queue: str | None, n: int) -> Any:
+    """A scalar subquery: the earliest run_at of `queue`'s queued rows (None: every queue),
+    by a loose index scan over the claim index's priorities (seconds_until_next)."""
+    index = "ix_tasks_claimable" if queue is None else "ix_tasks_queue_claimable"
+
+    def queued() -> sa.Select[Any]:
+        stmt = sa.select(tasks.c.priority).where(status_is(Status.QUEUED))
+        if queue is not None:
+            stmt = stmt.where(tasks.c.queue == sa.literal(queue))
+        return stmt.with_hint(tasks, f"INDEXED BY {index}", "sqlite")
+
+    first = queued().order_by(tasks.c.priority).limit(1).scalar_subquery()
+    levels = sa.select(first.label("priority")).cte(f"priorities_{n}", recursive=True)
+    following = (
+        queued()
+        .where(tasks.c.priority > levels.c.priority)
+        .order_by(tasks.c.priority)
+        .limit(1)
+        .scalar_subquery()
+    )
+    levels = levels.union_all(sa.select(following).where(levels.c.priority.is_not(None)))
+    earliest = (
+        queued()
+        .with_only_columns(tasks.c.run_at)
+        .where(tasks.c.priority == levels.c.priority)
+        .order_by(tasks.c.run_at)
+        .limit(1)
+        .scalar_subquery()
+    )
+    return (
+        sa.select(sa.type_coerce(sa.func.min(earliest), UTCDateTime()))
+        .where(levels.c.priority.is_not(None))
+        .scalar_subquery()
+    )
 
 
 # -- workers ---------------------------------------------------------------------------------

@@ -619,8 +619,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results["dbqueue_sqlite"] = repeat(args.repeats, sqlite_run)
     if not args.no_extras:
-        step("counters / bus benchmarks")
-        results["extras"] = optional_benches(("counters", "bus"))
+        step("counters / bus / queues benchmarks")
+        results["extras"] = optional_benches(("counters", "bus", "queues"))
     results["seconds"] = step.total()
     return results
 

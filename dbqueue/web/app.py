@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from dbqueue import bus, config, control, database, errors, store
+from dbqueue import bus, config, control, database, errors, stats, store
 from dbqueue.schema import Status
 from dbqueue.web import display, metrics, queries, security
 
@@ -193,6 +193,7 @@ class Dashboard:
             workers=workers[0],
             now=workers[1],
             window_minutes=int(queries.THROUGHPUT_WINDOW // 60),
+            exact_up_to=stats.EXACT_FINISHED_UP_TO,
         )
 
     async def tasks(self, request: Request) -> Response:
@@ -204,6 +205,7 @@ class Dashboard:
         )
         names = await run_in_threadpool(self.read, queries.queue_names)
         pages = max(1, math.ceil(total / PAGE_SIZE))
+        counted_up_to = max(queries.COUNT_UP_TO, page * PAGE_SIZE)  # list_tasks counts no further
 
         def link(n: int) -> str:
             return f"?{urlencode({**wanted.params(), 'page': n})}"
@@ -222,6 +224,7 @@ class Dashboard:
             queue_names=names,
             page=page,
             pages=pages,
+            more_than=counted_up_to if total > counted_up_to else None,
             prev_link=link(page - 1) if page > 1 else None,
             next_link=link(page + 1) if page < pages else None,
         )

@@ -7,7 +7,13 @@ process keeps them: the first scrape counts every finished task in the table, an
 scrape adds the tasks that finished since the last one (a watermark on `finished_at`, kept
 `SETTLE_SECONDS` behind the database clock so a row stamped just before its transaction
 committed is not missed). A restart of the dashboard is a counter reset, which Prometheus'
-rate() and increase() handle.
+rate() and increase() handle. When the table holds more than `HISTORY_UP_TO` finished rows,
+the first scrape does not add them up (1,000,000 took 10 s): the totals start at 0 and count
+what finishes from then on, which is all rate() needs.
+
+The `dbqueue_tasks` gauge of finished statuses is an estimate past
+`stats.EXACT_FINISHED_UP_TO` finished rows (its help text says so); queued and running are
+exact.
 
 Duration is `finished_at - started_at`. `started_at` is stamped at claim, and a worker claims
 a batch, so a task's duration includes the time it waited behind the earlier tasks of its
@@ -31,11 +37,12 @@ from prometheus_client.core import (
     Metric,
 )
 
-from dbqueue import control
+from dbqueue import control, stats
 from dbqueue.schema import STATUSES, Status
 from dbqueue.web import queries
 
 SETTLE_SECONDS = 5.0
+HISTORY_UP_TO = 100_000  # finished rows the first scrape adds up; past that it starts at 0
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -61,6 +68,9 @@ class Totals:
         with self._lock:
             until = queries.clock_minus(conn, SETTLE_SECONDS)
             if self.watermark is not None and until <= self.watermark:
+                return
+            if self.watermark is None and queries.finished_beyond(conn, HISTORY_UP_TO):
+                self.watermark = until  # a long history: count from now on (module doc)
                 return
             for row in queries.finished_between(conn, self.watermark, until, BUCKETS):
                 self.processed[row.queue] = self.processed.get(row.queue, 0) + row.n
@@ -88,11 +98,14 @@ class QueueCollector(registry.Collector):
             self.totals.advance(conn)
             conn.rollback()
         tasks = GaugeMetricFamily(
-            "dbqueue_tasks", "Tasks in the table per queue and status", labels=["queue", "status"]
+            "dbqueue_tasks",
+            "Tasks in the table per queue and status (finished statuses estimated from a "
+            f"sample past {stats.EXACT_FINISHED_UP_TO} finished rows)",
+            labels=["queue", "status"],
         )
         seen: dict[str, dict[str, int]] = {}
-        for row in by_status:
-            seen.setdefault(row.queue, {})[row.status] = int(row.n)
+        for count in by_status:
+            seen.setdefault(count.queue, {})[count.status] = count.count
         for queue, counts in sorted(seen.items()):
             for status in STATUSES:
                 tasks.add_metric([queue, status], counts.get(status, 0))
@@ -107,10 +120,11 @@ class QueueCollector(registry.Collector):
             "Age of the oldest task that is ready to run but not yet claimed (0 if none)",
             labels=["queue"],
         )
-        for row in sorted(waiting, key=lambda r: r.queue):
-            scheduled.add_metric([row.queue], int(row.scheduled))
-            age = 0.0 if row.oldest_ready is None else (now - row.oldest_ready).total_seconds()
-            oldest.add_metric([row.queue], max(0.0, age))
+        for waits in waiting:
+            scheduled.add_metric([waits.queue], waits.scheduled)
+            ready = waits.oldest_ready
+            age = 0.0 if ready is None else (now - ready).total_seconds()
+            oldest.add_metric([waits.queue], max(0.0, age))
         yield scheduled
         yield oldest
         yield _paused(settings, seen)

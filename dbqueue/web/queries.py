@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dbqueue import schema
+from dbqueue import schema, stats
 from dbqueue.schema import Status, counter_deltas, db_now, tasks, workers
 
 THROUGHPUT_WINDOW = 300.0  # seconds: "finished in the last 5 minutes" on the overview
@@ -25,7 +25,7 @@ FILTERS = (*schema.STATUSES, SCHEDULED)
 
 @dataclasses.dataclass
 class QueueSummary:
-    """One row of the overview."""
+    """One row of the overview; `estimated`: the finished counts are estimates (stats.py)."""
 
     queue: str
     ready: int
@@ -36,14 +36,11 @@ class QueueSummary:
     cancelled: int
     oldest_ready_age: float | None
     recent_finished: int
+    estimated: bool = False
 
     @property
     def throughput_per_minute(self) -> float:
         return self.recent_finished / (THROUGHPUT_WINDOW / 60.0)
-
-
-def _count_if(condition: Any) -> Any:
-    return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
 
 
 def now(conn: sa.Connection) -> dt.datetime:
@@ -53,50 +50,39 @@ def now(conn: sa.Connection) -> dt.datetime:
 
 
 def overview(conn: sa.Connection) -> list[QueueSummary]:
-    """Per queue: counts by state, the oldest ready task's age, tasks finished recently."""
+    """Per queue: counts by state, the oldest ready task's age, tasks finished recently.
+
+    Queued and running counts are exact, finished ones estimated on a large history
+    (stats.py); the recent ones are read by finished_at through ix_tasks_finished.
+    """
     current = now(conn)
-    is_queued = tasks.c.status == Status.QUEUED.value
-    ready = sa.and_(is_queued, tasks.c.run_at <= current)
-    stmt = (
-        sa.select(
-            tasks.c.queue,
-            _count_if(ready).label("ready"),
-            _count_if(sa.and_(is_queued, tasks.c.run_at > current)).label("scheduled"),
-            _count_if(tasks.c.status == Status.RUNNING.value).label("running"),
-            _count_if(tasks.c.status == Status.FAILED.value).label("failed"),
-            _count_if(tasks.c.status == Status.SUCCEEDED.value).label("succeeded"),
-            _count_if(tasks.c.status == Status.CANCELLED.value).label("cancelled"),
-            sa.type_coerce(
-                sa.func.min(sa.case((ready, tasks.c.run_at), else_=None)), schema.UTCDateTime()
-            ).label("oldest_ready"),
-            _count_if(
-                sa.and_(
-                    tasks.c.status.in_((Status.SUCCEEDED.value, Status.FAILED.value)),
-                    tasks.c.finished_at > current - dt.timedelta(seconds=THROUGHPUT_WINDOW),
-                )
-            ).label("recent"),
+    summaries: dict[str, QueueSummary] = {}
+
+    def summary(queue: str) -> QueueSummary:
+        return summaries.setdefault(queue, QueueSummary(queue, 0, 0, 0, 0, 0, 0, None, 0))
+
+    for q in stats.queued(conn, current):
+        row = summary(q.queue)
+        row.ready, row.scheduled = q.ready, q.scheduled
+        if q.oldest_ready is not None:
+            row.oldest_ready_age = max(0.0, (current - q.oldest_ready).total_seconds())
+    for queue, n in stats.running(conn).items():
+        summary(queue).running = n
+    for count in stats.finished(conn):
+        row = summary(count.queue)
+        setattr(row, count.status, count.count)
+        row.estimated = row.estimated or count.estimated
+    recent = conn.execute(
+        sa.select(tasks.c.queue, sa.func.count())
+        .where(
+            schema.status_is(Status.SUCCEEDED, Status.FAILED),
+            tasks.c.finished_at > current - dt.timedelta(seconds=THROUGHPUT_WINDOW),
         )
         .group_by(tasks.c.queue)
-        .order_by(tasks.c.queue)
     )
-    return [
-        QueueSummary(
-            queue=row.queue,
-            ready=int(row.ready),
-            scheduled=int(row.scheduled),
-            running=int(row.running),
-            failed=int(row.failed),
-            succeeded=int(row.succeeded),
-            cancelled=int(row.cancelled),
-            oldest_ready_age=(
-                None
-                if row.oldest_ready is None
-                else max(0.0, (current - row.oldest_ready).total_seconds())
-            ),
-            recent_finished=int(row.recent),
-        )
-        for row in conn.execute(stmt)
-    ]
+    for queue, n in recent:
+        summary(queue).recent_finished = int(n)
+    return [summaries[q] for q in sorted(summaries)]
 
 
 def with_idle_queues(summaries: list[QueueSummary], queues: Iterable[str]) -> list[QueueSummary]:
@@ -161,20 +147,37 @@ LIST_COLUMNS = (
 )
 
 
+def _list_order(status: str | None) -> tuple[Any, ...]:
+    """A task list's order, the one an index gives for that filter (a list of queued tasks
+    ordered by id walked every finished row first): queued tasks in the order they will run
+    (the claim indexes), finished ones latest finished first (ix_tasks_finished), the rest
+    newest first (the primary key)."""
+    if status == Status.QUEUED.value:
+        return (tasks.c.priority, tasks.c.run_at, tasks.c.id)
+    if status in schema.FINISHED:
+        return (tasks.c.finished_at.desc(), tasks.c.id.desc())
+    return (tasks.c.id.desc(),)
+
+
+COUNT_UP_TO = 10_000  # a task list's total is counted this far, then shown as "more than"
+
+
 def list_tasks(
     conn: sa.Connection, f: TaskFilter, limit: int, offset: int
 ) -> tuple[list[sa.Row[Any]], int, dt.datetime]:
-    """One page of tasks (newest first), the total matching, and the database's now."""
+    """One page of tasks (order: `_list_order`), the total matching (at most COUNT_UP_TO + 1: past
+    that, "more than COUNT_UP_TO"; counting a history of millions took seconds) and the
+    database's now."""
     current = now(conn)
     rows = conn.execute(
         _filtered(sa.select(*LIST_COLUMNS), f, current)
-        .order_by(tasks.c.id.desc())
+        .order_by(*_list_order(f.status))
         .limit(limit)
         .offset(offset)
     )
-    total = conn.execute(
-        _filtered(sa.select(sa.func.count()).select_from(tasks), f, current)
-    ).scalar_one()
+    matching = _filtered(sa.select(tasks.c.id), f, current)
+    capped = matching.limit(max(COUNT_UP_TO, offset + limit) + 1).subquery()
+    total = conn.execute(sa.select(sa.func.count()).select_from(capped)).scalar_one()
     return list(rows), int(total), current
 
 
@@ -200,9 +203,11 @@ def bulk_targets(
 
 
 def queue_names(conn: sa.Connection) -> list[str]:
-    """Every queue that has a task, for the filter form."""
-    stmt = sa.select(tasks.c.queue).distinct().order_by(tasks.c.queue)
-    return [r[0] for r in conn.execute(stmt)]
+    """Every queue that has a task, for the filter form, without counting the queued ones (a
+    queue with only a few finished tasks in a large history may be missed by the sample of
+    stats.finished)."""
+    names = set(stats.waiting_queues(conn)) | set(stats.running(conn))
+    return sorted(names | {c.queue for c in stats.finished(conn)})
 
 
 def list_workers(conn: sa.Connection) -> tuple[list[sa.Row[Any]], dt.datetime]:
@@ -241,28 +246,12 @@ def pending_counters(conn: sa.Connection, limit: int = 500) -> list[sa.Row[Any]]
 # -- metrics -----------------------------------------------------------------------------------
 
 
-def gauges(conn: sa.Connection) -> tuple[list[sa.Row[Any]], list[sa.Row[Any]], dt.datetime]:
-    """(queue, status, count) rows, (queue, scheduled, oldest ready run_at) rows, and now."""
+def gauges(conn: sa.Connection) -> tuple[list[stats.Count], list[stats.Queued], dt.datetime]:
+    """Tasks per queue and status (finished ones estimated on a large history, stats.py),
+    queued tasks per queue (ready, scheduled, oldest ready run_at), and now."""
     current = now(conn)
-    by_status = conn.execute(
-        sa.select(tasks.c.queue, tasks.c.status, sa.func.count().label("n"))
-        .group_by(tasks.c.queue, tasks.c.status)
-        .order_by(tasks.c.queue, tasks.c.status)
-    )
-    is_queued = tasks.c.status == Status.QUEUED.value
-    ready = sa.and_(is_queued, tasks.c.run_at <= current)
-    waiting = conn.execute(
-        sa.select(
-            tasks.c.queue,
-            _count_if(tasks.c.run_at > current).label("scheduled"),
-            sa.type_coerce(
-                sa.func.min(sa.case((ready, tasks.c.run_at), else_=None)), schema.UTCDateTime()
-            ).label("oldest_ready"),
-        )
-        .where(is_queued)
-        .group_by(tasks.c.queue)
-    )
-    return list(by_status), list(waiting), current
+    waiting = stats.queued(conn, current)
+    return stats.counts(conn, waiting), waiting, current
 
 
 def _duration_seconds(conn: sa.Connection) -> Any:
@@ -289,7 +278,7 @@ def finished_between(
         tasks.c.status,
         sa.func.count().label("n"),
         sa.func.coalesce(sa.func.sum(duration), 0.0).label("duration_sum"),
-        *(_count_if(duration <= bound).label(f"le_{i}") for i, bound in enumerate(buckets)),
+        *(stats.count_if(duration <= bound).label(f"le_{i}") for i, bound in enumerate(buckets)),
     ]
     stmt = (
         sa.select(*columns)
@@ -303,6 +292,17 @@ def finished_between(
     if after is not None:
         stmt = stmt.where(tasks.c.finished_at > after)
     return list(conn.execute(stmt))
+
+
+def finished_beyond(conn: sa.Connection, n: int) -> bool:
+    """Whether more than `n` finished (succeeded or failed) rows exist, counting no further."""
+    beyond = (
+        sa.select(tasks.c.id)
+        .where(schema.status_is(Status.SUCCEEDED, Status.FAILED))
+        .limit(n + 1)
+        .subquery()
+    )
+    return int(conn.execute(sa.select(sa.func.count()).select_from(beyond)).scalar_one()) > n
 
 
 def clock_minus(conn: sa.Connection, seconds: float) -> dt.datetime:

@@ -1,0 +1,145 @@
+"""Tasks counted per queue and status, fast on a table of millions of rows.
+
+`dbqueue status`, the dashboard's overview and `/metrics` read these. A `GROUP BY queue,
+status` over the whole table reads every row: 1.2 s with 1,000,000 finished and 1,000,000
+queued rows on PostgreSQL, more on a busy server, and longer every day the history grows. So:
+
+* queued and running rows are counted exactly, through the partial indexes that hold only
+  them (`ix_tasks_queue_claimable`, `ix_tasks_running`): the cost follows what waits, not
+  the history;
+* finished rows (succeeded, failed, cancelled) are counted exactly while there are at most
+  `EXACT_FINISHED_UP_TO` of them; past that they are estimated from a sample of the table's
+  id range (`SAMPLE_WINDOWS` windows of `SAMPLE_WIDTH` ids, each read through the primary
+  key), and marked as estimates for the caller to say so. Ids only grow, so a window stands
+  for its share of the id space whatever pruning removed: the estimate is unbiased, its
+  error largest for a queue whose tasks came in a few bursts. The same SQL on every engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import random
+from typing import Any
+
+import sqlalchemy as sa
+
+from dbqueue.schema import FINISHED, Status, UTCDateTime, db_now, status_is, tasks
+
+EXACT_FINISHED_UP_TO = 100_000
+SAMPLE_WINDOWS = 50
+SAMPLE_WIDTH = 1_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Count:
+    """Tasks of one queue in one status; `estimated`: from a sample, not counted."""
+
+    queue: str
+    status: str
+    count: int
+    estimated: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Queued:
+    """Queued tasks of one queue: ready now, scheduled later, the oldest ready run_at."""
+
+    queue: str
+    ready: int
+    scheduled: int
+    oldest_ready: dt.datetime | None
+
+
+def count_if(condition: Any) -> Any:
+    """SUM(CASE WHEN condition THEN 1 ELSE 0 END), 0 over no rows: a portable COUNT FILTER."""
+    return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+
+def queued(conn: sa.Connection, now: dt.datetime | None = None) -> list[Queued]:
+    """Queued tasks per queue (exact), read from `ix_tasks_queue_claimable` alone: queue and
+    run_at are in it, so PostgreSQL answers with an index-only scan. `now`: the database
+    clock to split ready from scheduled (read here when not given)."""
+    current: Any = db_now() if now is None else sa.literal(now, UTCDateTime())
+    ready = tasks.c.run_at <= current
+    stmt = (
+        sa.select(
+            tasks.c.queue,
+            count_if(ready).label("ready"),
+            sa.func.count().label("total"),
+            sa.type_coerce(
+                sa.func.min(sa.case((ready, tasks.c.run_at), else_=None)), UTCDateTime()
+            ).label("oldest_ready"),
+        )
+        .where(status_is(Status.QUEUED))
+        .group_by(tasks.c.queue)
+        .order_by(tasks.c.queue)
+    )
+    return [
+        Queued(row.queue, int(row.ready), int(row.total) - int(row.ready), row.oldest_ready)
+        for row in conn.execute(stmt)
+    ]
+
+
+def waiting_queues(conn: sa.Connection) -> list[str]:
+    """The queues that have queued tasks: one index lookup per queue (a recursive CTE that
+    skips from one queue name to the next in `ix_tasks_queue_claimable`), not one per row."""
+
+    def first_after(previous: Any) -> Any:
+        stmt = sa.select(tasks.c.queue).where(status_is(Status.QUEUED))
+        if previous is not None:
+            stmt = stmt.where(tasks.c.queue > previous)
+        stmt = stmt.with_hint(tasks, "INDEXED BY ix_tasks_queue_claimable", "sqlite")
+        return stmt.order_by(tasks.c.queue).limit(1).scalar_subquery()
+
+    names = sa.select(first_after(None).label("queue")).cte("names", recursive=True)
+    names = names.union_all(sa.select(first_after(names.c.queue)).where(names.c.queue.is_not(None)))
+    return [r[0] for r in conn.execute(sa.select(names.c.queue).where(names.c.queue.is_not(None)))]
+
+
+def running(conn: sa.Connection) -> dict[str, int]:
+    """Running tasks per queue (exact; as many as the workers hold)."""
+    stmt = (
+        sa.select(tasks.c.queue, sa.func.count())
+        .where(status_is(Status.RUNNING))
+        .group_by(tasks.c.queue)
+    )
+    return {row[0]: int(row[1]) for row in conn.execute(stmt)}
+
+
+def finished(conn: sa.Connection) -> list[Count]:
+    """Finished tasks per queue and status: counted while there are at most
+    `EXACT_FINISHED_UP_TO`, else estimated from a sample of the id range (module doc)."""
+    is_finished = status_is(*FINISHED)
+    capped = sa.select(sa.literal(1)).where(is_finished).limit(EXACT_FINISHED_UP_TO + 1)
+    many = conn.execute(sa.select(sa.func.count()).select_from(capped.subquery())).scalar_one()
+    lowest, highest = conn.execute(
+        sa.select(sa.func.min(tasks.c.id), sa.func.max(tasks.c.id))
+    ).one()
+    stmt = sa.select(tasks.c.queue, tasks.c.status, sa.func.count()).where(is_finished)
+    stmt = stmt.group_by(tasks.c.queue, tasks.c.status).order_by(tasks.c.queue, tasks.c.status)
+    span = 0 if lowest is None else int(highest) - int(lowest) + 1
+    if many <= EXACT_FINISHED_UP_TO or span <= SAMPLE_WINDOWS * SAMPLE_WIDTH:
+        return [Count(row[0], row[1], int(row[2])) for row in conn.execute(stmt)]
+    step = span / SAMPLE_WINDOWS
+    start = int(lowest) + random.randrange(max(1, int(step) - SAMPLE_WIDTH + 1))
+    windows = [
+        tasks.c.id.between(start + int(i * step), start + int(i * step) + SAMPLE_WIDTH - 1)
+        for i in range(SAMPLE_WINDOWS)
+    ]
+    scale = span / (SAMPLE_WINDOWS * SAMPLE_WIDTH)
+    return [
+        Count(row[0], row[1], max(1, round(int(row[2]) * scale)), estimated=True)
+        for row in conn.execute(stmt.where(sa.or_(*windows)))
+    ]
+
+
+def counts(conn: sa.Connection, waiting: list[Queued] | None = None) -> list[Count]:
+    """Tasks per queue and status, ordered by queue then status: queued and running exact,
+    finished exact or estimated (see `finished`). `waiting`: `queued(conn)`, when the caller
+    has read it already."""
+    waiting = queued(conn) if waiting is None else waiting
+    out = [Count(q.queue, Status.QUEUED.value, q.ready + q.scheduled) for q in waiting]
+    out += [Count(q, Status.RUNNING.value, n) for q, n in running(conn).items()]
+    out += finished(conn)
+    return sorted(out, key=lambda c: (c.queue, c.status))

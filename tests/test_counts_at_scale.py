@@ -1,0 +1,212 @@
+"""What reads by queue besides the claim (issue 16, point 4): the idle worker's next run_at,
+the queue counts of `dbqueue status`, the dashboard and /metrics.
+
+Behaviour only (speed is scripts/bench's): the next run_at read by skipping from priority to
+priority is the true earliest across priorities and queues; finished counts past the exact
+limit are estimates, marked as such, close to the truth, while queued and running stay exact;
+the dashboard and `dbqueue status` say when they show an estimate; a task list past its
+counting limit says "more than"; /metrics' first scrape of a long history starts its totals
+at 0 instead of adding the history up. The limits are lowered here so that a few thousand
+rows stand for millions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+from starlette.testclient import TestClient
+
+import dbqueue
+from dbqueue import stats, store
+from dbqueue.web import create_app, metrics, queries
+from tests import jobs
+from tests.test_web import row_cells, scrape, set_row
+
+FILL_PG = """
+INSERT INTO tasks (queue, priority, run_at, status, handler, payload, attempts, max_attempts,
+                   created_at, started_at, finished_at)
+SELECT CASE WHEN g % 4 = 0 THEN 'mail' ELSE 'default' END, 0, now() - interval '1 hour',
+       CASE WHEN g % 10 = 0 THEN 'failed' ELSE 'succeeded' END, 'tests.jobs:noop',
+       '\\x00'::bytea, 1, 25, now(), now() - interval '2 hour', now() - interval '1 hour'
+FROM generate_series(1, :n) AS g
+"""
+
+FILL_SQLITE = """
+WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < :n)
+INSERT INTO tasks (queue, priority, run_at, status, handler, payload, attempts, max_attempts,
+                   created_at, started_at, finished_at)
+SELECT CASE WHEN g % 4 = 0 THEN 'mail' ELSE 'default' END, 0,
+       strftime('%Y-%m-%d %H:%M:%f', 'now', '-3600 seconds'),
+       CASE WHEN g % 10 = 0 THEN 'failed' ELSE 'succeeded' END, 'tests.jobs:noop', x'00', 1,
+       25, strftime('%Y-%m-%d %H:%M:%f', 'now'),
+       strftime('%Y-%m-%d %H:%M:%f', 'now', '-7200 seconds'),
+       strftime('%Y-%m-%d %H:%M:%f', 'now', '-3600 seconds')
+FROM s
+"""
+
+HISTORY = 20_000  # finished rows: mail 5,000 (1,000 failed), default 15,000 (1,000 failed)
+
+
+def fill_history(db, n: int = HISTORY) -> None:
+    with db.engine.begin() as conn:
+        conn.execute(sa.text(FILL_PG if db.kind == "postgresql" else FILL_SQLITE), {"n": n})
+
+
+@pytest.fixture
+def small_limits(monkeypatch):
+    """A history of 20,000 rows counts as a long one: estimated from 50 windows of 100 ids."""
+    monkeypatch.setattr(stats, "EXACT_FINISHED_UP_TO", 1_000)
+    monkeypatch.setattr(stats, "SAMPLE_WIDTH", 100)
+
+
+def next_in(db, queues) -> float | None:
+    with db.engine.connect() as conn:
+        return store.seconds_until_next(conn, queues)
+
+
+def test_next_run_at_is_the_earliest_across_priorities_and_queues(db):
+    """The claim indexes are ordered by priority first: the earliest run_at may sit at any
+    priority, and the skip from one priority to the next must visit them all."""
+    assert next_in(db, None) is None and next_in(db, ["mail"]) is None
+    for priority, minutes in [(0, 50), (3, 40), (7, 20), (9, 30)]:
+        dbqueue.enqueue(
+            jobs.noop, queue="mail", priority=priority, run_at=dt.timedelta(minutes=minutes)
+        )
+    for priority, minutes in [(-5, 45), (2, 10)]:
+        dbqueue.enqueue(
+            jobs.noop, queue="sms", priority=priority, run_at=dt.timedelta(minutes=minutes)
+        )
+    dbqueue.enqueue(jobs.noop, queue="bulk", priority=1, run_at=dt.timedelta(minutes=5))
+    mail = next_in(db, ["mail"])
+    assert mail is not None and 19 * 60 < mail <= 20 * 60
+    both = next_in(db, ["mail", "sms", "push"])
+    assert both is not None and 9 * 60 < both <= 10 * 60
+    every = next_in(db, None)
+    assert every is not None and 4 * 60 < every <= 5 * 60
+    assert next_in(db, ["push"]) is None
+    ready = dbqueue.enqueue(jobs.noop, queue="mail", priority=100)
+    assert next_in(db, ["mail"]) == 0.0
+    with db.engine.begin() as conn:  # running and finished rows do not count
+        store.claim(conn, "w", 1, ["mail"])
+    assert Status_of(db, ready.id) == "running"
+    assert next_in(db, ["mail"]) == pytest.approx(mail, abs=5)
+
+
+def Status_of(db, task_id: int) -> str:
+    return str(db.scalar("SELECT status FROM tasks WHERE id = :id", id=task_id))
+
+
+def test_counts_are_exact_below_the_limit(db):
+    fill_history(db, 400)
+    dbqueue.enqueue_many(jobs.noop, [()] * 3, queue="mail")
+    with db.engine.connect() as conn:
+        got = {(c.queue, c.status): (c.count, c.estimated) for c in stats.counts(conn)}
+    assert got == {
+        ("default", "failed"): (20, False),
+        ("default", "succeeded"): (280, False),
+        ("mail", "failed"): (20, False),
+        ("mail", "queued"): (3, False),
+        ("mail", "succeeded"): (80, False),
+    }
+
+
+def test_finished_counts_past_the_limit_are_estimates_and_the_rest_stays_exact(db, small_limits):
+    fill_history(db)
+    dbqueue.enqueue_many(jobs.noop, [()] * 7, queue="mail")
+    running = dbqueue.enqueue(jobs.noop, queue="sms")
+    set_row(db, running.id, status="running", locked_by="w1")
+    with db.engine.connect() as conn:
+        got = {(c.queue, c.status): c for c in stats.counts(conn)}
+    assert (got["mail", "queued"].count, got["mail", "queued"].estimated) == (7, False)
+    assert (got["sms", "running"].count, got["sms", "running"].estimated) == (1, False)
+    truth = {
+        ("mail", "succeeded"): 4_000,
+        ("mail", "failed"): 1_000,
+        ("default", "succeeded"): 14_000,
+        ("default", "failed"): 1_000,
+    }
+    for key, exact in truth.items():
+        assert got[key].estimated, key
+        assert abs(got[key].count - exact) <= 0.15 * exact, (key, got[key].count, exact)
+
+
+def test_overview_and_status_say_when_they_show_an_estimate(db, small_limits, monkeypatch):
+    fill_history(db)
+    dbqueue.enqueue(jobs.noop, queue="mail")
+    with TestClient(create_app(db.settings)) as client:
+        page = client.get("/").text
+    cells = row_cells(page, "mail")
+    assert cells[1] == "1" and cells[4].startswith("≈") and cells[5].startswith("≈"), cells
+    assert "≈ marks an estimate" in page
+    with db.engine.connect() as conn:
+        (mail,) = [q for q in queries.overview(conn) if q.queue == "mail"]
+    assert mail.estimated and mail.ready == 1
+
+
+def test_status_command_marks_estimates(db):
+    """`dbqueue status` in a real process, with its real limit (100,000): exact below it."""
+    fill_history(db, 300)
+    done = db.cli("status")
+    assert done.returncode == 0, done.stderr
+    assert "~" not in done.stdout and "estimated" not in done.stdout
+    assert row_of(done.stdout, "mail") == ["mail", "0", "0", "60", "15", "0"]
+
+
+def row_of(output: str, queue: str) -> list[str]:
+    for line in output.splitlines():
+        if line.split()[:1] == [queue]:
+            return line.split()
+    raise AssertionError(f"no line for {queue!r} in {output!r}")
+
+
+def test_task_list_past_its_counting_limit_says_more_than(db, monkeypatch):
+    monkeypatch.setattr(queries, "COUNT_UP_TO", 60)
+    dbqueue.enqueue_many(jobs.noop, [()] * 130)
+    with TestClient(create_app(db.settings)) as client:
+        many = client.get("/tasks").text
+        few = client.get("/tasks?queue=nowhere").text
+    assert "more than 60 tasks (not counted further)" in many
+    assert 'rel="next"' in many
+    assert "page 1 of 1 · 0 tasks" in few
+    with db.engine.connect() as conn:
+        rows, total, _ = queries.list_tasks(conn, None, None, 50, 100)
+    assert len(rows) == 30 and total == 130  # a page past the limit counts up to itself
+
+
+def test_metrics_first_scrape_of_a_long_history_starts_totals_at_zero(db, monkeypatch):
+    fill_history(db, 300)
+    monkeypatch.setattr(metrics, "HISTORY_UP_TO", 100)
+    with TestClient(create_app(db.settings)) as client:
+        first = scrape(client)
+    mail = (("queue", "mail"),)
+    assert first.get(("dbqueue_tasks_processed_total", mail), 0) == 0
+    assert first[("dbqueue_tasks", (("queue", "mail"), ("status", "succeeded")))] == 60
+    monkeypatch.setattr(metrics, "HISTORY_UP_TO", 1_000)
+    with TestClient(create_app(db.settings)) as client:
+        again = scrape(client)
+    assert again[("dbqueue_tasks_processed_total", mail)] == 75  # a short history is added up
+
+
+def test_task_lists_follow_their_index_order_and_name_every_queue(db):
+    """Queued tasks are listed in the order they will run, finished ones latest finished
+    first; the filter form names queues with queued, running and only finished tasks."""
+    later = dbqueue.enqueue(jobs.noop, queue="mail", priority=5)
+    first = dbqueue.enqueue(jobs.noop, queue="sms", priority=-1)
+    second = dbqueue.enqueue(jobs.noop, queue="mail", priority=0)
+    running = dbqueue.enqueue(jobs.noop, queue="push")
+    set_row(db, running.id, status="running", locked_by="w1")
+    old = dbqueue.enqueue(jobs.noop, queue="archive")
+    new = dbqueue.enqueue(jobs.noop, queue="archive")
+    set_row(db, old.id, status="succeeded", finished_at_ago=10)
+    set_row(db, new.id, status="succeeded", finished_at_ago=20)
+    with db.engine.connect() as conn:
+        queued, total, _ = queries.list_tasks(conn, "queued", None, 50, 0)
+        done, _, _ = queries.list_tasks(conn, "succeeded", None, 50, 0)
+        names = queries.queue_names(conn)
+        waiting = stats.waiting_queues(conn)
+    assert [r.id for r in queued] == [first.id, second.id, later.id] and total == 3
+    assert [r.id for r in done] == [old.id, new.id]  # old finished later
+    assert names == ["archive", "mail", "push", "sms"]
+    assert waiting == ["mail", "sms"]
