@@ -171,7 +171,7 @@ def test_task_list_past_its_counting_limit_says_more_than(db, monkeypatch):
     assert 'rel="next"' in many
     assert "page 1 of 1 · 0 tasks" in few
     with db.engine.connect() as conn:
-        rows, total, _ = queries.list_tasks(conn, None, None, 50, 100)
+        rows, total, _ = queries.list_tasks(conn, queries.TaskFilter(), 50, 100)
     assert len(rows) == 30 and total == 130  # a page past the limit counts up to itself
 
 
@@ -202,8 +202,8 @@ def test_task_lists_follow_their_index_order_and_name_every_queue(db):
     set_row(db, old.id, status="succeeded", finished_at_ago=10)
     set_row(db, new.id, status="succeeded", finished_at_ago=20)
     with db.engine.connect() as conn:
-        queued, total, _ = queries.list_tasks(conn, "queued", None, 50, 0)
-        done, _, _ = queries.list_tasks(conn, "succeeded", None, 50, 0)
+        queued, total, _ = queries.list_tasks(conn, queries.TaskFilter("queued"), 50, 0)
+        done, _, _ = queries.list_tasks(conn, queries.TaskFilter("succeeded"), 50, 0)
         names = queries.queue_names(conn)
         waiting = stats.waiting_queues(conn)
     assert [r.id for r in queued] == [first.id, second.id, later.id] and total == 3
