@@ -87,6 +87,7 @@ class PgBouncer:
             f"default_pool_size = {self.pool_size}\n"
             f"max_client_conn = {self.max_client_conn}\n"
             "server_login_retry = 1\n"
+            "query_wait_timeout = 30\n"  # a client waiting that long for a session fails
         )
         for path in (users, ini):
             path.chmod(0o644)

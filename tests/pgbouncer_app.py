@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -39,6 +40,13 @@ def record(label: str) -> None:
 
 def task(label: str) -> None:
     record(label)
+
+
+def nap_until(path: str) -> None:
+    """Says it started (committed), then runs until `path` exists, holding no transaction."""
+    record("nap")
+    while not os.path.exists(path):
+        time.sleep(0.05)
 
 
 @periodic(every=dt.timedelta(seconds=1))

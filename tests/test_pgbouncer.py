@@ -359,6 +359,33 @@ def test_workers_enqueue_bus_counters_and_periodic_through_pgbouncer(db, pgbounc
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
+def test_a_running_task_holds_no_server_session(db, pgbouncer):
+    """With one server session in the pool, an enqueue goes through while a worker runs a
+    task, which ends only after it: the worker keeps no transaction open around the task
+    (one that did would pin the pooler's only session, and the enqueue would wait for it
+    until PgBouncer's query_wait_timeout failed it)."""
+    bouncer = pgbouncer(pool_size=1)
+    name = database_name(db)
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE runs (label VARCHAR(100), pid INTEGER)"))
+    release = db.tmp_path / "release"
+    pooled = config.Settings(database_url=bouncer.url(name), pgbouncer="transaction")
+    dbqueue.enqueue(app.nap_until, args=(str(release),), settings=pooled)
+    work = start_work(pooled_env(db, bouncer.url(name)), db.tmp_path, "--sleep-delay", "0.2")
+    try:
+        db.wait_for("SELECT count(*) FROM runs WHERE label = 'nap'", 1)  # the task is running
+        dbqueue.enqueue(jobs.add, args=(1, 2), settings=pooled)
+        release.touch()  # the task ends only now
+        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'succeeded'", 2)
+    finally:
+        release.touch()
+        pooled.get_engine().dispose()
+        err = stop(work)
+    assert PREPARED not in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_a_direct_listen_url_wakes_workers_behind_pgbouncer(db, pgbouncer):
     """A worker sleeping 60 s between polls takes a task enqueued through the pooler at once
     when its listener is on DBQUEUE_LISTEN_URL; without it, the task waits for the poll."""
