@@ -292,8 +292,9 @@ def create_engine(url: str, *, pgbouncer: str | None = None, **kwargs: Any) -> s
 
 def _refuse_prepared_statements(engine: sa.Engine) -> None:
     """An application's Engine behind a transaction pooler must not let psycopg prepare
-    statements (dbqueue cannot change how the application made it): say so at the first
-    checkout instead of failing later, now and then, on another client's statement name."""
+    statements (dbqueue cannot change how the application made it): say so whenever dbqueue
+    takes such a connection instead of failing now and then on another client's statement
+    name."""
     if engine.dialect.driver != "psycopg":
         return
 
