@@ -998,7 +998,8 @@ def rescue(conn: sa.Connection, dead_workers: Sequence[str], reason: str) -> lis
             error=sa.literal(reason),
             locked_by=None,
             locked_at=None,
-            run_at=db_now(),
+            # run_at stays: the task keeps its place in the queue (priority, run_at, id)
+            # instead of waiting behind everything enqueued while it ran
             finished_at=sa.case((ends, db_now()), else_=None),
         )
         .returning(tasks.c.id)

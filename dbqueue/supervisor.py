@@ -30,6 +30,7 @@ log = logging.getLogger("dbqueue.supervisor")
 EXIT_ZOMBIE = 3
 EXIT_RECYCLE = 4
 EXIT_ORPHANED = 5
+CRASH_WINDOW = 60.0  # seconds over which crashes count towards the restart backoff
 
 
 @dataclasses.dataclass
@@ -222,6 +223,7 @@ class Supervisor:
         self.spec = spec
         self.reload_dirs = list(reload_dirs) if reload_dirs else None
         self._reload_requested = False
+        self._reload_pending = False  # children were sent SIGTERM for a reload
         self.concurrency = max(1, concurrency)
         self.grace = grace
         self.on_progress = on_progress
@@ -234,6 +236,8 @@ class Supervisor:
         self.stopping = False
         self.forced = False
         self.crashes = 0
+        self._crash_times: list[float] = []  # monotonic times of recent crashes (backoff)
+        self._restarts: list[float] = []  # monotonic times at which to start a child again
         self.settings = config.Settings(database_url=spec.database_url)
 
     def _start_child(self) -> None:
@@ -279,10 +283,12 @@ class Supervisor:
             reloader.start()
         for _ in range(self.concurrency):
             self._start_child()
-        while self.children:
+        while self.children or (self._restarts and not self.stopping):
             self._drain_progress(timeout=0.2)
+            self._start_due()
             if self._reload_requested and not self.stopping:
                 self._reload_requested = False
+                self._reload_pending = True
                 for process in self.children.values():  # graceful: they are started again
                     if process.pid and process.is_alive():
                         os.kill(process.pid, signal.SIGTERM)
@@ -309,7 +315,31 @@ class Supervisor:
     def _request_reload(self, paths: list[str]) -> None:
         self._reload_requested = True  # read by run()'s loop, which owns the children
 
+    def _start_due(self) -> None:
+        """Start the children whose crash backoff has passed (never sleeping in the loop:
+        the other children's deaths and progress are still watched meanwhile)."""
+        now = time.monotonic()
+        due = [t for t in self._restarts if t <= now]
+        if not due or self.stopping:
+            return
+        self._restarts = [t for t in self._restarts if t > now]
+        for _ in due:
+            self._start_child()
+
+    def _backoff(self) -> float:
+        """Seconds before restarting a crashed child: doubling with the crashes of the last
+        minute (0.2 s, 0.4 s ... 5 s), so a poison task cannot make a restart loop spin, and
+        back to short once the crashes stop."""
+        now = time.monotonic()
+        self._crash_times = [t for t in self._crash_times if now - t < CRASH_WINDOW]
+        self._crash_times.append(now)
+        return min(5.0, 0.1 * 2.0 ** min(len(self._crash_times), 6))
+
     def _reap(self, name: str, exitcode: int | None) -> None:
+        if exitcode == -signal.SIGTERM and (self.stopping or self._reload_pending):
+            # stopped while it was still starting (before its SIGTERM handler): not a crash
+            log.info("worker %s stopped before it started", name, extra={"worker": name})
+            exitcode = 0
         crashed = exitcode not in (0, EXIT_RECYCLE)
         if crashed:
             rescued = self._rescue(name, exit_reason(exitcode))
@@ -326,7 +356,8 @@ class Supervisor:
         if self.spec.burst and exitcode == 0:
             return
         if crashed:
-            time.sleep(min(5.0, 0.1 * 2 ** min(self.crashes, 6)))
+            self._restarts.append(time.monotonic() + self._backoff())
+            return
         self._start_child()
 
     def _close_pipe(self, reader: Any) -> None:

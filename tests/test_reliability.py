@@ -340,3 +340,19 @@ def test_a_worker_presumed_dead_claims_nothing_and_does_not_rescue_itself(db):
     assert task.locked_by is None and db.scalar("SELECT count(*) FROM workers") == 0
     assert f"dead worker(s) {name}" not in err
     assert "presumed dead" in err  # the zombie noticed and was replaced
+
+
+def test_a_rescued_task_keeps_its_place_in_the_queue(db):
+    """Rescue used to set run_at = now: under a backlog the rescued task waited behind every
+    task enqueued while it ran (seen by scripts/chaos: 12 s)."""
+    from dbqueue import store
+
+    first = dbqueue.enqueue(jobs.noop)
+    with db.engine.begin() as conn:
+        store.register_worker(conn, "ghost:1:aa", "ghost", 1, None, "elsewhere")
+        (claimed,) = store.claim(conn, "ghost:1:aa", 1)
+    later = [dbqueue.enqueue(jobs.noop).id for _ in range(3)]
+    with db.engine.begin() as conn:
+        assert store.rescue(conn, ["ghost:1:aa"], "worker died (test)") == [first.id]
+        (next_up,) = store.claim(conn, "w", 1)
+    assert claimed.id == first.id and next_up.id == first.id, later

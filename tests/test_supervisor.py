@@ -56,3 +56,15 @@ def test_max_memory_recycles_a_child_over_the_limit_between_tasks(db):
     assert "recycling" in err
     assert db.scalar("SELECT count(*) FROM tasks WHERE status <> 'succeeded'") == 0
     assert db.scalar("SELECT max(attempts) FROM tasks") == 1
+
+
+def test_crash_backoff_grows_with_recent_crashes_and_forgets_old_ones():
+    """A crash loop backs off to 5 s; once crashes stop for a minute, a crash restarts fast
+    again (the count used to grow for the supervisor's whole life)."""
+    from dbqueue import supervisor
+
+    boss = supervisor.Supervisor(supervisor.ChildSpec(database_url="sqlite://"))
+    delays = [boss._backoff() for _ in range(8)]
+    assert delays == sorted(delays) and delays[0] == pytest.approx(0.2) and delays[-1] == 5.0
+    boss._crash_times = [t - supervisor.CRASH_WINDOW - 1 for t in boss._crash_times]
+    assert boss._backoff() == pytest.approx(0.2)
