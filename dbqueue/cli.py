@@ -441,7 +441,7 @@ def status(obj: Context) -> None:
     if any(row.estimated for row in rows):
         click.echo(
             f"~ estimated from a sample: more than {stats.EXACT_FINISHED_UP_TO:,} finished "
-            "tasks (queued and running are exact; `dbqueue prune` keeps the history short)"
+            f"tasks, or {stats.EXACT_QUEUED_UP_TO:,} queued in a queue (docs/queues.md)"
         )
     if paused:
         click.echo(f"\npaused: {', '.join(sorted(paused))}  (dbqueue resume QUEUE)")

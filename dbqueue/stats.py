@@ -4,9 +4,10 @@
 status` over the whole table reads every row: 1.2 s with 1,000,000 finished and 1,000,000
 queued rows on PostgreSQL, more on a busy server, and longer every day the history grows. So:
 
-* queued and running rows are counted exactly, through the partial indexes that hold only
-  them (`ix_tasks_queue_claimable`, `ix_tasks_running`): the cost follows what waits, not
-  the history;
+* running rows are counted exactly (`ix_tasks_running`), and so are queued rows up to
+  `EXACT_QUEUED_UP_TO` in a queue (`ix_tasks_queue_claimable`, read no further): the cost
+  follows what waits, never the history. A larger backlog is estimated like the history
+  below; the oldest ready task's run_at is exact whatever the size;
 * finished rows (succeeded, failed, cancelled) are counted exactly while there are at most
   `EXACT_FINISHED_UP_TO` of them; past that they are estimated from a sample of the table's
   id range (`SAMPLE_WINDOWS` windows of `SAMPLE_WIDTH` ids, each read through the primary
@@ -24,8 +25,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from dbqueue import store
 from dbqueue.schema import FINISHED, Status, UTCDateTime, db_now, status_is, tasks
 
+EXACT_QUEUED_UP_TO = 100_000  # per queue
 EXACT_FINISHED_UP_TO = 100_000
 SAMPLE_WINDOWS = 50
 SAMPLE_WIDTH = 1_000
@@ -49,6 +52,7 @@ class Queued:
     ready: int
     scheduled: int
     oldest_ready: dt.datetime | None
+    estimated: bool = False
 
 
 def count_if(condition: Any) -> Any:
@@ -57,28 +61,82 @@ def count_if(condition: Any) -> Any:
 
 
 def queued(conn: sa.Connection, now: dt.datetime | None = None) -> list[Queued]:
-    """Queued tasks per queue (exact), read from `ix_tasks_queue_claimable` alone: queue and
-    run_at are in it, so PostgreSQL answers with an index-only scan. `now`: the database
-    clock to split ready from scheduled (read here when not given)."""
-    current: Any = db_now() if now is None else sa.literal(now, UTCDateTime())
-    ready = tasks.c.run_at <= current
-    stmt = (
-        sa.select(
-            tasks.c.queue,
-            count_if(ready).label("ready"),
-            sa.func.count().label("total"),
-            sa.type_coerce(
-                sa.func.min(sa.case((ready, tasks.c.run_at), else_=None)), UTCDateTime()
-            ).label("oldest_ready"),
+    """Queued tasks per queue: exact up to `EXACT_QUEUED_UP_TO` in a queue, read from
+    `ix_tasks_queue_claimable` alone (PostgreSQL: index-only); a larger backlog is estimated
+    from the id sample (`estimated` set) instead of counted (0.35 s per million rows on an
+    idle machine, over a second on a busy one). The oldest ready run_at is always exact: one
+    index lookup per priority (store.earliest_run_at). `now`: the database clock that splits
+    ready from scheduled (read here when not given)."""
+    names = waiting_queues(conn)
+    if not names:
+        return []
+    if now is None:
+        now = conn.execute(sa.select(db_now())).scalar_one()
+    current = sa.literal(now, UTCDateTime())
+
+    def capped(queue: str, *where: Any) -> Any:
+        rows = (
+            sa.select(tasks.c.id)
+            .where(status_is(Status.QUEUED), tasks.c.queue == sa.literal(queue), *where)
+            .with_hint(tasks, "INDEXED BY ix_tasks_queue_claimable", "sqlite")
+            .limit(EXACT_QUEUED_UP_TO + 1)
+            .subquery()
         )
-        .where(status_is(Status.QUEUED))
-        .group_by(tasks.c.queue)
-        .order_by(tasks.c.queue)
-    )
-    return [
-        Queued(row.queue, int(row.ready), int(row.total) - int(row.ready), row.oldest_ready)
-        for row in conn.execute(stmt)
+        return sa.select(sa.func.count()).select_from(rows).scalar_subquery()
+
+    per_queue = [
+        sa.select(
+            sa.literal(queue).label("queue"),
+            capped(queue).label("total"),
+            capped(queue, tasks.c.run_at <= current).label("ready"),
+            store.earliest_run_at(queue, i).label("earliest"),
+        )
+        for i, queue in enumerate(names)
     ]
+    rows = conn.execute(per_queue[0] if len(per_queue) == 1 else sa.union_all(*per_queue)).all()
+    large = [row.queue for row in rows if row.total > EXACT_QUEUED_UP_TO]
+    sampled = _sampled(conn, status_is(Status.QUEUED), tasks.c.run_at <= current) if large else {}
+    out = []
+    for row in sorted(rows, key=lambda r: r.queue):
+        earliest = row.earliest
+        if isinstance(earliest, str):  # SQLite, inside a UNION
+            earliest = UTCDateTime().process_result_value(earliest, conn.dialect)
+        oldest_ready = earliest if earliest is not None and earliest <= now else None
+        if row.queue in large:
+            ready = sampled.get((row.queue, True), 0)
+            scheduled = sampled.get((row.queue, False), 0)
+            out.append(Queued(row.queue, ready, scheduled, oldest_ready, estimated=True))
+        else:
+            ready = int(row.ready)
+            out.append(Queued(row.queue, ready, int(row.total) - ready, oldest_ready))
+    return out
+
+
+def _sampled(conn: sa.Connection, where: Any, by: Any) -> dict[tuple[str, Any], int]:
+    """Rows matching `where`, per (queue, `by`), estimated from SAMPLE_WINDOWS windows of
+    SAMPLE_WIDTH consecutive ids spread over the id range (module doc); exact when the
+    range is no wider than the sample."""
+    lowest, highest = conn.execute(
+        sa.select(sa.func.min(tasks.c.id), sa.func.max(tasks.c.id))
+    ).one()
+    if lowest is None:
+        return {}
+    stmt = sa.select(tasks.c.queue, by.label("by"), sa.func.count()).where(where)
+    stmt = stmt.group_by(tasks.c.queue, by)
+    span = int(highest) - int(lowest) + 1
+    if span <= SAMPLE_WINDOWS * SAMPLE_WIDTH:
+        return {(row[0], row[1]): int(row[2]) for row in conn.execute(stmt)}
+    step = span / SAMPLE_WINDOWS
+    start = int(lowest) + random.randrange(max(1, int(step) - SAMPLE_WIDTH + 1))
+    windows = [
+        tasks.c.id.between(start + int(i * step), start + int(i * step) + SAMPLE_WIDTH - 1)
+        for i in range(SAMPLE_WINDOWS)
+    ]
+    scale = span / (SAMPLE_WINDOWS * SAMPLE_WIDTH)
+    return {
+        (row[0], row[1]): max(1, round(int(row[2]) * scale))
+        for row in conn.execute(stmt.where(sa.or_(*windows)))
+    }
 
 
 def waiting_queues(conn: sa.Connection) -> list[str]:
@@ -113,25 +171,12 @@ def finished(conn: sa.Connection) -> list[Count]:
     is_finished = status_is(*FINISHED)
     capped = sa.select(sa.literal(1)).where(is_finished).limit(EXACT_FINISHED_UP_TO + 1)
     many = conn.execute(sa.select(sa.func.count()).select_from(capped.subquery())).scalar_one()
-    lowest, highest = conn.execute(
-        sa.select(sa.func.min(tasks.c.id), sa.func.max(tasks.c.id))
-    ).one()
-    stmt = sa.select(tasks.c.queue, tasks.c.status, sa.func.count()).where(is_finished)
-    stmt = stmt.group_by(tasks.c.queue, tasks.c.status).order_by(tasks.c.queue, tasks.c.status)
-    span = 0 if lowest is None else int(highest) - int(lowest) + 1
-    if many <= EXACT_FINISHED_UP_TO or span <= SAMPLE_WINDOWS * SAMPLE_WIDTH:
+    if many <= EXACT_FINISHED_UP_TO:
+        stmt = sa.select(tasks.c.queue, tasks.c.status, sa.func.count()).where(is_finished)
+        stmt = stmt.group_by(tasks.c.queue, tasks.c.status)
         return [Count(row[0], row[1], int(row[2])) for row in conn.execute(stmt)]
-    step = span / SAMPLE_WINDOWS
-    start = int(lowest) + random.randrange(max(1, int(step) - SAMPLE_WIDTH + 1))
-    windows = [
-        tasks.c.id.between(start + int(i * step), start + int(i * step) + SAMPLE_WIDTH - 1)
-        for i in range(SAMPLE_WINDOWS)
-    ]
-    scale = span / (SAMPLE_WINDOWS * SAMPLE_WIDTH)
-    return [
-        Count(row[0], row[1], max(1, round(int(row[2]) * scale)), estimated=True)
-        for row in conn.execute(stmt.where(sa.or_(*windows)))
-    ]
+    sampled = _sampled(conn, is_finished, tasks.c.status)
+    return [Count(queue, status, n, estimated=True) for (queue, status), n in sampled.items()]
 
 
 def counts(conn: sa.Connection, waiting: list[Queued] | None = None) -> list[Count]:
@@ -139,7 +184,7 @@ def counts(conn: sa.Connection, waiting: list[Queued] | None = None) -> list[Cou
     finished exact or estimated (see `finished`). `waiting`: `queued(conn)`, when the caller
     has read it already."""
     waiting = queued(conn) if waiting is None else waiting
-    out = [Count(q.queue, Status.QUEUED.value, q.ready + q.scheduled) for q in waiting]
+    out = [Count(q.queue, Status.QUEUED.value, q.ready + q.scheduled, q.estimated) for q in waiting]
     out += [Count(q, Status.RUNNING.value, n) for q, n in running(conn).items()]
     out += finished(conn)
     return sorted(out, key=lambda c: (c.queue, c.status))

@@ -1131,7 +1131,7 @@ def seconds_until_next(conn: sa.Connection, queues: Sequence[str] | None = None)
     run_at of each priority present: one index lookup per distinct priority (a recursive
     CTE that skips from one priority to the next), however many rows each holds.
     """
-    earliest_of = [_earliest_run_at(q, i) for i, q in enumerate(queues or [None])]
+    earliest_of = [earliest_run_at(q, i) for i, q in enumerate(queues or [None])]
     earliest_sql = (
         earliest_of[0]
         if len(earliest_of) == 1
@@ -1147,7 +1147,7 @@ def seconds_until_next(conn: sa.Connection, queues: Sequence[str] | None = None)
     return max(0.0, float((earliest - now).total_seconds()))
 
 
-def _earliest_run_at(queue: str | None, n: int) -> Any:
+def earliest_run_at(queue: str | None, n: int) -> Any:
     """A scalar subquery: the earliest run_at of `queue`'s queued rows (None: every queue),
     by a loose index scan over the claim index's priorities (seconds_until_next)."""
     index = "ix_tasks_claimable" if queue is None else "ix_tasks_queue_claimable"

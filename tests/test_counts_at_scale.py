@@ -210,3 +210,30 @@ def test_task_lists_follow_their_index_order_and_name_every_queue(db):
     assert [r.id for r in done] == [old.id, new.id]  # old finished later
     assert names == ["archive", "mail", "push", "sms"]
     assert waiting == ["mail", "sms"]
+
+
+def test_a_large_backlog_is_estimated_and_a_small_queue_beside_it_stays_exact(
+    db, small_limits, monkeypatch
+):
+    from tests.test_queue_isolation import fill
+
+    monkeypatch.setattr(stats, "EXACT_QUEUED_UP_TO", 1_000)
+    fill(db, "bulk", 20_000)
+    fill(db, "mail", 30)
+    dbqueue.enqueue(jobs.noop, queue="mail", run_at=dt.timedelta(hours=1))
+    oldest = db.scalar("SELECT min(run_at) FROM tasks WHERE queue = 'bulk'")
+    with db.engine.connect() as conn:
+        waiting = {q.queue: q for q in stats.queued(conn)}
+        (bulk,) = [q for q in queries.overview(conn) if q.queue == "bulk"]
+    assert (waiting["mail"].ready, waiting["mail"].scheduled) == (30, 1)
+    assert not waiting["mail"].estimated
+    assert waiting["bulk"].estimated and abs(waiting["bulk"].ready - 20_000) <= 3_000
+    assert waiting["bulk"].scheduled == 0
+    assert waiting["bulk"].oldest_ready is not None
+    if isinstance(oldest, str):
+        oldest = dt.datetime.fromisoformat(oldest).replace(tzinfo=dt.timezone.utc)
+    assert abs((waiting["bulk"].oldest_ready - oldest).total_seconds()) < 0.01  # exact
+    assert bulk.queued_estimated and not bulk.estimated
+    with TestClient(create_app(db.settings)) as client:
+        page = client.get("/").text
+    assert row_cells(page, "bulk")[1].startswith("≈") and row_cells(page, "mail")[1] == "30"

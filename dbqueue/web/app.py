@@ -194,6 +194,7 @@ class Dashboard:
             now=workers[1],
             window_minutes=int(queries.THROUGHPUT_WINDOW // 60),
             exact_up_to=stats.EXACT_FINISHED_UP_TO,
+            queued_up_to=stats.EXACT_QUEUED_UP_TO,
         )
 
     async def tasks(self, request: Request) -> Response:

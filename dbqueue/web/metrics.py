@@ -12,8 +12,9 @@ the first scrape does not add them up (1,000,000 took 10 s): the totals start at
 what finishes from then on, which is all rate() needs.
 
 The `dbqueue_tasks` gauge of finished statuses is an estimate past
-`stats.EXACT_FINISHED_UP_TO` finished rows (its help text says so); queued and running are
-exact.
+`stats.EXACT_FINISHED_UP_TO` finished rows, and of a queue's queued tasks (and
+`dbqueue_tasks_scheduled`) past `stats.EXACT_QUEUED_UP_TO` (the help text says so); running
+counts and the oldest ready age are exact.
 
 Duration is `finished_at - started_at`. `started_at` is stamped at claim, and a worker claims
 a batch, so a task's duration includes the time it waited behind the earlier tasks of its
@@ -99,8 +100,9 @@ class QueueCollector(registry.Collector):
             conn.rollback()
         tasks = GaugeMetricFamily(
             "dbqueue_tasks",
-            "Tasks in the table per queue and status (finished statuses estimated from a "
-            f"sample past {stats.EXACT_FINISHED_UP_TO} finished rows)",
+            "Tasks in the table per queue and status (estimated from a sample past "
+            f"{stats.EXACT_FINISHED_UP_TO} finished rows, or {stats.EXACT_QUEUED_UP_TO} "
+            "queued in a queue)",
             labels=["queue", "status"],
         )
         seen: dict[str, dict[str, int]] = {}

@@ -25,7 +25,8 @@ FILTERS = (*schema.STATUSES, SCHEDULED)
 
 @dataclasses.dataclass
 class QueueSummary:
-    """One row of the overview; `estimated`: the finished counts are estimates (stats.py)."""
+    """One row of the overview; `estimated`, `queued_estimated`: the finished, the queued
+    counts are estimates (stats.py)."""
 
     queue: str
     ready: int
@@ -37,6 +38,7 @@ class QueueSummary:
     oldest_ready_age: float | None
     recent_finished: int
     estimated: bool = False
+    queued_estimated: bool = False
 
     @property
     def throughput_per_minute(self) -> float:
@@ -52,8 +54,9 @@ def now(conn: sa.Connection) -> dt.datetime:
 def overview(conn: sa.Connection) -> list[QueueSummary]:
     """Per queue: counts by state, the oldest ready task's age, tasks finished recently.
 
-    Queued and running counts are exact, finished ones estimated on a large history
-    (stats.py); the recent ones are read by finished_at through ix_tasks_finished.
+    Running counts are exact, queued ones past 100,000 in a queue and finished ones on a
+    large history estimated (stats.py); the recent ones are read by finished_at through
+    ix_tasks_finished.
     """
     current = now(conn)
     summaries: dict[str, QueueSummary] = {}
@@ -63,7 +66,7 @@ def overview(conn: sa.Connection) -> list[QueueSummary]:
 
     for q in stats.queued(conn, current):
         row = summary(q.queue)
-        row.ready, row.scheduled = q.ready, q.scheduled
+        row.ready, row.scheduled, row.queued_estimated = q.ready, q.scheduled, q.estimated
         if q.oldest_ready is not None:
             row.oldest_ready_age = max(0.0, (current - q.oldest_ready).total_seconds())
     for queue, n in stats.running(conn).items():
