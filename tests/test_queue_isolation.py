@@ -198,3 +198,43 @@ def _sqlite_steps(db, queues: list[str]) -> int:
             driver.set_progress_handler(None, 0)
             conn.rollback()
     return steps
+
+
+def test_concurrent_claims_over_several_queues_never_exceed_the_limit_nor_share_a_row(db):
+    """A claim over several queues reads (and on PostgreSQL locks) up to its limit per queue
+    and keeps its limit: claimers in threads never get more than the limit, never the same
+    row twice, and together take every row."""
+    import threading
+
+    for queue in ("mail", "sms", "push"):
+        fill(db, queue, 400)
+    fill(db, "bulk", 2_000, priority=-10)
+    analyze(db)
+    sizes: list[int] = []
+    claimed: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def claimer() -> None:
+        try:
+            while True:
+                rows = claim(db, ["mail", "sms", "push"], 10)
+                with lock:
+                    sizes.append(len(rows))
+                    claimed.extend(r.id for r in rows)
+                if not rows:
+                    return
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert max(sizes) <= 10
+    assert len(claimed) == len(set(claimed)) == 1_200
+    assert db.scalar("SELECT count(*) FROM tasks WHERE queue = 'bulk' AND status = 'queued'") == (
+        2_000
+    )
