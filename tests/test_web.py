@@ -262,6 +262,110 @@ def test_bulk_cancel_of_a_search_cancels_queued_and_asks_running(db, client):
     assert "0 matching queued task(s) cancelled; 7 running" in shown and "<b>" not in shown
 
 
+def finished_rows(db, queue: str, status: str, *seconds_ago: float) -> None:
+    """Finished tasks inserted directly, finished_at `seconds_ago` before the database's now."""
+    with db.engine.begin() as conn:
+        for ago in seconds_ago:
+            conn.execute(
+                sa.insert(tasks).values(
+                    queue=queue,
+                    status=status,
+                    handler="tests.jobs:noop",
+                    payload=b"x",
+                    run_at=db_now(-ago - 1),
+                    created_at=db_now(-ago - 1),
+                    started_at=db_now(-ago - 0.5),
+                    finished_at=db_now(-ago),
+                )
+            )
+
+
+def chart_bars(html: str, queue: str) -> dict[str, tuple[int, int]]:
+    """The non-empty bars of one queue's chart: 'HH:MM' -> (succeeded, failed)."""
+    figure = re.search(rf"<figcaption><strong>{re.escape(queue)}</strong>.*?</figure>", html, re.S)
+    assert figure, f"no chart for {queue!r}"
+    bars = re.findall(r"<title>(\d\d:\d\d) UTC: (\d+) succeeded, (\d+) failed</title>", figure[0])
+    return {t: (int(ok), int(bad)) for t, ok, bad in bars if (ok, bad) != ("0", "0")}
+
+
+def expected_bars(db, queue: str, step: int, window: int) -> dict[str, tuple[int, int]]:
+    """What the chart must show: the stored finished_at of the rows of the last `window`
+    seconds (the rows are far from the window's edge), floored to `step`."""
+    with db.engine.connect() as conn:
+        since = queries.now(conn) - dt.timedelta(seconds=window)
+    counts: dict[str, list[int]] = {}
+    for status, finished in db.rows(
+        "SELECT status, finished_at FROM tasks WHERE queue = :q AND finished_at IS NOT NULL",
+        q=queue,
+    ):
+        if isinstance(finished, str):  # SQLite's text
+            finished = dt.datetime.fromisoformat(finished).replace(tzinfo=dt.timezone.utc)
+        if status == "cancelled" or finished < since:
+            continue
+        floor = int(finished.timestamp()) // step * step
+        key = dt.datetime.fromtimestamp(floor, dt.timezone.utc).strftime("%H:%M")
+        counts.setdefault(key, [0, 0])[status == "failed"] += 1
+    return {k: (v[0], v[1]) for k, v in counts.items()}
+
+
+def test_throughput_chart_counts_the_rows_by_finished_at(db, client):
+    finished_rows(db, "mail", "succeeded", 30, 31, 32, 300, 300.5, 1800, 3000)
+    finished_rows(db, "mail", "failed", 33, 1800.2)
+    finished_rows(db, "mail", "cancelled", 40)  # not a throughput figure
+    finished_rows(db, "mail", "succeeded", 2 * 3600, 2 * 3600 + 10)  # the day's chart only
+    finished_rows(db, "mail", "failed", 23 * 3600)
+    finished_rows(db, "mail", "succeeded", 25 * 3600)  # in neither chart
+    finished_rows(db, "<i>sms</i>", "failed", 120)
+    dbqueue.enqueue(jobs.noop, queue="idle")  # nothing finished: no chart
+
+    page = client.get("/").text
+    assert "Finished tasks per minute, last hour" in page
+    hour = chart_bars(page, "mail")
+    assert hour == expected_bars(db, "mail", 60, 3600)
+    assert sum(ok for ok, _ in hour.values()) == 7 and sum(bad for _, bad in hour.values()) == 2
+    assert page.count('<rect class="hover"') == 2 * 60  # a bar per minute: mail, sms
+    assert chart_bars(page, "&lt;i&gt;sms&lt;/i&gt;") and "<i>sms</i>" not in page
+    assert "<figcaption><strong>idle</strong>" not in page
+
+    day_page = client.get("/?chart=day").text
+    assert "Finished tasks per 15 minutes, last 24 hours" in day_page
+    day = chart_bars(day_page, "mail")
+    assert sum(ok for ok, _ in day.values()) == 9 and sum(bad for _, bad in day.values()) == 3
+    assert day == expected_bars(db, "mail", 900, 24 * 3600)
+    assert client.get("/?chart=week").status_code == 400
+
+    with db.engine.connect() as conn:
+        data = queries.throughput(conn, 60, 60)
+    assert sum(data.succeeded["mail"]) == 7 and sum(data.failed["mail"]) == 2
+    assert data.start + dt.timedelta(minutes=60) > data.now >= data.start + dt.timedelta(minutes=59)
+
+
+def test_auto_refresh_script_is_allowed_by_its_hash_and_switched_off_by_a_cookie(db, client):
+    import base64
+    import hashlib
+
+    dbqueue.enqueue(jobs.noop, queue="mail")
+    page = client.get("/")
+    script = re.search(r"<script>(.*?)</script>", page.text, re.S)
+    assert script and "window.location.reload()" in script[1]
+    digest = base64.b64encode(hashlib.sha256(script[1].encode()).digest()).decode()
+    policy = page.headers["content-security-policy"]
+    assert f"script-src 'sha256-{digest}';" in policy  # this script, and no other, may run
+    assert 'href="?refresh=off"' in page.text and "Auto-refresh on" in page.text
+
+    off = client.get("/tasks?queue=mail&refresh=off")
+    assert "<script>" not in off.text and 'href="?queue=mail&amp;refresh=on"' in off.text
+    assert "dbqueue_refresh=off" in off.headers["set-cookie"]
+    assert "<script>" not in client.get("/workers").text  # remembered
+    assert "<script>" in client.get("/?refresh=on").text
+    assert "<script>" in client.get("/workers").text
+    # Pages that are forms or messages never reload under the operator.
+    token = csrf_of(client)
+    confirm = client.post("/tasks/bulk/retry", data={"csrf_token": token})
+    assert "<script>" not in confirm.text and 'class="refresh-toggle"' not in confirm.text
+    assert "<script>" not in client.get("/tasks/999999").text
+
+
 def test_task_page_shows_arguments_result_and_traceback_escaped(db, client):
     task = failed_task("<script>alert(1)</script>")
     page = client.get(f"/tasks/{task.id}").text
@@ -750,6 +854,13 @@ def _demo_data(db) -> dbqueue.Task:
     dbqueue.enqueue_many(jobs.noop, [()] * 5, queue="reports")
     with db.engine.begin() as conn:
         conn.execute(sa.update(tasks).where(tasks.c.queue == "reports").values(run_at=db_now(-95)))
+    # An hour of history for the charts: a busy default queue, a quieter mail queue.
+    for minute in range(60):
+        spread = [minute * 60 + 20 + k * 3.1 for k in range(2 + (minute * 7) % 11)]
+        finished_rows(db, "default", "succeeded", *spread)
+        if minute % 6 == 2:
+            finished_rows(db, "default", "failed", minute * 60 + 41)
+        finished_rows(db, "mail", "succeeded", *spread[: 1 + minute % 4])
     return failed_task("card declined", queue="mail")
 
 
@@ -772,18 +883,38 @@ def test_browser_retries_a_failed_task(db):
         idle.communicate(timeout=30)
     assert db.scalar("SELECT status FROM tasks WHERE id = :i", i=failed.id) == "queued"
     assert db.scalar("SELECT attempts FROM tasks WHERE id = :i", i=failed.id) == 0
+    assert dbqueue.paused_queues(settings=db.settings) == {"mail"}
     assert screenshot.stat().st_size > 10_000
 
 
 def _retry_in_browser(pw, base: str, failed: dbqueue.Task, screenshot: Path) -> None:
-    """Overview -> the queue's failed count -> the task -> Retry, as an operator would."""
+    """Overview (charts, auto-refresh, Pause) -> the queue's failed count -> the task ->
+    Retry, as an operator would."""
     browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     try:
         page = browser.new_page(viewport={"width": 1200, "height": 640})
         page.goto(base + "/")
+        charts = page.locator("svg.chart")
+        assert charts.count() == 2 and charts.first.is_visible()  # default and mail
+        assert page.locator("svg.chart rect.ok").count() > 60
+        assert page.locator("svg.chart rect.failed").count() >= 10
+        assert charts.first.bounding_box()["width"] > 500
+        # The page reloads itself (the script runs under the CSP), until switched off.
+        with page.expect_navigation(timeout=20_000):
+            pass
+        page.get_by_role("link", name="Auto-refresh on · turn off").click()
+        page.wait_for_url("**/?refresh=off")
+        assert page.locator("script").count() == 0
         mail = page.locator("tr", has=page.locator("td", has_text="mail")).first
         assert mail.locator("td").nth(4).inner_text() == "1"  # failed
         assert "1 worker process registered" in page.content()
+        mail.get_by_role("button", name="Pause").click()
+        page.wait_for_url("**/?done=queue-paused")
+        assert page.get_by_role("status").inner_text().startswith("Queue paused")
+        mail = page.locator("tr", has=page.locator("td", has_text="mail")).first
+        assert mail.locator(".status-paused").inner_text() == "paused"
+        assert mail.get_by_role("button", name="Resume").is_visible()
+        assert page.locator("script").count() == 0  # the cookie remembered "off"
         page.screenshot(path=str(screenshot), full_page=True)
         mail.locator("td").nth(4).get_by_role("link").click()
         page.wait_for_url("**/tasks?queue=mail&status=failed")

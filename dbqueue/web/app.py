@@ -24,16 +24,17 @@ from starlette.routing import Route
 
 from dbqueue import bus, config, control, database, errors, stats, store
 from dbqueue.schema import Status
-from dbqueue.web import display, metrics, queries, security
+from dbqueue.web import chart, display, metrics, queries, refresh, security
 
 PAGE_SIZE = 50
 STALE_AFTER = 15.0  # seconds: `dbqueue work --rescue-after`'s default
-# No script runs on these pages and no other site may frame them: a framed dashboard would
-# let another page trick an operator into pressing its buttons (clickjacking).
+# No script runs on these pages but the reload one, allowed by its hash, and no other site
+# may frame them: a framed dashboard would let another page trick an operator into pressing
+# its buttons (clickjacking).
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        f"default-src 'none'; script-src {refresh.CSP_SOURCE}; style-src 'unsafe-inline'; "
+        "img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
@@ -121,9 +122,17 @@ class Dashboard:
             return body(conn)
 
     def render(
-        self, request: Request, template: str, status_code: int = 200, **ctx: Any
+        self,
+        request: Request,
+        template: str,
+        status_code: int = 200,
+        *,
+        live: bool = False,
+        **ctx: Any,
     ) -> Response:
+        """A page; `live`: it shows changing state, so it may reload itself (web/refresh.py)."""
         session_id, new = self.guard.session_id(request)
+        reloads, remember = refresh.wanted(request)
         root = str(request.scope.get("root_path", "")).rstrip("/")
         html = self.templates.get_template(template).render(
             root=root,
@@ -132,11 +141,18 @@ class Dashboard:
             csrf=self.guard.csrf_token(session_id),
             login_required=self.guard.token is not None,
             done=_done_message(request),
+            live=live,
+            reloads=live and reloads,
+            refresh_script=refresh.SCRIPT,
+            refresh_toggle=refresh.toggle_href(request, reloads),
+            refresh_seconds=refresh.SECONDS,
             **ctx,
         )
         response = HTMLResponse(html, status_code=status_code, headers=SECURITY_HEADERS)
         if new:
             self.guard.set_session_cookie(response, request, session_id)
+        if remember is not None:
+            refresh.remember(response, request, remember)
         return response
 
     def redirect(self, request: Request, path: str, **query: str) -> Response:
@@ -181,15 +197,28 @@ class Dashboard:
     # -- pages ----------------------------------------------------------------------------------
 
     async def overview(self, request: Request) -> Response:
-        queues, paused, workers = await run_in_threadpool(
+        span = request.query_params.get("chart", "hour")
+        if span not in chart.RANGES:
+            raise HTTPException(400, f"unknown chart {span!r}; expected one of hour, day")
+        step, buckets, label_every, heading = chart.RANGES[span]
+        queues, paused, workers, throughput = await run_in_threadpool(
             self.read,
-            lambda c: (queries.overview(c), control.read_paused(c), queries.list_workers(c)),
+            lambda c: (
+                queries.overview(c),
+                control.read_paused(c),
+                queries.list_workers(c),
+                queries.throughput(c, step, buckets),
+            ),
         )
         return self.render(
             request,
             "overview.html",
+            live=True,
             queues=queries.with_idle_queues(queues, paused),
             paused=paused,
+            charts=chart.charts(throughput, label_every),
+            chart_span=span,
+            chart_heading=heading,
             workers=workers[0],
             now=workers[1],
             window_minutes=int(queries.THROUGHPUT_WINDOW // 60),
@@ -214,6 +243,7 @@ class Dashboard:
         return self.render(
             request,
             "tasks.html",
+            live=True,
             rows=rows,
             total=total,
             now=now,
@@ -243,6 +273,7 @@ class Dashboard:
         return self.render(
             request,
             "task.html",
+            live=True,
             task=row,
             now=now,
             args=args,
@@ -256,7 +287,9 @@ class Dashboard:
 
     async def workers(self, request: Request) -> Response:
         rows, now = await run_in_threadpool(self.read, queries.list_workers)
-        return self.render(request, "workers.html", workers=rows, now=now, stale_after=STALE_AFTER)
+        return self.render(
+            request, "workers.html", live=True, workers=rows, now=now, stale_after=STALE_AFTER
+        )
 
     async def counters(self, request: Request) -> Response:
         rows = await run_in_threadpool(self.read, queries.pending_counters)

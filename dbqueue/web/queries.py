@@ -78,7 +78,7 @@ def overview(conn: sa.Connection) -> list[QueueSummary]:
     recent = conn.execute(
         sa.select(tasks.c.queue, sa.func.count())
         .where(
-            schema.status_is(Status.SUCCEEDED, Status.FAILED),
+            finished_as(Status.SUCCEEDED, Status.FAILED),
             tasks.c.finished_at > current - dt.timedelta(seconds=THROUGHPUT_WINDOW),
         )
         .group_by(tasks.c.queue)
@@ -86,6 +86,66 @@ def overview(conn: sa.Connection) -> list[QueueSummary]:
     for queue, n in recent:
         summary(queue).recent_finished = int(n)
     return [summaries[q] for q in sorted(summaries)]
+
+
+def finished_as(*statuses: Status) -> sa.ColumnElement[bool]:
+    """`status IN (...)` for finished statuses, written so SQLite uses ix_tasks_finished: its
+    planner takes a partial index only when the query repeats the index's own predicate
+    (`status IN ('succeeded', 'failed')` alone scanned the whole table)."""
+    return sa.and_(schema.status_is(*schema.FINISHED), schema.status_is(*statuses))
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Tasks finished per time bucket, per queue: `succeeded[queue][i]` and `failed[queue][i]`
+    count the tasks whose finished_at is in [start + i * step, start + (i + 1) * step)."""
+
+    start: dt.datetime
+    step: int
+    buckets: int
+    now: dt.datetime
+    succeeded: dict[str, list[int]]
+    failed: dict[str, list[int]]
+
+
+def _bucket_of(conn: sa.Connection, step: int) -> Any:
+    """finished_at's bucket number: whole seconds since 1970 divided by `step`, rounded down."""
+    if conn.dialect.name == "postgresql":
+        # date_part is double precision (EXTRACT's numeric is slower to divide)
+        epoch = sa.func.date_part("epoch", tasks.c.finished_at)
+        return sa.cast(sa.func.floor(epoch / step), sa.BigInteger)
+    # SQLite keeps UTC text; strftime('%s') reads it as whole seconds, and `/` of two integers
+    # floors (SQLAlchemy's `/` would add 0.0: a group per second, 8 times slower on 32,000 rows).
+    seconds = sa.cast(sa.func.strftime(sa.literal_column("'%s'"), tasks.c.finished_at), sa.Integer)
+    return seconds.op("/")(sa.literal_column(str(int(step))))
+
+
+def throughput(conn: sa.Connection, step: int, buckets: int) -> Throughput:
+    """Succeeded and failed tasks per queue in the last `buckets` buckets of `step` seconds,
+    aligned on the clock (minutes, quarter hours) and ending with the current, partial one.
+
+    One grouped statement bounded by time: it reads the window's rows by finished_at through
+    ix_tasks_finished, whatever the size of the history before it.
+    """
+    current = now(conn)
+    first = int(current.timestamp()) // step - buckets + 1
+    start = dt.datetime.fromtimestamp(first * step, dt.timezone.utc)
+    bucket = _bucket_of(conn, step).label("bucket")
+    stmt = (
+        sa.select(tasks.c.queue, tasks.c.status, bucket, sa.func.count().label("n"))
+        .where(finished_as(Status.SUCCEEDED, Status.FAILED), tasks.c.finished_at >= start)
+        .group_by(tasks.c.queue, tasks.c.status, bucket)
+    )
+    chart = Throughput(start, step, buckets, current, {}, {})
+    for row in conn.execute(stmt):
+        i = int(row.bucket) - first
+        if not 0 <= i < buckets:  # finished after this statement's now: next refresh's
+            continue
+        series = chart.succeeded if row.status == Status.SUCCEEDED.value else chart.failed
+        for queue_series in (chart.succeeded, chart.failed):
+            queue_series.setdefault(row.queue, [0] * buckets)
+        series[row.queue][i] += int(row.n)
+    return chart
 
 
 def with_idle_queues(summaries: list[QueueSummary], queues: Iterable[str]) -> list[QueueSummary]:
