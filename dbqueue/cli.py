@@ -5,6 +5,8 @@ Every DbqueueError becomes one line on stderr and a non-zero exit, never a trace
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import random
 import re
@@ -12,36 +14,70 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import sqlalchemy as sa
 
-from dbqueue import (
-    bus,
-    config,
-    control,
-    counters,
-    database,
-    errors,
-    listener,
-    logs,
-    stats,
-    store,
-    supervisor,
-    worker,
-)
+from dbqueue import errors, logs
+
+
+class _Lazy:
+    """A module imported when first used: `dbqueue --help`, and every command until it needs
+    them, runs without SQLAlchemy, alembic, the bus or the counters loaded."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+    from dbqueue import (
+        bus,
+        config,
+        control,
+        counters,
+        database,
+        listener,
+        stats,
+        store,
+        supervisor,
+        worker,
+    )
+else:
+    sa = _Lazy("sqlalchemy")
+    bus, config, control, counters, database, listener, stats, store, supervisor, worker = (
+        _Lazy(f"dbqueue.{name}")
+        for name in (
+            "bus",
+            "config",
+            "control",
+            "counters",
+            "database",
+            "listener",
+            "stats",
+            "store",
+            "supervisor",
+            "worker",
+        )
+    )
 
 EXIT_CONFIG = 2
 
 
 class Context:
     def __init__(self, database_url: str | None, log_level: str, log_format: str) -> None:
-        self.settings = (
-            config.Settings(database_url=database_url) if database_url else config.Settings()
-        )
+        self.database_url = database_url
         self.log_level = log_level
         self.log_format = log_format
+
+    @functools.cached_property
+    def settings(self) -> config.Settings:  # made when a command needs it, not for --help
+        url = self.database_url
+        return config.Settings(database_url=url) if url else config.Settings()
 
     def spec(
         self, queues: Sequence[str], imports: Sequence[str], **options: Any
@@ -263,9 +299,17 @@ def workoff(
 ) -> None:
     """Run every task that is ready, show progress, print a summary, then exit.
 
-    Exits 1 if any task raised (failed for good, or was scheduled for a retry).
+    Exits 1 if any task raised (failed for good, or was scheduled for a retry). With nothing
+    ready it exits at once, without starting worker processes.
     """
     _preflight(obj, imports)
+    started = time.monotonic()
+    with obj.settings.get_engine().connect() as conn:
+        ready = store.ready_count(conn, list(queues) or None)
+    if not ready:  # a worker process would claim nothing: none is started (cold start, cron)
+        click.echo(summary_line(0, time.monotonic() - started, 0, 0, 0))
+        _report_paused(obj, queues)
+        return
     spec = obj.spec(
         queues,
         imports,
@@ -320,10 +364,18 @@ class Progress:
         if self.tty and self.last:
             click.echo("", err=True)
         click.echo(
-            f"workoff: {summary.done} tasks in {summary.elapsed:.1f}s "
-            f"({summary.rate:.0f}/s): {summary.succeeded} succeeded, "
-            f"{summary.retried} retried, {summary.failed} failed"
+            summary_line(
+                summary.done, summary.elapsed, summary.succeeded, summary.retried, summary.failed
+            )
         )
+
+
+def summary_line(done: int, elapsed: float, succeeded: int, retried: int, failed: int) -> str:
+    rate = done / elapsed if elapsed > 0 else 0.0
+    return (
+        f"workoff: {done} tasks in {elapsed:.1f}s ({rate:.0f}/s): {succeeded} succeeded, "
+        f"{retried} retried, {failed} failed"
+    )
 
 
 def _report_paused(obj: Context, queues: Sequence[str]) -> None:
@@ -370,8 +422,9 @@ def _preflight(obj: Context, imports: Sequence[str], *, bus_sync: bool = False) 
     """
     database.check_schema(obj.settings)
     obj.settings.keyring()
-    supervisor.import_modules(imports)
-    if bus_sync or bus.subscriptions():
+    if imports:
+        supervisor.import_modules(imports)
+    if bus_sync or ("dbqueue.bus" in sys.modules and bus.subscriptions()):  # else: none
         bus.sync(settings=obj.settings)
 
 

@@ -8,18 +8,18 @@ exceptions into one-line messages that say what to do. No statements on `tasks` 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.migration import MigrationContext
-from alembic.operations import Operations
-from alembic.script import ScriptDirectory
 
 from dbqueue import config, errors
+
+if TYPE_CHECKING:  # alembic is imported where it is used: a worker's start does not need it
+    from alembic.config import Config
+    from alembic.migration import MigrationContext
 
 VERSION_TABLE = "dbqueue_alembic_version"
 
@@ -36,6 +36,8 @@ def migrations_dir() -> Path:
 
 
 def alembic_config(settings: config.Settings) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.attributes["dbqueue_settings"] = settings
@@ -43,6 +45,8 @@ def alembic_config(settings: config.Settings) -> Config:
 
 
 def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory(str(migrations_dir()))
     head = script.get_current_head()
     assert head is not None
@@ -50,12 +54,16 @@ def head_revision() -> str:
 
 
 def current_revision(conn: sa.Connection) -> str | None:
+    from alembic.migration import MigrationContext
+
     context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
     return context.get_current_revision()
 
 
 def migrate(settings: config.Settings, revision: str = "head") -> None:
     """Upgrade the schema (alembic upgrade, with dbqueue's own version table)."""
+    from alembic import command
+
     with errors_translated(settings):
         command.upgrade(alembic_config(settings), revision)
 
@@ -67,6 +75,10 @@ def upgrade_on(connection: sa.Connection, revision: str = "head") -> None:
     module-wide proxies the inner command would remove), so this drives a MigrationContext
     directly: dbqueue's scripts, dbqueue's version table, the application's connection.
     """
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory(str(migrations_dir()))
 
     def steps(current: Any, _context: MigrationContext) -> Any:
@@ -87,12 +99,23 @@ def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
 
 
 def downgrade(settings: config.Settings, revision: str = "base") -> None:
+    from alembic import command
+
     with errors_translated(settings):
         command.downgrade(alembic_config(settings), revision)
 
 
 def check_schema(settings: config.Settings) -> None:
-    """Raise SchemaError unless the database is at this code's migration head."""
+    """Raise SchemaError unless the database is at this code's migration head.
+
+    The usual answer (it is) comes without alembic, which takes longer to import than the
+    rest of a worker's start: the head read from the scripts' text, the stored revision by a
+    plain SELECT. Anything else goes through alembic, which also words the error.
+    """
+    if _at_head_without_alembic(settings):
+        return
+    from alembic.script import ScriptDirectory
+
     expected = head_revision()
     with errors_translated(settings), settings.get_engine().connect() as conn:
         found = current_revision(conn)
@@ -116,6 +139,47 @@ def check_schema(settings: config.Settings) -> None:
         f"database schema is at revision {found}, this dbqueue needs {expected}: "
         "run `dbqueue migrate`"
     )
+
+
+_REVISION = re.compile(
+    r"""^(down_revision|revision)\b[^=\n]*=\s*(?:"([^"]*)"|'([^']*)'|None)\s*$"""
+)
+
+
+def _head_from_scripts() -> str | None:
+    """The one head of a plain chain of `revision = "..."` / `down_revision = "..."` lines,
+    or None for anything else (branches, merges, tuples: alembic reads those)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (migrations_dir() / "versions").glob("*.py"):
+        found = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            match = _REVISION.match(line)
+            if match:
+                found[match.group(1)] = match.group(2) or match.group(3)
+        if "revision" not in found or "down_revision" not in found or not found["revision"]:
+            return None
+        revisions.add(found["revision"])
+        if found["down_revision"]:
+            parents.add(found["down_revision"])
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 and parents <= revisions else None
+
+
+def _at_head_without_alembic(settings: config.Settings) -> bool:
+    head = _head_from_scripts()
+    if head is None:
+        return False
+    with errors_translated(settings), settings.get_engine().connect() as conn:
+        try:
+            stored = [
+                row[0] for row in conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))
+            ]
+        except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise  # the connection was lost: an outage, worded by errors_translated
+            return False  # no version table: the full check says what to do
+    return stored == [head]
 
 
 def long_transactions(conn: sa.Connection, older_than_seconds: float) -> list[sa.Row[Any]]:

@@ -29,7 +29,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from croniter import croniter
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dbqueue import config, errors, retry, serializer
@@ -76,6 +75,8 @@ class Periodic:
             count = math.floor((now - EPOCH).total_seconds() / step)
             return EPOCH + dt.timedelta(seconds=count * step)
         assert self.cron is not None
+        from croniter import croniter  # here: a worker with no cron schedule never loads it
+
         # get_prev excludes its start, so start just after `now` to include a slot at `now`.
         start = (now + dt.timedelta(microseconds=1)).astimezone(self.tz)
         slot: dt.datetime = croniter(self.cron, start).get_prev(dt.datetime)
@@ -86,6 +87,8 @@ class Periodic:
         if self.every is not None:
             return self.latest_slot(now) + self.every
         assert self.cron is not None
+        from croniter import croniter
+
         slot: dt.datetime = croniter(self.cron, now.astimezone(self.tz)).get_next(dt.datetime)
         return slot.astimezone(dt.timezone.utc)
 
@@ -135,11 +138,14 @@ def periodic(
         raise errors.ConfigurationError(
             f"@periodic: unknown time zone {tz!r} (expected an IANA name like 'Europe/Paris')"
         ) from None
-    if cron is not None and (not isinstance(cron, str) or not croniter.is_valid(cron)):
-        raise errors.ConfigurationError(
-            f"@periodic: invalid cron expression {cron!r} (expected e.g. '0 3 * * *': "
-            "minute hour day-of-month month day-of-week)"
-        )
+    if cron is not None:
+        from croniter import croniter
+
+        if not isinstance(cron, str) or not croniter.is_valid(cron):
+            raise errors.ConfigurationError(
+                f"@periodic: invalid cron expression {cron!r} (expected e.g. '0 3 * * *': "
+                "minute hour day-of-month month day-of-week)"
+            )
     if every is not None and (not isinstance(every, dt.timedelta) or every.total_seconds() < 1):
         raise errors.ConfigurationError(
             f"@periodic: every= takes a timedelta of at least one second, not {every!r}"
