@@ -32,7 +32,7 @@ from starlette.testclient import TestClient
 import dbqueue
 from dbqueue import database, serializer, store
 from dbqueue.schema import counter_deltas, db_now, tasks
-from dbqueue.web import create_app, queries
+from dbqueue.web import create_app, history, queries
 from tests import jobs
 from tests.conftest import ROOT
 
@@ -338,6 +338,28 @@ def test_throughput_chart_counts_the_rows_by_finished_at(db, client):
         data = queries.throughput(conn, 60, 60)
     assert sum(data.succeeded["mail"]) == 7 and sum(data.failed["mail"]) == 2
     assert data.start + dt.timedelta(minutes=60) > data.now >= data.start + dt.timedelta(minutes=59)
+
+
+def test_chart_history_reads_only_the_buckets_still_filling(db):
+    finished_rows(db, "mail", "succeeded", 600, 300)
+    finished_rows(db, "mail", "failed", 240)
+    kept = history.ThroughputHistory()
+    with db.engine.connect() as conn:
+        first = kept.read(conn, 60, 60)
+        fresh = queries.throughput(conn, 60, 60)
+    assert (first.succeeded, first.failed) == (fresh.succeeded, fresh.failed)
+    assert sum(first.succeeded["mail"]) == 2 and sum(first.failed["mail"]) == 1
+
+    finished_rows(db, "mail", "succeeded", 900)  # into a sealed bucket: not read again
+    finished_rows(db, "mail", "failed", 0)  # the current bucket is read at every view
+    with db.engine.connect() as conn:
+        second = kept.read(conn, 60, 60)
+        fresh = queries.throughput(conn, 60, 60)
+    assert sum(second.succeeded["mail"]) == 2 and sum(second.failed["mail"]) == 2
+    assert sum(fresh.succeeded["mail"]) == 3  # a dashboard started now sees it
+    with db.engine.connect() as conn:
+        day = kept.read(conn, 900, 96)  # each bucket size is kept apart
+    assert sum(day.succeeded["mail"]) == 3 and sum(day.failed["mail"]) == 2
 
 
 def test_auto_refresh_script_is_allowed_by_its_hash_and_switched_off_by_a_cookie(db, client):

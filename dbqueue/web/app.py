@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from dbqueue import bus, config, control, database, errors, stats, store
 from dbqueue.schema import Status
-from dbqueue.web import chart, display, metrics, queries, refresh, security
+from dbqueue.web import chart, display, history, metrics, queries, refresh, security
 
 PAGE_SIZE = 50
 STALE_AFTER = 15.0  # seconds: `dbqueue work --rescue-after`'s default
@@ -86,6 +86,7 @@ class Dashboard:
         self._token = token
         self._guard: security.Guard | None = None
         self._registry: prometheus_client.CollectorRegistry | None = None
+        self.history = history.ThroughputHistory()
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("dbqueue.web", "templates"),
             autoescape=True,
@@ -207,7 +208,7 @@ class Dashboard:
                 queries.overview(c),
                 control.read_paused(c),
                 queries.list_workers(c),
-                queries.throughput(c, step, buckets),
+                self.history.read(c, step, buckets),
             ),
         )
         return self.render(

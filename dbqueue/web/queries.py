@@ -95,6 +95,9 @@ def finished_as(*statuses: Status) -> sa.ColumnElement[bool]:
     return sa.and_(schema.status_is(*schema.FINISHED), schema.status_is(*statuses))
 
 
+BucketCount = tuple[str, str, int, int]  # queue, status, bucket number, tasks
+
+
 @dataclasses.dataclass
 class Throughput:
     """Tasks finished per time bucket, per queue: `succeeded[queue][i]` and `failed[queue][i]`
@@ -120,32 +123,50 @@ def _bucket_of(conn: sa.Connection, step: int) -> Any:
     return seconds.op("/")(sa.literal_column(str(int(step))))
 
 
-def throughput(conn: sa.Connection, step: int, buckets: int) -> Throughput:
-    """Succeeded and failed tasks per queue in the last `buckets` buckets of `step` seconds,
-    aligned on the clock (minutes, quarter hours) and ending with the current, partial one.
+def first_bucket(current: dt.datetime, step: int, buckets: int) -> int:
+    """The number of the first of `buckets` buckets of `step` seconds ending with the one
+    that holds `current` (aligned on the clock: minutes, quarter hours)."""
+    return int(current.timestamp()) // step - buckets + 1
 
-    One grouped statement bounded by time: it reads the window's rows by finished_at through
-    ix_tasks_finished, whatever the size of the history before it.
-    """
-    current = now(conn)
-    first = int(current.timestamp()) // step - buckets + 1
-    start = dt.datetime.fromtimestamp(first * step, dt.timezone.utc)
+
+def finished_per_bucket(conn: sa.Connection, step: int, from_bucket: int) -> list[BucketCount]:
+    """(queue, status, bucket number, count) of the tasks that succeeded or failed since
+    bucket `from_bucket` began: one grouped statement bounded by time, reading those rows by
+    finished_at through ix_tasks_finished whatever the size of the history before them."""
+    start = dt.datetime.fromtimestamp(from_bucket * step, dt.timezone.utc)
     bucket = _bucket_of(conn, step).label("bucket")
     stmt = (
         sa.select(tasks.c.queue, tasks.c.status, bucket, sa.func.count().label("n"))
         .where(finished_as(Status.SUCCEEDED, Status.FAILED), tasks.c.finished_at >= start)
         .group_by(tasks.c.queue, tasks.c.status, bucket)
     )
+    return [(r.queue, r.status, int(r.bucket), int(r.n)) for r in conn.execute(stmt)]
+
+
+def assemble(
+    current: dt.datetime, step: int, buckets: int, counts: Iterable[BucketCount]
+) -> Throughput:
+    """The chart's series from bucket counts (those outside the window are left out)."""
+    first = first_bucket(current, step, buckets)
+    start = dt.datetime.fromtimestamp(first * step, dt.timezone.utc)
     chart = Throughput(start, step, buckets, current, {}, {})
-    for row in conn.execute(stmt):
-        i = int(row.bucket) - first
-        if not 0 <= i < buckets:  # finished after this statement's now: next refresh's
+    for queue, status, bucket, n in counts:
+        i = bucket - first
+        if not 0 <= i < buckets:  # finished after `current`: the next refresh's
             continue
-        series = chart.succeeded if row.status == Status.SUCCEEDED.value else chart.failed
         for queue_series in (chart.succeeded, chart.failed):
-            queue_series.setdefault(row.queue, [0] * buckets)
-        series[row.queue][i] += int(row.n)
+            queue_series.setdefault(queue, [0] * buckets)
+        series = chart.succeeded if status == Status.SUCCEEDED.value else chart.failed
+        series[queue][i] += n
     return chart
+
+
+def throughput(conn: sa.Connection, step: int, buckets: int) -> Throughput:
+    """Succeeded and failed tasks per queue in the last `buckets` buckets of `step` seconds,
+    ending with the current, partial one, read in one statement."""
+    current = now(conn)
+    counts = finished_per_bucket(conn, step, first_bucket(current, step, buckets))
+    return assemble(current, step, buckets, counts)
 
 
 def with_idle_queues(summaries: list[QueueSummary], queues: Iterable[str]) -> list[QueueSummary]:
