@@ -1232,6 +1232,24 @@ def stale_workers(conn: sa.Connection, after_seconds: float) -> list[str]:
     return [r[0] for r in conn.execute(stmt)]
 
 
+def limit_idle(conn: sa.Connection, seconds: float) -> None:
+    """Have PostgreSQL end this transaction (and its session) if the client goes silent
+    inside it for `seconds`: SET LOCAL idle_in_transaction_session_timeout.
+
+    A worker cut off from the network mid-transaction leaves the server waiting for its
+    next statement with the transaction's row locks held until TCP gives up, minutes or
+    hours later. Those are the rows a rescue updates (the worker's `workers` row, its
+    tasks), so every other worker's heartbeat would queue behind them. Transaction-scoped,
+    so it is fine behind a pooler in transaction mode; nothing to do on SQLite, where no
+    network lies between the worker and the database.
+    """
+    if conn.dialect.name == "postgresql":
+        milliseconds = str(max(1, round(seconds * 1000)))
+        conn.execute(
+            sa.select(sa.func.set_config("idle_in_transaction_session_timeout", milliseconds, True))
+        )
+
+
 def remove_workers(conn: sa.Connection, names: Sequence[str]) -> None:
     conn.execute(sa.delete(workers).where(workers.c.name.in_(list(names))))
 

@@ -369,6 +369,7 @@ class Supervisor:
     def _rescue(self, name: str, reason: str) -> list[int]:
         try:
             with self.settings.get_engine().begin() as conn:
+                store.limit_idle(conn, self.spec.rescue_after / 3)
                 ids = store.rescue(conn, [name], reason)
                 store.remove_workers(conn, [name])
             return ids

@@ -303,7 +303,7 @@ class Worker:
         exclude = sorted(self.paused) if queues is None else []
         try:
             if self._claim_uncertain:
-                with self.engine.begin() as conn:
+                with self.begin() as conn:
                     store.release_unknown(conn, self.name, self.in_flight())
                     self._claim_uncertain = False
                     if queues == []:
@@ -354,7 +354,7 @@ class Worker:
     def release(self, rows: Sequence[Any]) -> None:
         """Give claimed-but-unstarted tasks back to the queue (stopping mid-batch)."""
         unstarted = [(r.id, r.attempts) for r in rows]
-        with self.engine.begin() as conn:
+        with self.begin() as conn:
             store.release(conn, self.name, unstarted)
 
     def run_one(self, row: Any) -> store.Outcome:
@@ -501,8 +501,18 @@ class Worker:
             return body(conn)
 
     def _transaction(self, body: Callable[[sa.Connection], Any]) -> Any:
-        with self.engine.begin() as conn:
+        with self.begin() as conn:
             return body(conn)
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[sa.Connection]:
+        """A transaction on the queue's tables that the server ends if this worker goes
+        silent inside it for a third of rescue_after (store.limit_idle): a worker cut off
+        mid-transaction must not leave locks that the rescue of its tasks would wait on.
+        A rescuer held up that long still heartbeats well within rescue_after."""
+        with self.engine.begin() as conn:
+            store.limit_idle(conn, self.rescue_after / 3)
+            yield conn
 
     def _with_db_retry(self, action: Callable[[], Any], what: str) -> Any:
         """Run `action`, waiting out database outages with capped backoff (never giving up)."""
@@ -684,6 +694,7 @@ class Heart(threading.Thread):
             with self.worker.engine.begin() as conn:
                 here = store.list_workers(conn, host_id=identity.host_id())
                 if any(not identity.pid_alive(w.pid) for w in here):
+                    store.limit_idle(conn, self.worker.rescue_after / 3)
                     rescue(conn, self.worker.rescue_after)
         except Exception:  # the next heartbeat reports database trouble
             return
@@ -691,7 +702,7 @@ class Heart(threading.Thread):
     def beat(self) -> None:
         worker = self.worker
         try:
-            with worker.engine.begin() as conn:
+            with worker.begin() as conn:
                 alive = store.heartbeat(conn, worker.name)
                 if alive:  # else its own running tasks would look orphaned to its own rescue
                     rescue(conn, worker.rescue_after)
@@ -738,7 +749,7 @@ class Heart(threading.Thread):
         exc = errors.TaskTimeout(f"timed out after {timeout:g}s (the process was stopped)")
         outcome = executor.failure(self.worker.settings, row, exc)
         try:
-            with self.worker.engine.begin() as conn:
+            with self.worker.begin() as conn:
                 store.record(conn, self.worker.name, [outcome])
         finally:
             log.error(

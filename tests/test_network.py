@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 import dbqueue
 from dbqueue import serializer
@@ -234,3 +235,50 @@ def test_link_cut_shorter_than_rescue_after_rescues_nothing(network):
     assert {final[i][0] for i in running[victim.hostname]} == {victim.hostname}
     assert {final[i][0] for i in after} == {victim.hostname}
     assert "stops claiming" not in log and "lost ownership" not in log
+
+
+def test_cut_inside_a_heartbeat_transaction_does_not_stall_the_rescue(network):
+    """The link goes down while the victim's heartbeat transaction is open on the server: that
+    session holds the victim's `workers` row, idle in its transaction, until the server's TCP
+    gives up (minutes to hours). The other hosts must still rescue the victim's task while
+    it is cut off, and must not be presumed dead themselves for waiting on that row.
+
+    The cut is timed by holding the victim's row from the test: its heartbeat UPDATE waits,
+    the link goes down, the row is let go, the UPDATE completes on the server and its answer
+    is lost. Before store.limit_idle, every heartbeat of the fleet queued behind it (the
+    rescuers' DELETE of the victim's row, then their UPDATE of its tasks) for the whole cut."""
+    make_runs_table(network)
+    processes = [work(host) for host in network.hosts]
+    network.wait_workers(3)
+    ((hostname, (victim_task,)),) = start_one_task_per_worker(network, 1).items()
+    victim = next(host for host in network.hosts if host.hostname == hostname)
+    (victim_worker,) = workers_on(network, victim)
+    rescuers = {
+        name for host in network.hosts if host is not victim for name in workers_on(network, host)
+    }
+    with network.db.engine.connect() as holder:
+        holder.execute(
+            sa.text("SELECT 1 FROM workers WHERE name = :n FOR UPDATE"), {"n": victim_worker}
+        )
+        network.db.wait_for(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND client_addr = CAST(:a AS inet)",
+            1,
+            a=victim.address,
+        )
+        cut_at = time.monotonic()
+        victim.cut()
+        holder.commit()
+    try:
+        rescued_in = seconds_until_not_running(network, [victim_task], cut_at)
+        network.db.wait_for("SELECT status FROM tasks", "succeeded")
+        registered = {r.name for r in network.db.rows("SELECT name FROM workers")}
+    finally:
+        victim.restore()
+    for process in processes:
+        process.stop()
+    print(f"NETCUTTX rescue_after={RESCUE_AFTER:g} rescued_s={rescued_in:.2f}")
+
+    assert rescued_in < RESCUE_AFTER + HEARTBEAT + 1.0  # as if no transaction were left open
+    assert results(network)[victim_task][0] != victim.hostname
+    assert rescuers <= registered  # no rescuer was presumed dead while it waited
