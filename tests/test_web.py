@@ -906,6 +906,7 @@ def test_browser_retries_a_failed_task(db):
     assert db.scalar("SELECT status FROM tasks WHERE id = :i", i=failed.id) == "queued"
     assert db.scalar("SELECT attempts FROM tasks WHERE id = :i", i=failed.id) == 0
     assert dbqueue.paused_queues(settings=db.settings) == {"mail"}
+    assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'failed'") == 0
     assert screenshot.stat().st_size > 10_000
 
 
@@ -946,6 +947,19 @@ def _retry_in_browser(pw, base: str, failed: dbqueue.Task, screenshot: Path) -> 
         page.get_by_role("button", name="Retry").click()
         page.wait_for_url(f"**/tasks/{failed.id}?done=retried")
         assert page.get_by_role("status").inner_text() == "Task queued again."
+        # Search the failed tasks by handler, then retry them all after the count.
+        page.get_by_role("link", name="Tasks", exact=True).click()
+        page.get_by_label("status").select_option("failed")
+        page.get_by_label("handler contains, or task id").fill("jobs:NOOP")
+        page.get_by_role("button", name="Filter").click()
+        page.wait_for_url("**/tasks?status=failed&queue=&q=jobs%3ANOOP")
+        assert page.locator("tbody tr").count() == 10  # the default queue's failures
+        page.get_by_role("button", name="Retry all matching…").click()
+        assert "10 failed or cancelled tasks will be queued again" in page.content()
+        page.get_by_role("button", name="Retry 10 tasks").click()
+        page.wait_for_url("**/tasks?status=failed&q=jobs%3ANOOP&done=bulk-retried&n=10")
+        assert page.get_by_role("status").inner_text().startswith("10 matching failed")
+        assert page.locator("tbody tr").count() == 0
     finally:
         browser.close()
 
