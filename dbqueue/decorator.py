@@ -20,7 +20,7 @@ import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar, cast
 
-from dbqueue import errors, hooks, retry, serializer
+from dbqueue import errors, hooks, limits, retry, serializer
 from dbqueue import task as task_module
 
 # Names, not the module: `dbqueue.enqueue` is the function once the package is imported.
@@ -151,12 +151,18 @@ def handle_asynchronously(
     on_retry: Callable[..., Any] | None = None,
     on_failure: Callable[..., Any] | None = None,
     after_task: Callable[..., Any] | None = None,
+    concurrency_key: limits.KeyOption = None,
+    max_concurrency: int | None = None,
 ) -> Any:
     """Make calling `func` enqueue it. Usable bare or with options, as delayed_job's macro,
     on functions and on methods (instance, class and static).
 
     `before_task`, `around_task`, `on_success`, `on_retry`, `on_failure`, `after_task`: hooks
-    for this function's tasks only, run after the process-wide ones (see dbqueue.hooks)."""
+    for this function's tasks only, run after the process-wide ones (see dbqueue.hooks).
+
+    `concurrency_key` (a string, or a callable of the task's arguments, called at enqueue)
+    with `max_concurrency=N`: at most N tasks with one key run at once across every worker
+    (`concurrency_key=lambda account_id: f"sync:{account_id}", max_concurrency=1`)."""
     own_hooks = hooks.check_own(
         {
             "before_task": before_task,
@@ -178,6 +184,11 @@ def handle_asynchronously(
         options["unique_key"] = unique_key
         options["on_conflict"] = on_conflict
     _check_options(priority, queue, max_attempts, timeout)
+    if concurrency_key is not None or max_concurrency is not None:
+        where = "@handle_asynchronously" if func is None else serializer.handler_name(func)
+        limits.check(concurrency_key, max_concurrency, where)
+        options["concurrency_key"] = concurrency_key
+        options["max_concurrency"] = max_concurrency
 
     def decorate(f: Any) -> AsyncTaskFunction[Any, Any]:
         binding = "function"

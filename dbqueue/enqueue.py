@@ -22,7 +22,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from dbqueue import config, database, errors, hooks, inline_mode, retry, serializer, store
+from dbqueue import config, database, errors, hooks, inline_mode, limits, retry, serializer, store
 from dbqueue import task as task_module
 
 P = ParamSpec("P")
@@ -54,6 +54,8 @@ _DEFAULTS: Final[dict[str, Any]] = {
     "unique_key": None,
     "on_conflict": "keep",
     "meta": None,
+    "concurrency_key": None,
+    "max_concurrency": None,
 }
 
 MAX_META_BYTES: Final = 4096  # meta is for a trace context or a tenant, not for data
@@ -177,6 +179,8 @@ class _Recipe:
     timeout: float | None
     unique_key: str | None
     meta: dict[str, Any] | None
+    concurrency_key: limits.KeyOption = None
+    max_concurrency: int | None = None
 
     def task(self, args: Sequence[Any], kwargs: dict[str, Any] | None) -> store.NewTask:
         """Sign one task's arguments; raises EnqueueError naming what cannot be stored."""
@@ -217,6 +221,8 @@ class _Recipe:
             timeout=self.timeout,
             unique_key=self.unique_key,
             meta=meta,
+            concurrency_key=limits.key_for(self.concurrency_key, args, kwargs, handler),
+            max_concurrency=self.max_concurrency,
         )
 
 
@@ -253,6 +259,8 @@ def _recipe(
     timeout: float | None = _DEFAULTS["timeout"],
     unique_key: str | None = _DEFAULTS["unique_key"],
     meta: dict[str, Any] | None = _DEFAULTS["meta"],
+    concurrency_key: limits.KeyOption = _DEFAULTS["concurrency_key"],
+    max_concurrency: int | None = _DEFAULTS["max_concurrency"],
 ) -> _Recipe:
     if not callable(func):
         raise errors.EnqueueError(f"{func!r} is not callable")
@@ -260,6 +268,7 @@ def _recipe(
     if unique_key is not None and not isinstance(unique_key, str):
         raise errors.EnqueueError(f"unique_key must be a string, not {unique_key!r}")
     handler, ref = reference(func)
+    limits.check(concurrency_key, max_concurrency, handler)
     absolute, delay = _run_at(run_at)
     return _Recipe(
         func=func,
@@ -275,6 +284,8 @@ def _recipe(
         timeout=None if timeout is None else float(timeout),
         unique_key=unique_key,
         meta=_check_meta(meta, handler),
+        concurrency_key=concurrency_key,
+        max_concurrency=max_concurrency,
     )
 
 
@@ -336,6 +347,8 @@ def enqueue(
     unique_key: str | _Missing | None = _MISSING,
     on_conflict: str | _Missing = _MISSING,
     meta: dict[str, Any] | _Missing | None = _MISSING,
+    concurrency_key: limits.KeyOption | _Missing = _MISSING,
+    max_concurrency: int | _Missing | None = _MISSING,
     session: orm.Session | orm.scoped_session[orm.Session] | None = None,
     connection: sa.Connection | None = None,
     settings: config.Settings | None = None,
@@ -349,6 +362,8 @@ def enqueue(
     not stored twice: the existing task is returned (`on_conflict="keep"`) or its arguments
     and run_at replaced (`on_conflict="replace"`). `meta` is a small JSON dict stored in its
     own column (not pickled, not signed), readable as `Task.meta` and by hooks.
+    `concurrency_key` (a string, or a callable called with the task's arguments here) with
+    `max_concurrency=N`: at most N tasks with that key run at once, fleet-wide (limits.py).
     """
     if hasattr(func, "__dbqueue_options__"):  # decorated (decorator.py)
         # Its options where this call gives none, then the plain path with every option given.
@@ -363,6 +378,8 @@ def enqueue(
                 "unique_key": unique_key,
                 "on_conflict": on_conflict,
                 "meta": meta,
+                "concurrency_key": concurrency_key,
+                "max_concurrency": max_concurrency,
             },
         )
         return enqueue(
@@ -384,6 +401,8 @@ def enqueue(
         timeout=_DEFAULTS["timeout"] if timeout is _MISSING else timeout,
         unique_key=_DEFAULTS["unique_key"] if unique_key is _MISSING else unique_key,
         meta=None if meta is _MISSING else meta,
+        concurrency_key=None if concurrency_key is _MISSING else concurrency_key,
+        max_concurrency=None if max_concurrency is _MISSING else max_concurrency,
     )
     one_statement = new.unique_key is None and not settings.inline
     own = session is None and connection is None

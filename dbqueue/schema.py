@@ -255,6 +255,22 @@ sa.Index(
     postgresql_where=tasks.c.status == Status.RUNNING.value,
     sqlite_where=tasks.c.status == Status.RUNNING.value,
 )
+# Concurrency limits (limits.py, migration 0008): the running rows of a key, counted by the
+# limited claim for each candidate with a key; and the queued rows with a key, which the
+# worker's heart probes every second to choose between the unlimited and the limited claim.
+# Rows without a key enter neither, so tasks without limits pay nothing for them.
+sa.Index(
+    "ix_tasks_concurrency_running",
+    tasks.c.concurrency_key,
+    postgresql_where=sa.and_(tasks.c.status == "running", tasks.c.concurrency_key.is_not(None)),
+    sqlite_where=sa.and_(tasks.c.status == "running", tasks.c.concurrency_key.is_not(None)),
+)
+sa.Index(
+    "ix_tasks_concurrency_queued",
+    tasks.c.queue,
+    postgresql_where=sa.and_(tasks.c.status == "queued", tasks.c.concurrency_key.is_not(None)),
+    sqlite_where=sa.and_(tasks.c.status == "queued", tasks.c.concurrency_key.is_not(None)),
+)
 # Pruning and the dashboard walk finished rows by age. Finished rows only: a claim
 # (queued -> running) then writes no entry here (migration 0003).
 sa.Index(

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 
-from dbqueue import database
+from dbqueue import database, limits
 from dbqueue.schema import FINISHED, Status, UTCDateTime, db_now, status_is, tasks, workers
 
 log = logging.getLogger("dbqueue.store")
@@ -71,6 +71,8 @@ class NewTask:
     timeout: float | None = None
     unique_key: str | None = None
     meta: dict[str, Any] | None = None
+    concurrency_key: str | None = None  # with max_concurrency: see limits.py
+    max_concurrency: int | None = None
 
 
 @dataclasses.dataclass
@@ -99,6 +101,8 @@ def _insert_values(task: NewTask) -> dict[str, Any]:
         "timeout": task.timeout,
         "unique_key": task.unique_key,
         "meta": task.meta,
+        "concurrency_key": task.concurrency_key,
+        "max_concurrency": task.max_concurrency,
     }
 
 
@@ -117,6 +121,8 @@ def _insert_statement() -> Any:
         "timeout": sa.bindparam("timeout", type_=sa.Float),
         "unique_key": sa.bindparam("unique_key", type_=sa.Text),
         "meta": sa.bindparam("meta", type_=tasks.c.meta.type),
+        "concurrency_key": sa.bindparam("concurrency_key", type_=sa.Text),
+        "max_concurrency": sa.bindparam("max_concurrency", type_=sa.Integer),
         "created_at": db_now(),
     }
 
@@ -243,7 +249,7 @@ def insert(
     if (
         len(new) > 1
         and conn.dialect.name == "postgresql"
-        and all(t.unique_key is None and t.meta is None for t in new)
+        and all(t.unique_key is None and t.meta is None and t.concurrency_key is None for t in new)
     ):
         ids = _insert_many_pg(conn, new)
     elif len(new) == 1 and new[0].unique_key is None:
@@ -421,6 +427,8 @@ def _insert_unique(conn: sa.Connection, task: NewTask, values: Any, replace: boo
                 queue=task.queue,
                 max_attempts=task.max_attempts,
                 timeout=task.timeout,
+                concurrency_key=task.concurrency_key,
+                max_concurrency=task.max_concurrency,
                 run_at=sa.func.coalesce(
                     sa.literal(task.run_at, tasks.c.run_at.type), db_now(task.delay)
                 ),
@@ -489,9 +497,17 @@ def claim(
     *,
     registered: bool = False,
     exclude: Sequence[str] = (),
+    limited: bool = False,
 ) -> list[Any]:
     """queued -> running for up to `limit` ready tasks, lowest priority value first; rows
     with CLAIM_COLUMNS' names as attributes, in claim order.
+
+    `limited`: the claim that honours concurrency limits (limits.py): every kind of row, a
+    row with a key or of a capped queue only while its key and queue have a free slot. On
+    PostgreSQL it first takes the limited claims' advisory lock, so `conn` must be in a
+    transaction (not autocommit), which the caller commits at once. Without it, the claim
+    takes only rows without a key; capped queues are the caller's to leave out (`queues`,
+    `exclude`), as paused ones are.
 
     `registered`: claim only while `worker` has its row in `workers` (the worker loop's
     claims). A worker presumed dead has lost its row to another worker's rescue; claiming
@@ -511,8 +527,12 @@ def claim(
     """
     postgresql = conn.dialect.name == "postgresql"
     stmt = _claim_statement(
-        tuple(queues) if queues else None, postgresql, registered, tuple(sorted(exclude))
+        tuple(queues) if queues else None, postgresql, registered, tuple(sorted(exclude)), limited
     )
+    if limited and postgresql:
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            raise ValueError("a limited claim needs a transaction: the lock ends with it")
+        conn.execute(_LIMITS_LOCK, {"lock_key": limits.CLAIM_LOCK})
     values = {"claim_limit": limit, "claim_worker": worker}
     rows: list[Any]
     if database.is_psycopg(conn):
@@ -555,6 +575,7 @@ def _claim_on_driver(conn: sa.Connection, stmt: Any, values: dict[str, Any]) -> 
 
 
 _CLAIM_ORDER = operator.itemgetter(2, 3, 0)  # priority, run_at, id in CLAIM_COLUMNS
+_LIMITS_LOCK = sa.text("SELECT pg_advisory_xact_lock(:lock_key)")  # see limits.py
 
 
 @functools.lru_cache(maxsize=32)
@@ -563,6 +584,7 @@ def _claim_statement(
     postgresql: bool,
     registered: bool = False,
     exclude: tuple[str, ...] = (),
+    limited: bool = False,
 ) -> Any:
     """The claim, built once per set of queues: building the construct and its cache key on
     every call cost more client time than the database spent running it (measured: 1.6 ms
@@ -579,7 +601,7 @@ def _claim_statement(
     enqueue still waits for its flush, which also makes every earlier claim durable. It
     saves a disk flush per batch (measured: about a tenth of a drain's time).
     """
-    candidates = _claimable(queues, sa.bindparam("claim_limit", type_=sa.Integer), exclude)
+    candidates = _claimable(queues, sa.bindparam("claim_limit", type_=sa.Integer), exclude, limited)
     if postgresql:
         relaxed = sa.select(
             sa.func.set_config(
@@ -625,7 +647,10 @@ def _claim_statement(
 
 
 def _claimable(
-    queues: tuple[str, ...] | None, limit: Any, exclude: tuple[str, ...] = ()
+    queues: tuple[str, ...] | None,
+    limit: Any,
+    exclude: tuple[str, ...] = (),
+    limited: bool = False,
 ) -> sa.Select[Any]:
     """SELECT the ids of up to `limit` ready tasks of `queues` (None: every queue) in claim
     order (priority, run_at, id), locked `FOR UPDATE SKIP LOCKED` where the engine has it.
@@ -640,12 +665,23 @@ def _claimable(
     runs; those it does not take are free again at its commit (the worker's claim commits
     at once), and meanwhile another worker skips them. Queue names are parameters, one
     each, never an expanding list (see _driver_sql).
+
+    Concurrency limits (limits.py): the unlimited claim reads the same rows and leaves out
+    those with a key; the limited one keeps the rows that `limits.fits` and then
+    `limits.trimmed` of the locked candidates.
     """
+    columns: tuple[Any, ...] = (tasks.c.id, tasks.c.priority, tasks.c.run_at)
+    if limited:
+        columns += (tasks.c.queue, tasks.c.concurrency_key, limits.capped())
 
     def ready(queue: str | None) -> sa.Select[Any]:
         stmt = (
-            sa.select(tasks.c.id, tasks.c.priority, tasks.c.run_at)
-            .where(status_is(Status.QUEUED), tasks.c.run_at <= db_now())
+            sa.select(*columns)
+            .where(
+                status_is(Status.QUEUED),
+                tasks.c.run_at <= db_now(),
+                limits.fits(queue) if limited else limits.free_of_limits(),
+            )
             .order_by(tasks.c.priority, tasks.c.run_at, tasks.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -661,10 +697,15 @@ def _claimable(
         )
 
     if queues is None or len(queues) == 1:
-        return ready(queues[0] if queues else None).with_only_columns(tasks.c.id)
+        only = ready(queues[0] if queues else None)
+        if limited:
+            return limits.trimmed(only.subquery("candidates"), limit)
+        return only.with_only_columns(tasks.c.id)
     per_queue = [ready(q).subquery(f"ready_{i}") for i, q in enumerate(queues)]
-    merged = sa.union_all(*(sa.select(r.c.id, r.c.priority, r.c.run_at) for r in per_queue))
+    merged = sa.union_all(*(sa.select(*r.c) for r in per_queue))
     listed = merged.subquery("listed")
+    if limited:
+        return limits.trimmed(listed, limit)
     return (
         sa.select(listed.c.id)
         .order_by(listed.c.priority, listed.c.run_at, listed.c.id)

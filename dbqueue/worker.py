@@ -26,7 +26,18 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dbqueue import config, control, database, errors, executor, hooks, identity, listener, store
+from dbqueue import (
+    config,
+    control,
+    database,
+    errors,
+    executor,
+    hooks,
+    identity,
+    limits,
+    listener,
+    store,
+)
 
 # A name, not the module: `dbqueue.periodic` is the decorator once the package is imported.
 from dbqueue.periodic import Scheduler
@@ -113,6 +124,9 @@ class Worker:
         self._heart: Heart | None = None
         self.registered = False  # has had a row in `workers`: then claims only while it has
         self.paused: frozenset[str] = frozenset()  # read every second by the heart
+        self.capped: frozenset[str] = frozenset()  # queues with a max_concurrency, likewise
+        self.limited_waiting = False  # tasks with a concurrency_key queued in its queues
+        self._blocked = False  # the last claim was limited and took nothing
         self._executing: dict[int, tuple[int, Any]] = {}  # task id -> (thread, row) running
         self._cancel: dict[int, float] = {}  # task id -> monotonic time it was asked to stop
         self._batch: set[int] = set()  # ids of the batch being run (claimed, not recorded)
@@ -144,7 +158,15 @@ class Worker:
             conn, self.name, socket.gethostname(), os.getpid(), self.queues, identity.host_id()
         )
         self.registered = True
-        self.paused = frozenset(control.read_paused(conn))  # before the first claim
+        self.read_controls(conn)  # before the first claim
+
+    def read_controls(self, conn: sa.Connection) -> None:
+        """Paused and capped queues, and whether tasks with a key wait in this worker's
+        queues: what decides which claim it makes (read by the heart every second)."""
+        settings = control.read_settings(conn)
+        self.paused = frozenset(s.queue for s in settings if s.paused)
+        self.capped = frozenset(s.queue for s in settings if s.max_concurrency is not None)
+        self.limited_waiting = limits.limited_waiting(conn, self.queues)
 
     def stop(self) -> None:
         """Stop claiming; the running task finishes, the rest of its batch is released."""
@@ -266,8 +288,17 @@ class Worker:
             until_next: float | None = self._single_statement(
                 lambda c: store.seconds_until_next(c, self.queues)
             )
+            if until_next == 0 and not self.limits_apply():
+                # ready rows the unlimited claim left: paused, locked by another claim, or
+                # with a key and enqueued since the heart's last look (then the next claim
+                # honours limits at once rather than in up to a second)
+                self.limited_waiting = self._single_statement(
+                    lambda c: limits.limited_waiting(c, self.queues)
+                )
         except sa.exc.DBAPIError:
             return self.sleep_delay  # the next claim reports the outage
+        if until_next == 0 and self._blocked:
+            until_next = None  # ready rows wait on limits: a slot frees when a task ends
         wait = self.sleep_delay if until_next is None else max(until_next, 0.005)
         catch_up = self.listener.catch_up_in() if self.listener is not None else None
         return min(self.sleep_delay, wait, catch_up if catch_up is not None else wait)
@@ -294,13 +325,30 @@ class Worker:
             return None
         return [q for q in self.queues if q not in self.paused]
 
+    def limits_apply(self) -> bool:
+        """Whether the next claim must honour concurrency limits (limits.py): tasks with a
+        key wait in this worker's queues, or one of its queues has a cap."""
+        if self.limited_waiting:
+            return True
+        if self.queues is None:
+            return bool(self.capped - self.paused)
+        return any(q in self.capped for q in self.claimable_queues() or [])
+
     def claim(self, limit: int) -> list[Any]:
         """Claim a batch. After a claim whose commit was cut off, first give back what that
         claim may have taken: the rows say `running` under this worker, which is alive, so no
         rescue would ever return them. The usual claim is one statement, sent in autocommit
-        on PostgreSQL (no BEGIN/COMMIT round trips)."""
+        on PostgreSQL (no BEGIN/COMMIT round trips); the limited claim is a transaction."""
+        self._blocked = False
+        if self.limits_apply() and not self._claim_uncertain:
+            return self._claim_limited(limit)
         queues = self.claimable_queues()
         exclude = sorted(self.paused) if queues is None else []
+        if self.capped:  # capped queues are the limited claim's (limits_apply is false here)
+            if queues is None:
+                exclude = sorted(self.paused | self.capped)
+            else:
+                queues = [q for q in queues if q not in self.capped]
         try:
             if self._claim_uncertain:
                 with self.begin() as conn:
@@ -321,6 +369,29 @@ class Worker:
             if database.is_disconnect(exc):
                 self._claim_uncertain = True
             raise
+
+    def _claim_limited(self, limit: int) -> list[Any]:
+        queues = self.claimable_queues()
+        if queues == []:
+            return []
+        exclude = sorted(self.paused) if queues is None else []
+        try:
+            with self.engine.begin() as conn:
+                rows = store.claim(
+                    conn,
+                    self.name,
+                    limit,
+                    queues,
+                    registered=self.registered,
+                    exclude=exclude,
+                    limited=True,
+                )
+        except Exception as exc:
+            if database.is_disconnect(exc):
+                self._claim_uncertain = True
+            raise
+        self._blocked = not rows
+        return rows
 
     def in_flight(self) -> set[int]:
         """Ids of tasks this process is running right now (none between batches, except in
@@ -634,25 +705,27 @@ class Heart(threading.Thread):
             self.worker.stop()
 
     def poll_controls(self) -> None:
-        """Read the paused queues and the cancel requests for this worker's tasks (every
-        second: an operator's pause or cancel reaches every host within about a second)."""
+        """Read the paused and capped queues, whether tasks with a key wait, and the cancel
+        requests for this worker's tasks (every second: an operator's pause, cap or cancel
+        reaches every host within about a second)."""
         worker = self.worker
+        before = worker.paused
         try:
             with worker.engine.begin() as conn:
-                paused = frozenset(control.read_paused(conn))
+                worker.read_controls(conn)
+                paused = worker.paused
                 candidates = worker.cancel_candidates()
                 requested = (
                     store.cancel_requests(conn, worker.name, candidates) if candidates else []
                 )
         except Exception:  # the next heartbeat reports database trouble
             return
-        if paused != worker.paused:
+        if paused != before:
             log.info(
                 "paused queues now: %s",
                 ",".join(sorted(paused)) or "none",
                 extra={"event": "paused_queues", "worker": worker.name},
             )
-            worker.paused = paused
         for task_id in requested:
             if task_id not in worker._cancel:
                 worker._cancel[task_id] = time.monotonic()

@@ -620,7 +620,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["dbqueue_sqlite"] = repeat(args.repeats, sqlite_run)
     if not args.no_extras:
         step("counters / bus / queues benchmarks")
-        results["extras"] = optional_benches(("counters", "bus", "queues"))
+        results["extras"] = optional_benches(("counters", "bus", "queues", "limits"))
     results["seconds"] = step.total()
     return results
 

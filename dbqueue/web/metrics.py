@@ -38,7 +38,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from dbqueue import control, stats
+from dbqueue import control, limits, stats
 from dbqueue.schema import STATUSES, Status
 from dbqueue.web import queries
 
@@ -96,6 +96,7 @@ class QueueCollector(registry.Collector):
         with self.engine.connect() as conn:
             by_status, waiting, now = queries.gauges(conn)
             settings = control.read_settings(conn)
+            on_limits = limits.waiting_on_limits(conn)
             self.totals.advance(conn)
             conn.rollback()
         tasks = GaugeMetricFamily(
@@ -130,6 +131,15 @@ class QueueCollector(registry.Collector):
         yield scheduled
         yield oldest
         yield _paused(settings, seen)
+        limited = GaugeMetricFamily(
+            "dbqueue_tasks_waiting_on_limit",
+            "Ready tasks not claimed because their concurrency_key or their queue is at its "
+            "max_concurrency",
+            labels=["queue"],
+        )
+        for queue, waiting_n in sorted(on_limits.items()):
+            limited.add_metric([queue], waiting_n)
+        yield limited
         yield from self._totals()
 
     def _totals(self) -> Iterator[Metric]:
