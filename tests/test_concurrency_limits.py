@@ -249,7 +249,7 @@ def stop(proc: Any) -> str:
 def test_four_workers_never_run_more_than_a_limit_and_free_tasks_keep_flowing(db, tmp_path):
     log = tmp_path / "runs.log"
     path = str(log)
-    dbqueue.configure_queue("capped", max_concurrency=2)
+    assert db.cli("queue-limit", "capped", "2").returncode == 0
     ids = []
 
     def hold(label: str, group: str, seconds: float, **options: Any) -> None:
@@ -258,7 +258,7 @@ def test_four_workers_never_run_more_than_a_limit_and_free_tasks_keep_flowing(db
         )
 
     # a saturated key whose tasks come first in claim order, the first one long
-    hold("s0", "slow", 3.0, concurrency_key="slow", max_concurrency=1, priority=-10)
+    hold("s0", "slow", 6.0, concurrency_key="slow", max_concurrency=1, priority=-10)
     for i in range(1, 4):
         hold(f"s{i}", "slow", 0.1, concurrency_key="slow", max_concurrency=1, priority=-10)
     for k in range(6):  # many keys, limits 1 and 2
