@@ -283,6 +283,10 @@ def create_engine(url: str, *, pgbouncer: str | None = None, **kwargs: Any) -> s
         connect_args.setdefault("keepalives_idle", 10)
         connect_args.setdefault("keepalives_interval", 5)
         connect_args.setdefault("keepalives_count", 3)
+        # Keepalives only probe an idle socket: a statement sent into a dead network is
+        # retransmitted for about 15 minutes (tcp_retries2) without an error, and the worker
+        # sending it (a heartbeat, an outcome) hangs that long. Give up after as long instead.
+        connect_args.setdefault("tcp_user_timeout", 25_000)  # milliseconds
         engine = _create(parsed, kwargs)
         if ping_when_idle:
             _ping_when_idle(engine)

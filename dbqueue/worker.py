@@ -592,9 +592,20 @@ class Worker:
             try:
                 return action()
             except Exception as exc:
-                if not database.is_disconnect(exc) or self.zombie:
+                if not database.is_disconnect(exc):
                     raise
                 message = database.describe_error(self.settings, exc)
+                if self.zombie:
+                    # Presumed dead and still cut off: its tasks are the rescuers' now (a late
+                    # outcome would be refused by the fence anyway). Stop, don't wait.
+                    log.error(
+                        "%s; worker %s gives up its %s: it is presumed dead",
+                        message,
+                        self.name,
+                        what,
+                        extra={"event": "database_unavailable"},
+                    )
+                    return 0
                 log.error(
                     "%s; retrying %s in %.1fs",
                     message,

@@ -282,3 +282,36 @@ def test_cut_inside_a_heartbeat_transaction_does_not_stall_the_rescue(network):
     assert rescued_in < RESCUE_AFTER + HEARTBEAT + 1.0  # as if no transaction were left open
     assert results(network)[victim_task][0] != victim.hostname
     assert rescuers <= registered  # no rescuer was presumed dead while it waited
+
+
+def test_link_cut_for_good_the_cut_off_worker_exits_while_cut_off(network):
+    """A host cut off with no end in sight: its worker, blocked on a statement sent into the
+    dead link (no error comes: packets just vanish), must give up, exit as a zombie and leave
+    its supervisor waiting for the database; not hang for TCP's 15 minutes of retransmits."""
+    make_runs_table(network)
+    victim = network.hosts[0]
+    processes = [work(host) for host in network.hosts]
+    network.wait_workers(3)
+    (victim_worker,) = workers_on(network, victim)
+    running = start_one_task_per_worker(network, 3)
+    cut_at = time.monotonic()
+    victim.cut()
+    try:
+        deadline = cut_at + 90
+        exited = f"worker {victim_worker} exited (worker process exited with status 3)"
+        while exited not in processes[0].output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        exited_in = time.monotonic() - cut_at
+        log = processes[0].output()
+    finally:
+        victim.restore()
+    network.wait_workers(3)  # the fresh worker registers once the link is back
+    for process in processes:
+        process.stop()
+    print(f"NETCUTFORGOOD rescue_after={RESCUE_AFTER:g} exited_s={exited_in:.1f}")
+
+    assert exited in log, log[-3000:]
+    assert f"worker {victim_worker} stops claiming and exits" in log
+    assert network.db.scalar("SELECT count(*) FROM tasks WHERE status = 'succeeded'") == 3
+    runs = runs_per_task(network)
+    assert runs == {i: 2 if h == victim.hostname else 1 for h, ids in running.items() for i in ids}
