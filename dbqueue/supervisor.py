@@ -374,7 +374,12 @@ class Supervisor:
                 store.remove_workers(conn, [name])
             return ids
         except Exception as exc:  # the heartbeat rescue will do it once the database is back
-            log.error("could not rescue tasks of %s now: %s", name, exc)
+            log.error(
+                "could not rescue tasks of %s now (%s); a live worker's heartbeat will",
+                name,
+                database.describe_error(self.settings, exc),
+                extra={"event": "rescue_deferred", "worker": name},
+            )
             return []
 
     def _drain_progress(self, timeout: float) -> None:

@@ -813,6 +813,8 @@ class Heart(threading.Thread):
                 self._become_zombie(f"heartbeats failed for {silent:.0f}s")
 
     def _become_zombie(self, why: str) -> None:
+        if self.worker.zombie:
+            return  # said once: later failed heartbeats add nothing
         log.error(
             "worker %s stops claiming and exits: %s",
             self.worker.name,
