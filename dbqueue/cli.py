@@ -472,6 +472,7 @@ def status(obj: Context) -> None:
     """Tasks per queue and status, and the workers alive."""
     database.check_schema(obj.settings)
     with obj.settings.get_engine().begin() as conn:
+        stats.without_jit(conn)
         rows = stats.counts(conn)
         workers = store.list_workers(conn)
         paused = control.read_paused(conn)

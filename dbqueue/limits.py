@@ -234,10 +234,16 @@ def limited_waiting(conn: sa.Connection, queues: Sequence[str] | None) -> bool:
     return conn.execute(stmt.limit(1)).first() is not None
 
 
-def waiting_on_limits(conn: sa.Connection) -> dict[str, int]:
+def waiting_on_limits(conn: sa.Connection, cap: int = 100_000) -> dict[str, int]:
     """Per queue, ready tasks a claim would not take now because their key or their queue is
-    at its limit (the /metrics gauge). Reads the queued rows with a key (their own index)
-    and the queued rows of capped queues at their cap, not the whole backlog."""
+    at its limit (the /metrics gauge).
+
+    Two steps, so the cost follows what is limited, never the backlog: the queued rows with a
+    key are read through their own index; the capped queues at their cap are found first
+    (queue_settings is small) and only their ready rows are then counted, at most `cap` per
+    queue (a saturated queue with a larger backlog reports `cap`: "at least"). One statement
+    joining both made PostgreSQL plan a merge join over the whole claim index (estimated cost
+    in the millions: 0.35 s of JIT compilation alone on a 1,000,000-task backlog)."""
     candidate = tasks.alias("candidate")
     ready = sa.and_(
         candidate.c.status == sa.literal_column("'queued'"), candidate.c.run_at <= db_now()
@@ -246,10 +252,16 @@ def waiting_on_limits(conn: sa.Connection) -> dict[str, int]:
         candidate.c.concurrency_key.is_not(None),
         _running_of_key(candidate) >= candidate.c.max_concurrency,
     )
-    blocked_by_key = sa.select(candidate.c.queue).where(ready, key_full)
-    blocked_by_queue = sa.select(candidate.c.queue).where(
-        ready, candidate.c.queue.in_(saturated_queues()), sa.not_(key_full)
-    )
-    both = sa.union_all(blocked_by_key, blocked_by_queue).subquery("blocked")
-    stmt = sa.select(both.c.queue, sa.func.count()).group_by(both.c.queue)
-    return {row[0]: int(row[1]) for row in conn.execute(stmt)}
+    blocked = sa.select(candidate.c.queue, sa.func.count()).where(ready, key_full)
+    waiting = {row[0]: int(row[1]) for row in conn.execute(blocked.group_by(candidate.c.queue))}
+    for queue in conn.execute(saturated_queues()).scalars():
+        rows = (
+            sa.select(candidate.c.id)
+            .where(ready, candidate.c.queue == sa.literal(queue), sa.not_(key_full))
+            .limit(cap)
+            .subquery()
+        )
+        n = int(conn.execute(sa.select(sa.func.count()).select_from(rows)).scalar_one())
+        if n:
+            waiting[queue] = waiting.get(queue, 0) + n
+    return waiting

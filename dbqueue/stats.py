@@ -55,6 +55,18 @@ class Queued:
     estimated: bool = False
 
 
+def without_jit(conn: sa.Connection) -> None:
+    """Turn PostgreSQL's JIT off for the rest of this transaction (a no-op elsewhere).
+
+    PostgreSQL JIT-compiles a statement whose estimated cost passes `jit_above_cost`. The
+    capped counts here read at most a bounded number of index entries, but on a table of
+    millions of rows the planner estimates them in the millions: compiling took 0.27 s of a
+    0.32 s count on a 1,000,000-task backlog, and 2 s of /metrics' first scrape. SET LOCAL
+    lasts until the transaction ends, so it works behind a transaction pooler too."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL jit = off")
+
+
 def count_if(condition: Any) -> Any:
     """SUM(CASE WHEN condition THEN 1 ELSE 0 END), 0 over no rows: a portable COUNT FILTER."""
     return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)

@@ -237,3 +237,40 @@ def test_a_large_backlog_is_estimated_and_a_small_queue_beside_it_stays_exact(
     with TestClient(create_app(db.settings)) as client:
         page = client.get("/").text
     assert row_cells(page, "bulk")[1].startswith("≈") and row_cells(page, "mail")[1] == "30"
+
+
+@pytest.mark.postgresql_only
+def test_dashboard_and_metrics_reads_run_without_jit(db):
+    """PostgreSQL JIT-compiles a statement whose estimated cost passes jit_above_cost; the
+    capped counts are estimated in the millions on a large table, so /metrics' first scrape
+    beside a 1,000,000-task backlog spent 2 s compiling (0.06 s reading). Every statement the
+    dashboard and /metrics send about `tasks` runs with jit off (`dbqueue status` reads
+    through the same stats.without_jit). Checked on
+    the connection itself, after each statement, with JIT made eager (jit_above_cost 0)."""
+    with db.engine.connect() as conn:
+        if not conn.exec_driver_sql("SELECT pg_jit_available()").scalar():
+            pytest.skip("this PostgreSQL has no JIT provider (llvmjit): nothing to turn off")
+        name = conn.exec_driver_sql("SELECT current_database()").scalar()
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET jit_above_cost = 0')
+        conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET jit = on')
+    db.engine.dispose()
+    dbqueue.configure_queue("capped", max_concurrency=1)
+    dbqueue.enqueue(jobs.noop)
+    dbqueue.enqueue(jobs.noop, queue="capped")
+    seen: list[tuple[str, str]] = []
+
+    def check(conn, cursor, statement, parameters, context, executemany):
+        if " tasks" in statement and statement.lstrip().upper().startswith("SELECT"):
+            jit = conn.connection.dbapi_connection.execute("SHOW jit").fetchone()[0]
+            seen.append((jit, statement.split("\n")[0][:80]))
+
+    sa.event.listen(db.engine, "after_cursor_execute", check)
+    try:
+        with TestClient(create_app(db.settings)) as client:
+            for path in ("/metrics", "/metrics", "/", "/tasks"):
+                assert client.get(path).status_code == 200
+    finally:
+        sa.event.remove(db.engine, "after_cursor_execute", check)
+    assert seen, "no statement about tasks was seen"
+    assert [s for s in seen if s[0] != "off"] == []

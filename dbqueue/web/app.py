@@ -113,6 +113,7 @@ class Dashboard:
         settings = self.settings
         with database.errors_translated(settings), settings.get_engine().connect() as conn:
             try:
+                stats.without_jit(conn)
                 return body(conn)
             finally:
                 conn.rollback()

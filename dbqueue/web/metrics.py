@@ -94,6 +94,7 @@ class QueueCollector(registry.Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self.engine.connect() as conn:
+            stats.without_jit(conn)
             by_status, waiting, now = queries.gauges(conn)
             settings = control.read_settings(conn)
             on_limits = limits.waiting_on_limits(conn)
@@ -134,7 +135,7 @@ class QueueCollector(registry.Collector):
         limited = GaugeMetricFamily(
             "dbqueue_tasks_waiting_on_limit",
             "Ready tasks not claimed because their concurrency_key or their queue is at its "
-            "max_concurrency",
+            "max_concurrency (a capped queue's counted up to 100000)",
             labels=["queue"],
         )
         for queue, waiting_n in sorted(on_limits.items()):
