@@ -37,6 +37,7 @@ import sqlalchemy as sa
 
 import dbqueue
 from dbqueue import config, database
+from tests import mariadbcluster, pgcluster
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get(
@@ -70,6 +71,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             if metafunc.definition.get_closest_marker(marker) is not None:
                 kinds = [k for k in kinds if k in allowed]
         metafunc.parametrize("db", kinds, indirect=True)
+    if "server_kind" in metafunc.fixturenames:  # a server the test owns (and restarts)
+        kinds = [k for k in metafunc.config.getoption("--db") or ENGINES if k != "sqlite"]
+        metafunc.parametrize("server_kind", kinds)
+
+
+def owned_server(kind: str) -> pgcluster.Cluster | mariadbcluster.Cluster:
+    """A throwaway server of this engine from the local binaries, not yet started."""
+    return pgcluster.Cluster() if kind == "postgresql" else mariadbcluster.Cluster()
 
 
 def _admin_engine() -> sa.Engine:

@@ -1,5 +1,6 @@
-"""Database outages under real workers: a throwaway PostgreSQL cluster restarted and stopped
-(reliability.md R6, R7). PostgreSQL only: SQLite is a file and has no server to lose."""
+"""Database outages under real workers: a throwaway PostgreSQL cluster or MariaDB server,
+owned by the test, restarted and stopped (reliability.md R6, R7). Not SQLite: a file has no
+server to lose."""
 
 from __future__ import annotations
 
@@ -15,16 +16,19 @@ import sqlalchemy as sa
 import dbqueue
 from dbqueue import config, database
 from tests import jobs
-from tests.conftest import ROOT, SECRET, Background
+from tests.conftest import ROOT, SECRET, Background, owned_server
+from tests.mariadbcluster import Cluster as MariaDBCluster
 from tests.pgcluster import Cluster
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture
-def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+def cluster(
+    monkeypatch: pytest.MonkeyPatch, server_kind: str
+) -> Iterator[Cluster | MariaDBCluster]:
     monkeypatch.setenv("DBQUEUE_SECRET_KEY", SECRET)
-    server = Cluster()
+    server = owned_server(server_kind)
     server.start()
     try:
         yield server
@@ -43,6 +47,13 @@ def start_worker(url: str, *args: str) -> Background:
         [sys.executable, "-m", "dbqueue", "work", "--import", "tests.jobs", *args],
         env=env_for(url),
     )
+
+
+def backend_id(conn: sa.Connection) -> int:
+    """The server's id for this connection: a new one after a reconnect."""
+    if conn.dialect.name == "postgresql":
+        return int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+    return int(conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one())
 
 
 def count(engine: sa.Engine, sql: str) -> int:
@@ -139,13 +150,13 @@ def test_enqueue_after_a_restart_gets_a_fresh_pooled_connection(cluster):
     engine = settings.get_engine()
     first = dbqueue.enqueue(jobs.add, args=(1, 1))
     with engine.connect() as conn:
-        backend_before = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        backend_before = backend_id(conn)
     cluster.restart("fast")
     time.sleep(config.PING_AFTER_IDLE + 0.2)
     try:
         second = dbqueue.enqueue(jobs.add, args=(2, 2))
         with engine.connect() as conn:
-            backend_after = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            backend_after = backend_id(conn)
             ids = [r[0] for r in conn.execute(sa.text("SELECT id FROM tasks ORDER BY id"))]
     finally:
         engine.dispose()
