@@ -1,16 +1,15 @@
-"""The README's framework recipes, run: a request enqueues in its own transaction, a real
-worker process runs the task, and a rolled-back request leaves no task behind."""
+"""The framework recipes of docs/guides/flask.md and fastapi.md, run: a request enqueues in its
+own transaction, a real worker process runs the task, and a rolled-back request leaves no task
+behind. tests/test_docs.py checks that the pages show these files' code."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
 import pytest
 
 from dbqueue import Status, Task
-from tests.conftest import ROOT
 
 
 def workoff(db) -> subprocess.CompletedProcess[str]:
@@ -80,16 +79,3 @@ def test_fastapi_async_enqueue_commits_with_the_request(db, monkeypatch):
     assert result.returncode == 0, result.stdout + result.stderr
     assert Task.get(created.json()["task_id"]).status is Status.SUCCEEDED
     assert db.scalar("SELECT receipt_sent FROM orders WHERE id = :id", id=created.json()["id"])
-
-
-def test_the_readme_shows_the_tested_code():
-    """Each README block marked `<!-- recipe: PATH -->` appears, line for line, in PATH."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"<!-- recipe: (\S+) -->\n```python\n(.*?)```", readme, re.S)
-    assert {path for path, _ in blocks} == {
-        "tests/recipes/flask_app.py",
-        "tests/recipes/fastapi_app.py",
-    }
-    for path, block in blocks:
-        source = (ROOT / path).read_text()
-        assert block.strip() in source, f"the README's {path} block is not that file's code"
