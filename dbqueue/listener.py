@@ -2,10 +2,11 @@
 
 Owns one thread per worker process with its own psycopg connection (never from the pool: a
 LISTENing session must stay open and must not be handed to anyone else) that LISTENs on
-`store.NOTIFY_CHANNEL` and sets the worker's `wakeup` event when a notification names one of
-its queues. Enqueue sends at most one NOTIFY per queue per interval (store.notify_queues), so
-notifications are hints, never the only way a task is found: the worker keeps polling at
-`--sleep-delay` and sleeps until the next `run_at` at the latest.
+`engines.postgresql.NOTIFY_CHANNEL` and sets the worker's `wakeup` event when a notification
+names one of its queues. Enqueue sends at most one NOTIFY per queue per interval
+(engines.postgresql.NotifyLimiter), so notifications are hints, never the only way a task is
+found: the worker keeps polling at `--sleep-delay` and sleeps until the next `run_at` at the
+latest.
 
 LISTEN sessions die silently (server restart, pg_terminate_backend, a half-open TCP
 connection: graphile-worker #541, pg-boss #850). The thread notices the broken connection
@@ -30,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from dbqueue import config, database, errors, store
+from dbqueue import config, database, errors
+from dbqueue.engines import postgresql
 
 if TYPE_CHECKING:  # imported when a listener starts: `dbqueue` stays quick to start
     import psycopg
@@ -139,11 +141,11 @@ class Listener(threading.Thread):
     def catch_up_in(self) -> float | None:
         """Seconds until one more look is due after the last NOTIFY, or None.
 
-        Enqueuers skip a NOTIFY sent less than `store.NOTIFY_MIN_INTERVAL` after the previous
+        Enqueuers skip a NOTIFY sent less than `postgresql.NOTIFY_MIN_INTERVAL` after the previous
         one, so a task committed just after the one that woke us may come unannounced: one
         claim two intervals after the last notification finds it.
         """
-        due = self.last_notify + 2 * store.NOTIFY_MIN_INTERVAL - time.monotonic()
+        due = self.last_notify + 2 * postgresql.NOTIFY_MIN_INTERVAL - time.monotonic()
         return due if due > 0 else None
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -192,7 +194,7 @@ class Listener(threading.Thread):
 
         conn = psycopg.connect(**self.params)
         self._conn = conn
-        conn.execute(f"LISTEN {store.NOTIFY_CHANNEL}")
+        conn.execute(f"LISTEN {postgresql.NOTIFY_CHANNEL}")
         self.backend_pid = conn.info.backend_pid
         self.connected.set()
         self.wakeup.set()  # notifications sent while we were not listening are lost: look now

@@ -21,217 +21,28 @@ Every time comes from the database clock (`schema.db_now`). Callers own the tran
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import functools
 import logging
 import operator
 import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.compiler import compiles
 
-from dbqueue import database, limits
+from dbqueue import engines
+from dbqueue.engines import base
+from dbqueue.engines import postgresql as _postgresql
+from dbqueue.engines import sqlite as _sqlite  # noqa: F401 (its INDEXED BY compiles for stats.py)
+from dbqueue.engines.base import CLAIM_COLUMNS, NewTask, Outcome
 from dbqueue.schema import FINISHED, Status, UTCDateTime, db_now, status_is, tasks, workers
+
+__all__ = ["CLAIM_COLUMNS", "NewTask", "Outcome"]
 
 log = logging.getLogger("dbqueue.store")
 
-NOTIFY_CHANNEL = "dbqueue"
-NOTIFY_MIN_INTERVAL = 0.005  # seconds between NOTIFYs for one queue from one process
-
-CLAIM_COLUMNS = (
-    tasks.c.id,
-    tasks.c.queue,
-    tasks.c.priority,
-    tasks.c.run_at,
-    tasks.c.handler,
-    tasks.c.payload,
-    tasks.c.attempts,
-    tasks.c.max_attempts,
-    tasks.c.timeout,
-    tasks.c.meta,
-)
-
-
-@dataclasses.dataclass(slots=True)
-class NewTask:
-    """One row to insert. `run_at` absolute, or `delay` seconds from the database's now."""
-
-    handler: str
-    payload: bytes
-    queue: str = "default"
-    priority: int = 0
-    run_at: dt.datetime | None = None
-    delay: float = 0.0
-    max_attempts: int = 25
-    timeout: float | None = None
-    unique_key: str | None = None
-    meta: dict[str, Any] | None = None
-    concurrency_key: str | None = None  # with max_concurrency: see limits.py
-    max_concurrency: int | None = None
-
-
-@dataclasses.dataclass
-class Outcome:
-    """How one run ended, as the worker records it. `status` is the new status."""
-
-    id: int
-    attempts: int
-    status: Status
-    result: bytes | None = None
-    exception: bytes | None = None
-    error: str | None = None
-    retry_in: float = 0.0
-    snooze: bool = False  # QUEUED again without spending the attempt (Snooze)
-
-
-def _insert_values(task: NewTask) -> dict[str, Any]:
-    return {
-        "queue": task.queue,
-        "priority": task.priority,
-        "run_at_abs": task.run_at,
-        "delay_s": float(task.delay),
-        "handler": task.handler,
-        "payload": task.payload,
-        "max_attempts": task.max_attempts,
-        "timeout": task.timeout,
-        "unique_key": task.unique_key,
-        "meta": task.meta,
-        "concurrency_key": task.concurrency_key,
-        "max_concurrency": task.max_concurrency,
-    }
-
-
-def _insert_statement() -> Any:
-    return {
-        "queue": sa.bindparam("queue"),
-        "priority": sa.bindparam("priority"),
-        "run_at": sa.func.coalesce(
-            sa.bindparam("run_at_abs", type_=tasks.c.run_at.type), db_now(sa.bindparam("delay_s"))
-        ),
-        "status": Status.QUEUED.value,
-        "handler": sa.bindparam("handler"),
-        "payload": sa.bindparam("payload", type_=sa.LargeBinary),
-        "attempts": 0,
-        "max_attempts": sa.bindparam("max_attempts"),
-        "timeout": sa.bindparam("timeout", type_=sa.Float),
-        "unique_key": sa.bindparam("unique_key", type_=sa.Text),
-        "meta": sa.bindparam("meta", type_=tasks.c.meta.type),
-        "concurrency_key": sa.bindparam("concurrency_key", type_=sa.Text),
-        "max_concurrency": sa.bindparam("max_concurrency", type_=sa.Integer),
-        "created_at": db_now(),
-    }
-
-
-@functools.lru_cache(maxsize=256)
-def _insert_one_statement(notify_queue: str | None) -> Any:
-    """The one-row INSERT, built once (per queue when it carries its NOTIFY): building it
-    and its cache key on every enqueue cost more client time than the round trip."""
-    stmt = sa.insert(tasks).values(_insert_statement()).returning(tasks.c.id)
-    if notify_queue is not None:
-        stmt = stmt.returning(_notify_column(notify_queue))
-    return stmt
-
-
-@functools.lru_cache(maxsize=256)
-def _driver_sql(
-    statement: Any, dialect: sa.Dialect
-) -> tuple[str, dict[str, Any], tuple[tuple[str, Callable[[Any], Any]], ...]]:
-    """A statement built once, compiled once for the driver's cursor: its SQL, its fixed
-    parameters and SQLAlchemy's bind processors. (An expanding IN would need SQLAlchemy's
-    execution path: list its values as separate parameters, as the claim does.)"""
-    compiled = statement.compile(dialect=dialect)
-    processors = tuple(
-        (name, proc)
-        for name, proc in compiled._bind_processors.items()  # SQLAlchemy's own type coercions
-        if isinstance(name, str)
-        and proc is not None
-        # bytes go as they are: psycopg's C dumper sends them in binary, where the processor
-        # would wrap them in psycopg.Binary, whose dumper is Python code run per statement
-        and not isinstance(compiled.binds[name].type, sa.LargeBinary)
-    )
-    return str(compiled), dict(compiled.params), processors
-
-
-def _driver_params(
-    statement: Any, dialect: sa.Dialect, values: dict[str, Any]
-) -> tuple[str, dict[str, Any]]:
-    """(SQL, parameters) to send `statement` with `values` through the driver's cursor."""
-    sql, fixed, processors = _driver_sql(statement, dialect)
-    params = {**fixed, **values}
-    for name, process in processors:
-        params[name] = process(params[name])
-    return sql, params
-
-
-def insert_one_autocommit(engine: sa.Engine, task: NewTask, *, notify: bool = True) -> int:
-    """Store one task in a statement of its own on PostgreSQL (autocommit); returns its id.
-
-    The statement is SQLAlchemy's (`_insert_one_statement`, compiled once) but it goes to the
-    driver's cursor of a pooled connection directly: measured after a 20 ms pause, as an
-    enqueue from a web request is, SQLAlchemy's execution path around a cached statement
-    (connection branch, isolation switch and reset, execution context, result object) cost
-    about as much client time as the round trip itself. Connection events (checkout pings)
-    still run; cursor-level events (`before_cursor_execute`) do not see this statement.
-    """
-    inline = notify and _notify_inline_pg(task)
-    statement = _insert_one_statement(task.queue if inline else None)
-    sql, params = _driver_params(statement, engine.dialect, _insert_values(task))
-    error = engine.dialect.loaded_dbapi.Error
-    try:
-        pooled = engine.raw_connection()
-    except error as exc:  # the pool hands out the driver's own connect error
-        raise _driver_error(engine.dialect, sql, params, exc, invalidated=True) from exc
-    try:
-        driver: Any = pooled.dbapi_connection  # a psycopg.Connection
-        transactional = not driver.autocommit  # an Engine made with AUTOCOMMIT stays so
-        driver.autocommit = True
-        try:
-            with driver.cursor() as cursor:
-                cursor.execute(sql, params)  # prepared as the connection says (PgBouncer)
-                row = cursor.fetchone()
-        finally:
-            if transactional:
-                driver.autocommit = False
-    except error as exc:
-        invalidated = engine.dialect.is_disconnect(exc, driver, None)
-        if invalidated:
-            pooled.invalidate(exc)
-        raise _driver_error(engine.dialect, sql, params, exc, invalidated) from exc
-    finally:
-        pooled.close()
-    assert row is not None
-    return int(row[0])
-
-
-def _driver_error(
-    dialect: sa.Dialect, sql: str, params: dict[str, Any], exc: Exception, invalidated: bool
-) -> sa.exc.StatementError:
-    """A driver error as SQLAlchemy would have wrapped it (database.errors_translated and
-    database.is_disconnect read those)."""
-    return sa.exc.DBAPIError.instance(
-        sql,
-        params,
-        exc,
-        dialect.loaded_dbapi.Error,
-        connection_invalidated=invalidated,
-        dialect=dialect,
-    )
-
-
-@functools.lru_cache(maxsize=1)
-def _insert_statement_many() -> Any:
-    """Several rows in one executemany, ids in parameter order (SQLite; PostgreSQL for
-    tasks that carry meta, which the unnest statements leave out to stay lean)."""
-    return (
-        sa.insert(tasks)
-        .values(_insert_statement())
-        .returning(tasks.c.id, sort_by_parameter_order=True)
-    )
+NOTIFY_CHANNEL = _postgresql.NOTIFY_CHANNEL
+insert_one_autocommit = _postgresql.insert_one_autocommit  # PostgreSQL's lone-enqueue path
 
 
 def insert(
@@ -245,169 +56,26 @@ def insert(
     """
     if not new:
         return []
+    engine = engines.of(conn)
     ids: list[int]
-    if (
-        len(new) > 1
-        and conn.dialect.name == "postgresql"
-        and all(t.unique_key is None and t.meta is None and t.concurrency_key is None for t in new)
-    ):
-        ids = _insert_many_pg(conn, new)
-    elif len(new) == 1 and new[0].unique_key is None:
-        inline = notify and _notify_inline(conn, new[0])
+    if len(new) == 1 and new[0].unique_key is None:
+        ids = [engine.insert_one(conn, new[0], notify)]
         notify = False  # carried by this statement, or not due (the limiter said so)
-        stmt = _insert_one_statement(new[0].queue if inline else None)
-        ids = [conn.execute(stmt, _insert_values(new[0])).scalar_one()]
     elif all(t.unique_key is None for t in new):
-        stmt = _insert_statement_many()
-        ids = [r[0] for r in conn.execute(stmt, [_insert_values(t) for t in new])]
+        ids = engine.insert_many(conn, new)
     else:
-        values = _insert_statement()
-        ids = [_insert_unique(conn, t, values, replace) for t in new]
+        ids = [_insert_unique(conn, engine, t, replace) for t in new]
     if notify:
         notify_queues(conn, {t.queue for t in new if t.run_at is None and t.delay <= 0})
     return ids
 
 
-_INSERT_MANY_PG = sa.text(
-    """
-    WITH inserted AS (
-        INSERT INTO tasks (queue, priority, run_at, status, handler, payload, attempts,
-                           max_attempts, timeout, created_at)
-        SELECT n.queue, n.priority,
-               coalesce(n.run_at, clock_timestamp() + make_interval(secs => n.delay)),
-               'queued', n.handler, n.payload, 0, n.max_attempts, n.timeout, clock_timestamp()
-        FROM unnest(CAST(:queues AS text[]), CAST(:priorities AS int[]),
-                    CAST(:run_ats AS timestamptz[]), CAST(:delays AS float8[]),
-                    CAST(:handlers AS text[]), CAST(:payloads AS bytea[]),
-                    CAST(:max_attempts AS int[]), CAST(:timeouts AS float8[]))
-             WITH ORDINALITY AS n(queue, priority, run_at, delay, handler, payload,
-                                  max_attempts, timeout, position)
-        ORDER BY n.position
-        RETURNING id
-    )
-    SELECT array_agg(id ORDER BY id) FROM inserted
-    """
-)
-
-# enqueue_many's batches: one function with one set of options, so only the payloads
-# differ; the rest goes once as scalars (dumping seven arrays of one repeated value was
-# half of the client's time per batch, measured).
-_INSERT_MANY_UNIFORM_PG = sa.text(
-    """
-    WITH inserted AS (
-        INSERT INTO tasks (queue, priority, run_at, status, handler, payload, attempts,
-                           max_attempts, timeout, created_at)
-        SELECT CAST(:queue AS text), CAST(:priority AS int),
-               coalesce(CAST(:run_at AS timestamptz),
-                        clock_timestamp() + make_interval(secs => CAST(:delay AS float8))),
-               'queued', CAST(:handler AS text), n.payload, 0, CAST(:max_attempts AS int),
-               CAST(:timeout AS float8), clock_timestamp()
-        FROM unnest(CAST(:payloads AS bytea[])) WITH ORDINALITY AS n(payload, position)
-        ORDER BY n.position
-        RETURNING id
-    )
-    SELECT array_agg(id ORDER BY id) FROM inserted
-    """
-)
-
-
-class _BinaryArray(list):  # type: ignore[type-arg]
-    """A list psycopg sends as a binary array (see `_binary_array`)."""
-
-
-def _binary_array(conn: sa.Connection, values: list[Any]) -> list[Any]:
-    """`values` (bytes or ints) as a parameter psycopg sends in binary: as text, every
-    element of an array is checked, and a bytea one escaped and quoted, by a regular
-    expression in Python (measured: 4.9 ms for 1,000 payloads of 100 bytes, 0.3 ms in
-    binary). psycopg picks a list's format by its class, so the list is re-classed and this
-    connection told to dump that class in binary; SQLAlchemy still runs the statement.
-    Other drivers get the plain list."""
-    if not database.is_psycopg(conn) or all(v is None for v in values):
-        return values  # an all-NULL array has no element type to send in binary
-    from psycopg.adapt import PyFormat
-    from psycopg.types.array import ListBinaryDumper
-
-    adapters = conn.connection.driver_connection.adapters  # type: ignore[union-attr]
-    if adapters.get_dumper(_BinaryArray, PyFormat.AUTO) is not ListBinaryDumper:
-        adapters.register_dumper(_BinaryArray, ListBinaryDumper)  # once per connection
-    return _BinaryArray(values)
-
-
-def _uniform(task: NewTask) -> tuple[Any, ...]:
-    return (
-        task.queue,
-        task.priority,
-        task.run_at,
-        task.delay,
-        task.handler,
-        task.max_attempts,
-        task.timeout,
-    )
-
-
-def _insert_many_pg(conn: sa.Connection, new: Sequence[NewTask]) -> list[int]:
-    """(new) -> queued for many tasks in one short statement: the payloads as an array, the
-    other columns as scalars when every task shares them, else one array per column.
-
-    insertmanyvalues would send a statement with 9 placeholders per row that psycopg parses
-    anew for every batch (most of enqueue_many's time, measured); this text is the same for
-    every batch, so it is parsed once and prepared. Identities are drawn in `position` order,
-    so the sorted ids are the tasks' ids in order; they come back as one array, not a row each.
-    """
-    utc = dt.timezone.utc
-    first = new[0]
-    statement: Any
-    if all(_uniform(t) == _uniform(first) for t in new):
-        statement = _INSERT_MANY_UNIFORM_PG
-        params: dict[str, Any] = {
-            "queue": first.queue,
-            "priority": first.priority,
-            "run_at": first.run_at.astimezone(utc) if first.run_at else None,
-            "delay": float(first.delay),
-            "handler": first.handler,
-            "max_attempts": first.max_attempts,
-            "timeout": first.timeout,
-            "payloads": _binary_array(conn, [t.payload for t in new]),
-        }
-    else:
-        statement = _INSERT_MANY_PG
-        params = {
-            "queues": [t.queue for t in new],
-            "priorities": [t.priority for t in new],
-            "run_ats": [t.run_at.astimezone(utc) if t.run_at else None for t in new],
-            "delays": [float(t.delay) for t in new],
-            "handlers": [t.handler for t in new],
-            "payloads": _binary_array(conn, [t.payload for t in new]),
-            "max_attempts": [t.max_attempts for t in new],
-            "timeouts": [t.timeout for t in new],
-        }
-    return list(conn.execute(statement, params).scalar_one())
-
-
-def _insert_unique(conn: sa.Connection, task: NewTask, values: Any, replace: bool) -> int:
+def _insert_unique(conn: sa.Connection, engine: base.Engine, task: NewTask, replace: bool) -> int:
     if task.unique_key is None:
-        row = conn.execute(
-            sa.insert(tasks).values(values).returning(tasks.c.id), _insert_values(task)
-        ).scalar_one()
-        return int(row)
-    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    stmt = (
-        dialect_insert(tasks)
-        .values(values)
-        .on_conflict_do_nothing(
-            index_elements=[tasks.c.unique_key],
-            # Literal statuses (status_is): a prepared statement's generic plan could not
-            # match a parameterised predicate to the partial index ("no unique or exclusion
-            # constraint matching the ON CONFLICT specification").
-            index_where=sa.and_(
-                tasks.c.unique_key.is_not(None), status_is(Status.QUEUED, Status.RUNNING)
-            ),
-        )
-        .returning(tasks.c.id)
-    )
-    inserted = conn.execute(stmt, _insert_values(task)).scalar_one_or_none()
+        return engine.insert_one(conn, task)
+    inserted = engine.insert_if_absent(conn, task)
     if inserted is not None:
-        return int(inserted)
+        return inserted
     existing = conn.execute(
         sa.select(tasks.c.id, tasks.c.status).where(
             tasks.c.unique_key == task.unique_key,
@@ -415,7 +83,7 @@ def _insert_unique(conn: sa.Connection, task: NewTask, values: Any, replace: boo
         )
     ).one_or_none()
     if existing is None:  # finished between our insert and select: try once more
-        return _insert_unique(conn, task, values, replace)
+        return _insert_unique(conn, engine, task, replace)
     if replace and existing.status == Status.QUEUED.value:
         conn.execute(
             sa.update(tasks)
@@ -437,56 +105,10 @@ def _insert_unique(conn: sa.Connection, task: NewTask, values: Any, replace: boo
     return int(existing.id)
 
 
-class _NotifyLimiter:
-    """At most one NOTIFY per queue per interval from this process.
-
-    NOTIFY takes a database-wide lock at commit, so a burst of enqueues must not send one
-    each; workers woken by the first find the rest, and polling covers any gap.
-    """
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def due(self, queue: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(queue, -1.0) < NOTIFY_MIN_INTERVAL:
-                return False
-            self._last[queue] = now
-            return True
-
-
-_limiter = _NotifyLimiter()
-
-
-def _notify_inline(conn: sa.Connection, task: NewTask) -> bool:
-    """Whether this one-row insert should carry its NOTIFY (PostgreSQL, ready now, due)."""
-    return conn.dialect.name == "postgresql" and _notify_inline_pg(task)
-
-
-def _notify_inline_pg(task: NewTask) -> bool:
-    return task.run_at is None and task.delay <= 0 and _limiter.due(task.queue)
-
-
-def _notify_column(queue: str) -> Any:
-    """`(SELECT pg_notify(channel, queue))` for RETURNING: an InitPlan, run once per statement,
-    so the insert and its NOTIFY travel in one round trip."""
-    return sa.select(sa.func.pg_notify(sa.literal(NOTIFY_CHANNEL), sa.literal(queue))).label(
-        "notified"
-    )
-
-
 def notify_queues(conn: sa.Connection, queues: Iterable[str]) -> None:
-    """Wake listening workers (PostgreSQL only); the payload is the queue name alone.
-
-    One round trip however many queues are due (a bus publish fans out to many).
-    """
-    if conn.dialect.name != "postgresql":
-        return
-    due = sorted(q for q in set(queues) if _limiter.due(q))
-    if due:
-        conn.execute(sa.select(*(sa.func.pg_notify(NOTIFY_CHANNEL, q) for q in due)))
+    """Wake listening workers (PostgreSQL; elsewhere workers poll); at most one NOTIFY per
+    queue per interval from this process (engines.postgresql.NotifyLimiter)."""
+    engines.of(conn).notify(conn, queues)
 
 
 def claim(
@@ -512,235 +134,43 @@ def claim(
     `registered`: claim only while `worker` has its row in `workers` (the worker loop's
     claims). A worker presumed dead has lost its row to another worker's rescue; claiming
     anyway, it would start tasks that the next rescue returns to the queue as orphaned, and
-    they would run twice. On PostgreSQL the row is read `FOR KEY SHARE`, so a rescue deleting
-    it waits for this claim to commit and then sees (and returns) what it took.
+    they would run twice.
 
     `exclude`: queues not to claim from when `queues` is None (the paused ones). A worker
     given queues drops paused ones from its list instead, which keeps its index reads exact.
 
-    PostgreSQL: the candidate ids are locked `FOR UPDATE SKIP LOCKED` inside a MATERIALIZED CTE:
-    without the fence the planner may re-run the LIMITed subquery in a nested loop and update
-    more rows than the limit (Oban learned this). SKIP LOCKED lets concurrent workers take
-    disjoint batches instead of queueing on each other's locks
-    (https://www.postgresql.org/docs/current/sql-select.html#SQL-FOR-UPDATE-SHARE).
-    SQLite: the caller's transaction began with BEGIN IMMEDIATE, so one claimer at a time.
+    Which rows a claim reads is `engines.base.claimable`; how it locks and takes them is
+    each engine's `claim` (PostgreSQL: one UPDATE over a `FOR UPDATE SKIP LOCKED` CTE;
+    SQLite: the caller's transaction began with BEGIN IMMEDIATE, so one claimer at a time).
     """
-    postgresql = conn.dialect.name == "postgresql"
-    stmt = _claim_statement(
-        tuple(queues) if queues else None, postgresql, registered, tuple(sorted(exclude)), limited
+    rows = engines.of(conn).claim(
+        conn,
+        worker,
+        limit,
+        tuple(queues) if queues else None,
+        registered,
+        tuple(sorted(exclude)),
+        limited,
     )
-    if limited and postgresql:
-        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
-            raise ValueError("a limited claim needs a transaction: the lock ends with it")
-        conn.execute(_LIMITS_LOCK, {"lock_key": limits.CLAIM_LOCK})
-    values = {"claim_limit": limit, "claim_worker": worker}
-    rows: list[Any]
-    if database.is_psycopg(conn):
-        rows = _claim_on_driver(conn, stmt, values)
-    else:
-        rows = list(conn.execute(stmt, values).all())
     rows.sort(key=_CLAIM_ORDER)  # RETURNING comes in no particular order
     return rows
 
 
-def _claim_on_driver(conn: sa.Connection, stmt: Any, values: dict[str, Any]) -> list[Any]:
-    """The claim sent to the driver's cursor of `conn` (autocommit for the worker; inside
-    the caller's transaction otherwise). Measured on an idle worker woken by a NOTIFY: 1.03
-    -> 0.75 ms per claim, a tenth of the enqueue-to-start latency; SQLAlchemy's execution
-    path around a statement it had already compiled was the difference.
-
-    It does what SQLAlchemy's execute would around it: begins `conn`'s transaction when none
-    is (its autobegin; else the caller's commit() would find nothing to commit while psycopg
-    held the claim in a transaction of its own, rolled back at close), and invalidates a
-    broken connection. Rows are psycopg named tuples with CLAIM_COLUMNS' names, read by
-    attribute; their run_at is in the session's time zone (only sorted here). Cursor-level
-    events do not see the claim."""
-    from psycopg.rows import namedtuple_row
-
-    if not conn.in_transaction():
-        conn.begin()
-    sql, params = _driver_params(stmt, conn.dialect, values)
-    driver: Any = conn.connection.driver_connection
-    error = conn.dialect.loaded_dbapi.Error
-    try:
-        with driver.cursor(row_factory=namedtuple_row) as cursor:
-            cursor.execute(sql, params)
-            rows: list[Any] = cursor.fetchall()
-            return rows
-    except error as exc:
-        invalidated = conn.dialect.is_disconnect(exc, driver, None)
-        if invalidated:
-            conn.invalidate(exc)
-        raise _driver_error(conn.dialect, sql, params, exc, invalidated) from exc
-
-
 _CLAIM_ORDER = operator.itemgetter(2, 3, 0)  # priority, run_at, id in CLAIM_COLUMNS
-_LIMITS_LOCK = sa.text("SELECT pg_advisory_xact_lock(:lock_key)")  # see limits.py
-
-
-@functools.lru_cache(maxsize=32)
-def _claim_statement(
-    queues: tuple[str, ...] | None,
-    postgresql: bool,
-    registered: bool = False,
-    exclude: tuple[str, ...] = (),
-    limited: bool = False,
-) -> Any:
-    """The claim, built once per set of queues: building the construct and its cache key on
-    every call cost more client time than the database spent running it (measured: 1.6 ms
-    of 2.3 ms per claim of 100).
-
-    Which rows it reads is `_claimable`'s business (the one place to port to another
-    engine); this wraps them in the fence and the UPDATE.
-
-    PostgreSQL: the claim's own transaction commits without waiting for its WAL to reach the
-    disk (`synchronous_commit` off for that transaction alone, set by an InitPlan that runs
-    once before any row is read). A claim lost in a crash of the server returns its tasks to
-    `queued`, as if never claimed: delivery is at-least-once anyway, the outcome write of
-    the run is fenced (it finds the row no longer ours and says so), and every outcome and
-    enqueue still waits for its flush, which also makes every earlier claim durable. It
-    saves a disk flush per batch (measured: about a tenth of a drain's time).
-    """
-    candidates = _claimable(queues, sa.bindparam("claim_limit", type_=sa.Integer), exclude, limited)
-    if postgresql:
-        relaxed = sa.select(
-            sa.func.set_config(
-                sa.literal_column("'synchronous_commit'"),
-                sa.literal_column("'off'"),
-                sa.true(),
-            )
-        ).scalar_subquery()
-        candidates = candidates.where(relaxed == sa.literal_column("'off'"))
-    if registered:  # an uncorrelated EXISTS: one InitPlan, run once per claim
-        own_row: sa.Select[Any] = (
-            sa.select(sa.literal_column("1"))
-            .select_from(workers)
-            .where(workers.c.name == sa.bindparam("claim_worker", type_=sa.String))
-        )
-        if postgresql:
-            own_row = own_row.with_for_update(read=True, key_share=True)
-        candidates = candidates.where(own_row.exists())
-    fenced = candidates.cte("claimable").prefix_with("MATERIALIZED", dialect="postgresql")
-    claimed: Any
-    if postgresql:
-        # `id = ANY(ARRAY(SELECT id FROM claimable))`: the ids as one value, looked up in the
-        # primary key. With `id IN (SELECT ...)` the generic plan of the prepared claim,
-        # which cannot know the LIMIT, hash-joined the ids to a sequential scan of the
-        # whole table whenever the table was small (measured on 10,000 rows: 1.9 ms against
-        # 0.53 ms per claim; tests/test_claim_plan.py).
-        claimed = tasks.c.id == sa.any_(sa.func.array(sa.select(fenced.c.id).scalar_subquery()))
-    else:
-        claimed = tasks.c.id.in_(sa.select(fenced.c.id))
-    now = db_now()
-    return (
-        sa.update(tasks)
-        .where(claimed)
-        .values(
-            status=Status.RUNNING.value,
-            locked_by=sa.bindparam("claim_worker", type_=sa.String),
-            locked_at=now,
-            started_at=now,
-            attempts=tasks.c.attempts + 1,
-        )
-        .returning(*CLAIM_COLUMNS)
-    )
-
-
-def _claimable(
-    queues: tuple[str, ...] | None,
-    limit: Any,
-    exclude: tuple[str, ...] = (),
-    limited: bool = False,
-) -> sa.Select[Any]:
-    """SELECT the ids of up to `limit` ready tasks of `queues` (None: every queue) in claim
-    order (priority, run_at, id), locked `FOR UPDATE SKIP LOCKED` where the engine has it.
-
-    Each queue's rows are read through an index that holds queued rows only: every queue,
-    `ix_tasks_claimable (priority, run_at, id)`; one queue, `ix_tasks_queue_claimable
-    (queue, priority, run_at, id)` from `queue = :q`, so another queue's backlog is never
-    read (it was: a claim for an empty queue beside 200,000 rows of another took 76 ms).
-    Several queues: one such read per queue, each LIMITed, merged in claim order and
-    LIMITed again. `queue IN (...)` would read every row of the listed queues and sort
-    them. The price: a claim of n over k queues locks up to k*n rows while its statement
-    runs; those it does not take are free again at its commit (the worker's claim commits
-    at once), and meanwhile another worker skips them. Queue names are parameters, one
-    each, never an expanding list (see _driver_sql).
-
-    Concurrency limits (limits.py): the unlimited claim reads the same rows and leaves out
-    those with a key; the limited one keeps the rows that `limits.fits` and then
-    `limits.trimmed` of the locked candidates.
-    """
-    columns: tuple[Any, ...] = (tasks.c.id, tasks.c.priority, tasks.c.run_at)
-    if limited:
-        columns += (tasks.c.queue, tasks.c.concurrency_key, limits.capped())
-
-    def ready(queue: str | None) -> sa.Select[Any]:
-        stmt = (
-            sa.select(*columns)
-            .where(
-                status_is(Status.QUEUED),
-                tasks.c.run_at <= db_now(),
-                limits.fits(queue) if limited else limits.free_of_limits(),
-            )
-            .order_by(tasks.c.priority, tasks.c.run_at, tasks.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        if queue is None:
-            if exclude:  # paused queues: their ready rows are read and skipped (docs/operations)
-                stmt = stmt.where(tasks.c.queue.not_in([sa.literal(q) for q in exclude]))
-            return stmt
-        # SQLite's planner, once ANALYZE has run, may prefer walking ix_tasks_claimable in
-        # order and filtering by queue (measured: every row of a 100,000-row backlog)
-        return stmt.where(tasks.c.queue == sa.literal(queue)).with_hint(
-            tasks, "INDEXED BY ix_tasks_queue_claimable", "sqlite"
-        )
-
-    if queues is None or len(queues) == 1:
-        only = ready(queues[0] if queues else None)
-        if limited:
-            return limits.trimmed(only.subquery("candidates"), limit)
-        return only.with_only_columns(tasks.c.id)
-    per_queue = [ready(q).subquery(f"ready_{i}") for i, q in enumerate(queues)]
-    merged = sa.union_all(*(sa.select(*r.c) for r in per_queue))
-    listed = merged.subquery("listed")
-    if limited:
-        return limits.trimmed(listed, limit)
-    return (
-        sa.select(listed.c.id)
-        .order_by(listed.c.priority, listed.c.run_at, listed.c.id)
-        .limit(limit)
-    )
-
-
-@compiles(sa.Table, "sqlite")
-def _sqlite_table_with_hint(element: sa.Table, compiler: Any, **kw: Any) -> str:
-    """A table in a SQLite FROM clause, followed by the statement's hint for it (`INDEXED
-    BY ...`, from `Select.with_hint(table, text, "sqlite")`): SQLAlchemy's SQLite compiler
-    drops table hints, SQLite's grammar has this one."""
-    text: str = compiler.visit_table(element, **kw)
-    hint = (kw.get("fromhints") or {}).get(element)
-    if hint and kw.get("asfrom") and not kw.get("ashint"):
-        text = f"{text} {hint}"
-    return text
 
 
 def claim_by_id(conn: sa.Connection, worker: str, task_id: int) -> list[sa.Row[Any]]:
     """queued -> running for one given task whatever its run_at (inline mode)."""
     now = db_now()
-    stmt = (
-        sa.update(tasks)
-        .where(tasks.c.id == task_id, status_is(Status.QUEUED))
-        .values(
-            status=Status.RUNNING.value,
-            locked_by=worker,
-            locked_at=now,
-            started_at=now,
-            attempts=tasks.c.attempts + 1,
-        )
-        .returning(*CLAIM_COLUMNS)
-    )
-    return list(conn.execute(stmt))
+    values = {
+        "status": Status.RUNNING.value,
+        "locked_by": worker,
+        "locked_at": now,
+        "started_at": now,
+        "attempts": tasks.c.attempts + 1,
+    }
+    where = sa.and_(tasks.c.id == task_id, status_is(Status.QUEUED))
+    return engines.of(conn).update_returning(conn, where, values, *CLAIM_COLUMNS)
 
 
 def _fence() -> Any:
@@ -783,22 +213,19 @@ def record(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int
 def snooze(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
     """running -> queued `retry_in` seconds from now, the attempt given back, the snooze
     counted; the previous error and exception stay as they were (a snooze is no failure)."""
-    stmt = (
-        sa.update(tasks)
-        .where(_fence())
-        .values(
-            status=Status.QUEUED.value,
-            locked_by=None,
-            locked_at=None,
-            attempts=tasks.c.attempts - 1,
-            snoozes=tasks.c.snoozes + 1,
-            run_at=db_now(sa.bindparam("retry_in", type_=sa.Float)),
-        )
-        .returning(tasks.c.id)
-    )
+    values = {
+        "status": Status.QUEUED.value,
+        "locked_by": None,
+        "locked_at": None,
+        "attempts": tasks.c.attempts - 1,
+        "snoozes": tasks.c.snoozes + 1,
+        "run_at": db_now(sa.bindparam("retry_in", type_=sa.Float)),
+    }
+    engine = engines.of(conn)
     landed: set[int] = set()
     for params in _params(outcomes, fence_worker=worker):
-        landed.update(r[0] for r in conn.execute(stmt, params))
+        rows = engine.update_returning(conn, _fence(), values, tasks.c.id, params=params)
+        landed.update(r[0] for r in rows)
     return _written(conn, worker, outcomes, len(landed), landed)
 
 
@@ -902,61 +329,16 @@ def _holds(conn: sa.Connection, outcome: Outcome) -> bool:
     return row is not None
 
 
-# A batch's rows are found by `id = ANY(ids)` and each row's own values picked from the
-# arrays by its position: joined to unnest(ids, ...) instead, the generic plan of the
-# prepared statement re-ran the unnest for every row of a nested loop (measured: a third
-# more time per batch of 100 than this form).
-_COMPLETE_MANY_PG = sa.text(
-    """
-    UPDATE tasks
-    SET status = 'succeeded',
-        result = (CAST(:results AS bytea[]))[array_position(CAST(:ids AS bigint[]), tasks.id)],
-        error = (CAST(:errors AS text[]))[array_position(CAST(:ids AS bigint[]), tasks.id)],
-        locked_by = NULL, locked_at = NULL, finished_at = clock_timestamp()
-    WHERE tasks.id = ANY(CAST(:ids AS bigint[])) AND tasks.status = 'running'
-      AND tasks.locked_by = :worker
-      AND tasks.attempts = (CAST(:attempts AS int[]))[array_position(CAST(:ids AS bigint[]),
-                                                                     tasks.id)]
-    RETURNING tasks.id
-    """
-)
-
-# The usual batch: tasks that returned None with nothing to note, so no result or error
-# arrays to send (building and parsing two arrays of NULLs was a fifth of the statement).
-_COMPLETE_MANY_BARE_PG = sa.text(
-    """
-    UPDATE tasks
-    SET status = 'succeeded', result = NULL, error = NULL,
-        locked_by = NULL, locked_at = NULL, finished_at = clock_timestamp()
-    WHERE tasks.id = ANY(CAST(:ids AS bigint[])) AND tasks.status = 'running'
-      AND tasks.locked_by = :worker
-      AND tasks.attempts = (CAST(:attempts AS int[]))[array_position(CAST(:ids AS bigint[]),
-                                                                     tasks.id)]
-    RETURNING tasks.id
-    """
-)
-
-
 def complete(conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]) -> int:
     """running -> succeeded, storing each result.
 
-    PostgreSQL, several at once: one UPDATE taking arrays of (id, attempts, result, error),
-    fenced like the rest; a batch of executemany UPDATEs costs the server one statement each.
+    Several at once: the engine's one fenced statement where it has one (PostgreSQL's
+    arrays: a batch of executemany UPDATEs costs the server one statement each).
     """
-    if len(outcomes) > 1 and conn.dialect.name == "postgresql":
-        params: dict[str, Any] = {
-            "ids": _binary_array(conn, [o.id for o in outcomes]),
-            "attempts": _binary_array(conn, [o.attempts for o in outcomes]),
-            "worker": worker,
-        }
-        if all(o.result is None and o.error is None for o in outcomes):
-            statement = _COMPLETE_MANY_BARE_PG
-        else:
-            statement = _COMPLETE_MANY_PG
-            params["results"] = _binary_array(conn, [o.result for o in outcomes])
-            params["errors"] = [o.error for o in outcomes]
-        landed = set(conn.execute(statement, params).scalars().all())
-        return _written(conn, worker, outcomes, len(landed), landed)
+    if len(outcomes) > 1:
+        landed = engines.of(conn).complete_many(conn, worker, outcomes)
+        if landed is not None:
+            return _written(conn, worker, outcomes, len(landed), landed)
     return _execute_fenced(conn, Status.SUCCEEDED, worker, outcomes)
 
 
@@ -1011,13 +393,9 @@ def release_unique_key(conn: sa.Connection, unique_key: str) -> list[int]:
     For a task that has started reading what it was enqueued for (the counter flush): a
     later enqueue must not count on this run. Returns the ids of the tasks changed.
     """
-    stmt = (
-        sa.update(tasks)
-        .where(tasks.c.unique_key == unique_key, status_is(Status.RUNNING))
-        .values(unique_key=None)
-        .returning(tasks.c.id)
-    )
-    return [int(r[0]) for r in conn.execute(stmt)]
+    where = sa.and_(tasks.c.unique_key == unique_key, status_is(Status.RUNNING))
+    rows = engines.of(conn).update_returning(conn, where, {"unique_key": None}, tasks.c.id)
+    return [int(r[0]) for r in rows]
 
 
 def rescue(conn: sa.Connection, dead_workers: Sequence[str], reason: str) -> list[int]:
@@ -1027,48 +405,39 @@ def rescue(conn: sa.Connection, dead_workers: Sequence[str], reason: str) -> lis
     out_of_attempts = tasks.c.attempts >= tasks.c.max_attempts
     cancelled = tasks.c.cancel_requested_at.is_not(None)  # asked to stop: it stops here
     ends = sa.or_(cancelled, out_of_attempts)
-    stmt = (
-        sa.update(tasks)
-        .where(status_is(Status.RUNNING), tasks.c.locked_by.in_(list(dead_workers)))
-        .values(
-            status=sa.case(
-                (cancelled, Status.CANCELLED.value),
-                (out_of_attempts, Status.FAILED.value),
-                else_=Status.QUEUED.value,
-            ),
-            error=sa.literal(reason),
-            locked_by=None,
-            locked_at=None,
-            # run_at stays: the task keeps its place in the queue (priority, run_at, id)
-            # instead of waiting behind everything enqueued while it ran
-            finished_at=sa.case((ends, db_now()), else_=None),
-        )
-        .returning(tasks.c.id)
-    )
-    return [r[0] for r in conn.execute(stmt)]
+    values = {
+        "status": sa.case(
+            (cancelled, Status.CANCELLED.value),
+            (out_of_attempts, Status.FAILED.value),
+            else_=Status.QUEUED.value,
+        ),
+        "error": sa.literal(reason),
+        "locked_by": None,
+        "locked_at": None,
+        # run_at stays: the task keeps its place in the queue (priority, run_at, id)
+        # instead of waiting behind everything enqueued while it ran
+        "finished_at": sa.case((ends, db_now()), else_=None),
+    }
+    where = sa.and_(status_is(Status.RUNNING), tasks.c.locked_by.in_(list(dead_workers)))
+    return [r[0] for r in engines.of(conn).update_returning(conn, where, values, tasks.c.id)]
 
 
 def cancel(conn: sa.Connection, task_ids: Sequence[int], *, returning: bool = False) -> Any:
     """queued -> cancelled; how many (or, `returning`, which ids) were."""
-    stmt = (
-        sa.update(tasks)
-        .where(tasks.c.id.in_(list(task_ids)), status_is(Status.QUEUED))
-        .values(status=Status.CANCELLED.value, finished_at=db_now())
-    )
+    where = sa.and_(tasks.c.id.in_(list(task_ids)), status_is(Status.QUEUED))
+    values = {"status": Status.CANCELLED.value, "finished_at": db_now()}
     if returning:
-        return sorted(r[0] for r in conn.execute(stmt.returning(tasks.c.id)))
-    return int(conn.execute(stmt).rowcount)
+        rows = engines.of(conn).update_returning(conn, where, values, tasks.c.id)
+        return sorted(r[0] for r in rows)
+    return int(conn.execute(sa.update(tasks).where(where).values(values)).rowcount)
 
 
 def request_cancel(conn: sa.Connection, task_ids: Sequence[int]) -> list[int]:
     """running -> running with `cancel_requested_at` set: its worker stops the run."""
-    stmt = (
-        sa.update(tasks)
-        .where(tasks.c.id.in_(list(task_ids)), status_is(Status.RUNNING))
-        .values(cancel_requested_at=sa.func.coalesce(tasks.c.cancel_requested_at, db_now()))
-        .returning(tasks.c.id)
-    )
-    return sorted(r[0] for r in conn.execute(stmt))
+    where = sa.and_(tasks.c.id.in_(list(task_ids)), status_is(Status.RUNNING))
+    values = {"cancel_requested_at": sa.func.coalesce(tasks.c.cancel_requested_at, db_now())}
+    rows = engines.of(conn).update_returning(conn, where, values, tasks.c.id)
+    return sorted(r[0] for r in rows)
 
 
 def cancel_requests(conn: sa.Connection, worker: str, task_ids: Sequence[int]) -> list[int]:
@@ -1282,13 +651,9 @@ def limit_idle(conn: sa.Connection, seconds: float) -> None:
     hours later. Those are the rows a rescue updates (the worker's `workers` row, its
     tasks), so every other worker's heartbeat would queue behind them. Transaction-scoped,
     so it is fine behind a pooler in transaction mode; nothing to do on SQLite, where no
-    network lies between the worker and the database.
+    network lies between the worker and the database. Each engine's `limit_idle`.
     """
-    if conn.dialect.name == "postgresql":
-        milliseconds = str(max(1, round(seconds * 1000)))
-        conn.execute(
-            sa.select(sa.func.set_config("idle_in_transaction_session_timeout", milliseconds, True))
-        )
+    engines.of(conn).limit_idle(conn, seconds)
 
 
 def remove_workers(conn: sa.Connection, names: Sequence[str]) -> None:

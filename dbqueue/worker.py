@@ -30,6 +30,7 @@ from dbqueue import (
     config,
     control,
     database,
+    engines,
     errors,
     executor,
     hooks,
@@ -542,8 +543,9 @@ class Worker:
     def _one_statement(self) -> Iterator[sa.Connection]:
         """A connection for work that is one statement: autocommit on PostgreSQL, where a
         statement is atomic on its own (saving the BEGIN and COMMIT round trips); a
-        transaction elsewhere (SQLite's BEGIN IMMEDIATE serialises the claim)."""
-        if self.engine.dialect.name == "postgresql":
+        transaction elsewhere (SQLite's BEGIN IMMEDIATE serialises the claim; MySQL's claim
+        is a locking read and an update)."""
+        if engines.of(self.engine).autocommit_statements:
             # Kept between statements (no transaction is open on it), so the pool's pre-ping
             # round trip is not paid twice a batch; a broken one is dropped and replaced, and
             # _with_db_retry waits out the outage.

@@ -40,6 +40,8 @@ import bench_tasks  # noqa: E402
 
 import dbqueue  # noqa: E402
 from dbqueue import config, limits, store  # noqa: E402
+from dbqueue.engines import base  # noqa: E402
+from dbqueue.engines import postgresql as pg_engine  # noqa: E402
 from dbqueue.schema import tasks  # noqa: E402
 
 Figures = dict[str, Any]
@@ -92,13 +94,18 @@ def before_limits() -> Any:
     """The unlimited claim as it was before limits: its key filter made always true."""
     original = limits.free_of_limits
     limits.free_of_limits = lambda: sa.true()  # type: ignore[assignment]
-    store._claim_statement.cache_clear()
+    _clear_claim_statements()
     return original
 
 
 def restore(original: Any) -> None:
     limits.free_of_limits = original
-    store._claim_statement.cache_clear()
+    _clear_claim_statements()
+
+
+def _clear_claim_statements() -> None:
+    base.Engine.claim_statement.cache_clear()
+    pg_engine.PostgreSQL.claim_statement.cache_clear()
 
 
 def block(settings: config.Settings, n: int) -> None:

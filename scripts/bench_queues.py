@@ -48,6 +48,7 @@ import bench_tasks  # noqa: E402
 
 import dbqueue  # noqa: E402
 from dbqueue import config, database, stats, store  # noqa: E402
+from dbqueue.engines import postgresql as pg_engine  # noqa: E402
 from dbqueue.schema import tasks  # noqa: E402
 
 Figures = dict[str, Any]
@@ -124,9 +125,9 @@ def idle_claims(settings: config.Settings, samples: int) -> Figures:
     figures: Figures = {}
     engine = settings.get_engine()
     for label, queues in (("one", ("mail",)), ("three", ("mail", "sms", "push"))):
-        statement = store._claim_statement(queues, True)
+        statement = pg_engine.ENGINE.claim_statement(queues)
         values = {"claim_limit": 100, "claim_worker": "bench-idle"}
-        sql, params = store._driver_params(statement, engine.dialect, values)
+        sql, params = pg_engine.driver_params(statement, engine.dialect, values)
         db_ms: list[float] = []
         trip_ms: list[float] = []
         with engine.connect() as conn:

@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from dbqueue import store
+from dbqueue.engines import postgresql as pg_engine
 from dbqueue.schema import Status
 
 pytestmark = pytest.mark.postgresql_only
@@ -208,7 +209,7 @@ def test_batch_completion_generic_plan_walks_an_index_once(db, statement):
         conn.exec_driver_sql("UPDATE tasks SET locked_by = 'w' WHERE status = 'running'")
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("VACUUM ANALYZE tasks")
-    text = store._COMPLETE_MANY_BARE_PG if statement == "bare" else store._COMPLETE_MANY_PG
+    text = pg_engine.COMPLETE_MANY_BARE if statement == "bare" else pg_engine.COMPLETE_MANY
     types = {"ids": "bigint[]", "attempts": "int[]", "worker": "text"}
     if statement != "bare":
         types.update(results="bytea[]", errors="text[]")

@@ -15,7 +15,8 @@ import psycopg
 import pytest
 
 import dbqueue
-from dbqueue import listener, store
+from dbqueue import listener
+from dbqueue.engines import postgresql as pg_engine
 from tests import jobs
 
 pytestmark = pytest.mark.postgresql_only
@@ -126,7 +127,7 @@ def test_listener_thread_reconnects_in_process(db):
         assert thread.losses == 1
         time.sleep(0.2)
         wakeup.clear()
-        time.sleep(store.NOTIFY_MIN_INTERVAL)
+        time.sleep(pg_engine.NOTIFY_MIN_INTERVAL)
         dbqueue.enqueue(jobs.noop, queue="mail")
         assert wakeup.wait(PROMPT)
     finally:
@@ -140,12 +141,12 @@ def test_notify_is_rate_limited_per_queue(db, monkeypatch):
     The interval is raised to 0.2 s so that the burst outpaces it even on a loaded machine.
     """
     interval = 0.2
-    monkeypatch.setattr(store, "NOTIFY_MIN_INTERVAL", interval)
-    monkeypatch.setattr(store, "_limiter", store._NotifyLimiter())
+    monkeypatch.setattr(pg_engine, "NOTIFY_MIN_INTERVAL", interval)
+    monkeypatch.setattr(pg_engine, "limiter", pg_engine.NotifyLimiter())
     params = listener.connect_params(db.engine)
     calls = {"a": 0, "b": 0}
     with psycopg.connect(**params) as conn:
-        conn.execute(f"LISTEN {store.NOTIFY_CHANNEL}")
+        conn.execute(f"LISTEN {pg_engine.NOTIFY_CHANNEL}")
         started = time.monotonic()
         for i in range(500):
             queue = "a" if i % 2 else "b"

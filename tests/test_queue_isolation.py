@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from dbqueue import store
+from dbqueue import engines, store
 from tests.test_claim_plan import _claim_sql, _generic_plan, _nodes
 
 BACKLOG = 100_000
@@ -165,7 +165,7 @@ def _pg_rows_read(db, queues: list[str], generic: bool) -> tuple[int, int, set[s
 
 
 def _sqlite_statement(db, queues: list[str]) -> tuple[str, tuple[Any, ...]]:
-    statement = store._claim_statement(tuple(queues), False)
+    statement = engines.of(db.engine).claim_statement(tuple(queues))
     compiled = statement.compile(dialect=db.engine.dialect)
     values = {**compiled.params, "claim_limit": 100, "claim_worker": "isolation"}
     params = tuple(values[name] for name in compiled.positiontup)
