@@ -58,7 +58,33 @@ def _env_list(name: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass
 class Settings:
-    """Everything dbqueue needs to know; passed to workers, never read from globals there."""
+    """Everything dbqueue needs to know; passed to workers, never read from globals there.
+
+    Each field not given is read from its environment variable when the Settings is made
+    (see the configuration reference). `dbqueue.configure(...)` makes the process-wide
+    default; every function that touches the database also takes `settings=`.
+
+    Attributes:
+        database_url: the SQLAlchemy URL (`DBQUEUE_DATABASE_URL`; default
+            `sqlite:///dbqueue.sqlite3`). `postgresql://` means psycopg 3.
+        engine: your own Engine, whose pool dbqueue shares; it wins over `database_url`.
+        secret_key: the signing key, at least 32 bytes (`DBQUEUE_SECRET_KEY`); without one a
+            key file is created on first use.
+        fallback_keys: old keys still accepted for verifying, never for signing
+            (`DBQUEUE_SECRET_KEY_FALLBACKS`, comma-separated).
+        key_file: where the generated key lives (`DBQUEUE_KEY_FILE`; default
+            `$XDG_CONFIG_HOME/dbqueue/key`).
+        allowed_modules: if not empty, workers run only callables of these modules and their
+            submodules (`DBQUEUE_ALLOWED_MODULES`).
+        max_payload_bytes: the largest signed payload (or result) stored
+            (`DBQUEUE_MAX_PAYLOAD_BYTES`; default 1 MiB).
+        inline: run tasks in this process once their enqueue commits (`DBQUEUE_INLINE=1`).
+        notify: send NOTIFY on enqueue (PostgreSQL); `DBQUEUE_NO_NOTIFY=1` turns it off.
+        pgbouncer: `"transaction"` when the database is reached through PgBouncer in
+            transaction pooling (`DBQUEUE_PGBOUNCER`).
+        listen_url: a direct URL for LISTEN when `database_url` goes through a pooler
+            (`DBQUEUE_LISTEN_URL`).
+    """
 
     database_url: str = dataclasses.field(
         default_factory=lambda: os.environ.get("DBQUEUE_DATABASE_URL", DEFAULT_DATABASE_URL)
@@ -92,7 +118,12 @@ class Settings:
     _engine_checked: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     def keyring(self) -> Any:
-        """The signing keys (serializer.Keyring), loaded once."""
+        """The signing keys (serializer.Keyring), loaded once.
+
+        Raises:
+            ConfigurationError: the key is shorter than 32 bytes, or the key file cannot be
+                created or is readable by group or others.
+        """
         if self._keyring is None:
             from dbqueue import serializer
 
@@ -102,7 +133,12 @@ class Settings:
         return self._keyring
 
     def get_engine(self) -> sa.Engine:
-        """The Engine: the application's own when it handed one, else built once from the URL."""
+        """The Engine: the application's own when it handed one, else built once from the URL.
+
+        Raises:
+            ConfigurationError: the URL cannot be used (unknown dialect, missing driver), or
+                contradicts the PgBouncer setting.
+        """
         if self.engine is None:
             self.engine = create_engine(self.database_url, pgbouncer=self.pgbouncer)
             self._engine_checked = True
@@ -135,7 +171,23 @@ def current() -> Settings:
 def configure(
     database_url: str | None = None, engine: sa.Engine | None = None, **options: Any
 ) -> Settings:
-    """Replace the default settings: `configure(database_url=...)` or `configure(engine=...)`."""
+    """Replace the process-wide default settings and return them.
+
+    `configure(database_url=...)` or `configure(engine=...)`; settings not given are read from
+    the environment, as `Settings()` does. Call it at start-up, before enqueueing.
+
+    Args:
+        database_url: the SQLAlchemy URL of the database holding dbqueue's tables.
+        engine: your application's Engine: dbqueue shares its pool (and its URL).
+        **options: any other `Settings` field (`secret_key`, `allowed_modules`, `inline`...).
+
+    Returns:
+        The new default `Settings`.
+
+    Raises:
+        TypeError: an option that is not a `Settings` field.
+        ConfigurationError: `DBQUEUE_MAX_PAYLOAD_BYTES` is not a positive whole number.
+    """
     global _current
     kwargs: dict[str, Any] = dict(options)
     if database_url is not None:
@@ -154,8 +206,17 @@ def configure(
 
 @contextlib.contextmanager
 def inline(enabled: bool = True) -> Iterator[None]:
-    """Run tasks in this process once their enqueue commits, recording the row as a worker
-    would (for tests; see inline_mode.py)."""
+    """Within the block, run each task in this process once its enqueue commits (for tests).
+
+    `with dbqueue.inline(): ...`: a task enqueued in dbqueue's own transaction runs at once;
+    one enqueued with `session=` or `connection=` runs when that transaction commits, never
+    after a rollback. The row is claimed, run and recorded as a worker would, so
+    `task.result` and `task.status` read as after a real worker. It is not a worker: a task
+    to be retried stays queued, and there is no hard timeout.
+
+    Args:
+        enabled: False switches inline mode off within the block (when `DBQUEUE_INLINE=1`).
+    """
     settings = current()
     before = settings.inline
     settings.inline = enabled

@@ -64,22 +64,51 @@ def read_settings(conn: sa.Connection) -> list[sa.Row[Any]]:
 
 
 def pause(*queues: str, settings: config.Settings | None = None) -> None:
-    """Pause `queues` fleet-wide: workers stop claiming from them within a second (tasks
-    already running finish); enqueueing into them still works."""
+    """Pause `queues` fleet-wide: workers stop claiming from them within a second.
+
+    Tasks already running finish; enqueueing into a paused queue still works. The pause is a
+    row of `queue_settings`, so it holds for every worker, including ones started later,
+    until `resume`.
+
+    Args:
+        *queues: the queue names (a queue need not exist yet).
+        settings: the database to use. Default: `dbqueue.configure()`'s.
+
+    Raises:
+        ConfigurationError: no queue named, or a name that is not a non-empty string of at
+            most 100 characters.
+        DatabaseUnavailable: the database cannot be reached.
+    """
     settings = settings or config.current()
     with database.errors_translated(settings), settings.get_engine().begin() as conn:
         set_paused(conn, queues, True)
 
 
 def resume(*queues: str, settings: config.Settings | None = None) -> None:
-    """Resume paused `queues`."""
+    """Resume paused `queues`: workers claim from them again within a second.
+
+    Args:
+        *queues: the queue names; resuming a queue that is not paused does nothing.
+        settings: the database to use. Default: `dbqueue.configure()`'s.
+
+    Raises:
+        ConfigurationError: no queue named, or a name that is not a non-empty string.
+        DatabaseUnavailable: the database cannot be reached.
+    """
     settings = settings or config.current()
     with database.errors_translated(settings), settings.get_engine().begin() as conn:
         set_paused(conn, queues, False)
 
 
 def paused_queues(settings: config.Settings | None = None) -> set[str]:
-    """The names of the paused queues."""
+    """The names of the paused queues.
+
+    Args:
+        settings: the database to read. Default: `dbqueue.configure()`'s.
+
+    Raises:
+        DatabaseUnavailable: the database cannot be reached.
+    """
     settings = settings or config.current()
     with database.errors_translated(settings), settings.get_engine().connect() as conn:
         return read_paused(conn)
@@ -88,8 +117,19 @@ def paused_queues(settings: config.Settings | None = None) -> set[str]:
 def configure_queue(
     queue: str, *, max_concurrency: int | None = _UNSET, settings: config.Settings | None = None
 ) -> None:
-    """Store a queue's settings: `max_concurrency` caps how many of its tasks run at once
-    across every worker (None: no cap)."""
+    """Store a queue's settings, fleet-wide (`dbqueue queue-limit QUEUE N` does the same).
+
+    Args:
+        queue: the queue's name.
+        max_concurrency: at most this many of the queue's tasks run at once across every
+            worker; None removes the cap.
+        settings: the database to use. Default: `dbqueue.configure()`'s.
+
+    Raises:
+        ConfigurationError: no setting given, `max_concurrency` not a positive int or None,
+            or a bad queue name.
+        DatabaseUnavailable: the database cannot be reached.
+    """
     (queue,) = _check_queues([queue])
     values: dict[str, Any] = {}
     if max_concurrency is not _UNSET:

@@ -43,18 +43,26 @@ class _Enqueuing:
         return enqueue(self._target(), args, kwargs)
 
     def now(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the function in this process, bypassing the queue."""
+        """Run the function in this process, bypassing the queue: its return value, or what
+        it raises."""
         return self._target().__dbqueue_func__(*args, **kwargs)
 
     def enqueue(
         self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None, **options: Any
     ) -> task_module.Task:
-        """Enqueue with options overriding the decorator's (queue, priority, session...):
-        the same as `dbqueue.enqueue(this_function, args, kwargs, **options)`."""
+        """Enqueue with options overriding the decorator's (queue, priority, session...).
+
+        The same as `dbqueue.enqueue(this_function, args, kwargs, **options)`: its arguments,
+        return value and exceptions.
+        """
         return enqueue(self._target(), args, kwargs, **options)
 
     def map(self, items: Iterable[Any], **options: Any) -> list[int]:
-        """Enqueue one task per item in one round trip (see `enqueue_many`)."""
+        """Enqueue one task per item in one round trip; returns their ids.
+
+        The same as `dbqueue.enqueue_many(this_function, items, **options)`: each item a
+        tuple of positional arguments, a dict of keyword arguments or a single argument.
+        """
         return enqueue_many(self._target(), items, **options)
 
     @property
@@ -71,7 +79,13 @@ class _Enqueuing:
 
 
 class AsyncTaskFunction(_Enqueuing, Generic[P, R]):
-    """A function whose call enqueues it; on a class, a descriptor giving BoundAsyncTasks."""
+    """What `@handle_asynchronously` returns: a function whose call enqueues it.
+
+    `f(*args, **kwargs)` enqueues and returns the `Task`; `f.now(...)` runs the function here;
+    `f.enqueue(args, kwargs, **options)` and `f.map(items, **options)` enqueue with per-call
+    options. On a class it is a descriptor: `obj.method` gives an object with the same
+    methods, enqueuing `obj.method(...)`.
+    """
 
     def __init__(self, func: Callable[P, R], binding: str = "function", **options: Any) -> None:
         serializer.handler_name(func)  # refuse lambdas and local functions at decoration
@@ -120,7 +134,8 @@ class AsyncTaskFunction(_Enqueuing, Generic[P, R]):
         return enqueue(self, args, kwargs)
 
     def now(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the function in this process, bypassing the queue."""
+        """Run the function in this process, bypassing the queue: its return value, or what
+        it raises."""
         result: R = self._target().__dbqueue_func__(*args, **kwargs)
         return result
 
@@ -157,12 +172,45 @@ def handle_asynchronously(
     """Make calling `func` enqueue it. Usable bare or with options, as delayed_job's macro,
     on functions and on methods (instance, class and static).
 
-    `before_task`, `around_task`, `on_success`, `on_retry`, `on_failure`, `after_task`: hooks
-    for this function's tasks only, run after the process-wide ones (see dbqueue.hooks).
+    The decorated function `f` enqueues when called (`f(42)` returns a `Task`), runs here with
+    `f.now(42)`, takes per-call options with `f.enqueue((42,), queue="mail")` and enqueues many
+    with `f.map([(1,), (2,)])`. The options below apply however the function is enqueued
+    (also through `enqueue`, `enqueue_many` or `schedule`); an option given to the call wins.
 
-    `concurrency_key` (a string, or a callable of the task's arguments, called at enqueue)
-    with `max_concurrency=N`: at most N tasks with one key run at once across every worker
-    (`concurrency_key=lambda account_id: f"sync:{account_id}", max_concurrency=1`)."""
+    Args:
+        func: the function or method; given when the decorator is used bare.
+        priority: lower runs first. Default 0.
+        run_at: not run before this: an aware datetime, a timedelta from now, or a callable
+            returning either (called at each enqueue).
+        queue: the queue's name. Default `"default"`.
+        max_attempts: runs before the task is `failed` for good. Default 25.
+        timeout: seconds a run may take before `TaskTimeout` is raised inside it.
+        unique_key: at most one queued-or-running task with this key.
+        on_conflict: with `unique_key`: `"keep"` (default) or `"replace"`.
+        retry_delay: `f(attempts, exception)` returning the seconds before the next try,
+            instead of `5 + attempts**4`.
+        before_task: a hook for this function's tasks only, run after the process-wide ones
+            (see `dbqueue.hooks` for each event's arguments).
+        around_task: as `before_task`, for the around_task event.
+        on_success: as `before_task`, for the on_success event.
+        on_retry: as `before_task`, for the on_retry event.
+        on_failure: as `before_task`, for the on_failure event.
+        after_task: as `before_task`, for the after_task event.
+        concurrency_key: a string, or a callable of the task's arguments (called at enqueue),
+            naming a group of which at most `max_concurrency` tasks run at once across every
+            worker (`concurrency_key=lambda account_id: f"sync:{account_id}"`).
+        max_concurrency: the limit for `concurrency_key` (int >= 1); both or neither.
+
+    Returns:
+        The decorated function (an `AsyncTaskFunction`), or, called with options only, the
+        decorator.
+
+    Raises:
+        EnqueueError: at decoration: an option of the wrong type or out of range, a
+            concurrency key without a limit (or the reverse), a function workers could not
+            import (a lambda or a local function), or a function already decorated.
+        TypeError: a hook option that is not callable.
+    """
     own_hooks = hooks.check_own(
         {
             "before_task": before_task,
@@ -233,5 +281,21 @@ class _DelayProxy:
 
 
 def delay(target: Any, **options: Any) -> Any:
-    """`delay(photo, priority=3).upload()` enqueues `photo.upload()` (delayed_job's .delay)."""
+    """`delay(photo, priority=3).upload()` enqueues `photo.upload()` (delayed_job's .delay).
+
+    An SQLAlchemy model instance is stored as its class and primary key (the worker reloads
+    the row, and the task fails with "Post id=42 no longer exists" if it is gone); any other
+    object is pickled with the call.
+
+    Args:
+        target: the object whose method a worker will call.
+        **options: `enqueue`'s options (priority, queue, run_at, session, ...).
+
+    Returns:
+        A proxy: `delay(obj).method(*args, **kwargs)` enqueues and returns the `Task`.
+
+    Raises:
+        EnqueueError: when the method is called: `obj.method` is not callable, or as
+            `enqueue` (an object or argument that does not pickle, ...).
+    """
     return _DelayProxy(target, options)

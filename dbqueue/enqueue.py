@@ -356,14 +356,50 @@ def enqueue(
     """Store one task and return its handle; inside `session`/`connection`'s transaction if given.
 
     An option not given is the decorator's when `func` is an @handle_asynchronously function,
-    else its default: priority=0, run_at=None (now), queue="default",
-    max_attempts=retry.DEFAULT_MAX_ATTEMPTS (25), timeout=None, unique_key=None,
-    on_conflict="keep". With `unique_key`, a task whose key is already queued or running is
-    not stored twice: the existing task is returned (`on_conflict="keep"`) or its arguments
-    and run_at replaced (`on_conflict="replace"`). `meta` is a small JSON dict stored in its
-    own column (not pickled, not signed), readable as `Task.meta` and by hooks.
-    `concurrency_key` (a string, or a callable called with the task's arguments here) with
-    `max_concurrency=N`: at most N tasks with that key run at once, fleet-wide (limits.py).
+    else its default. Everything is validated and the arguments pickled and signed before the
+    database is touched, so a refused task stores nothing.
+
+    Args:
+        func: the function (or bound method) a worker will call: importable by the workers, so
+            module-level; not a lambda, a local function or one defined in `__main__`. A
+            method of an SQLAlchemy model instance is stored as its class and primary key, and
+            the worker reloads the row.
+        args: positional arguments, pickled now.
+        kwargs: keyword arguments, pickled now.
+        priority: lower runs first (delayed_job's rule); a 32-bit integer. Default 0.
+        run_at: not run before this: an aware datetime, a timedelta from now on the database
+            clock, or a callable returning either. Default: now.
+        queue: the queue's name; workers choose queues with `dbqueue work -q`. Default
+            `"default"`.
+        max_attempts: runs before the task is `failed` for good. Default 25.
+        timeout: seconds a run may take before `TaskTimeout` is raised inside it. Default: the
+            worker's `--timeout`, else none.
+        unique_key: at most one queued-or-running task per key: a task whose key is taken is
+            not stored twice.
+        on_conflict: with `unique_key`, `"keep"` (default) returns the existing task;
+            `"replace"` updates its arguments and run_at if it has not started.
+        meta: a small JSON dict stored in its own column (not pickled, not signed), readable
+            as `Task.meta` and by hooks (trace context, tenant).
+        concurrency_key: a string, or a callable of the task's arguments (called here), naming
+            a group of tasks of which at most `max_concurrency` run at once, fleet-wide.
+        max_concurrency: the limit for `concurrency_key` (an int >= 1); both or neither.
+        session: an SQLAlchemy Session (or scoped_session) whose transaction the task joins:
+            it exists only if that transaction commits.
+        connection: an SQLAlchemy Connection whose transaction the task joins.
+        settings: the database and keys to use. Default: `dbqueue.configure()`'s.
+
+    Returns:
+        The task's handle (`Task`), whose `id` names the row; with `unique_key`, possibly the
+        task that was already queued.
+
+    Raises:
+        EnqueueError: the task cannot be stored: an argument that does not pickle (named), a
+            payload over `DBQUEUE_MAX_PAYLOAD_BYTES`, a callable workers could not import, a
+            naive datetime or bad `run_at`, an option of the wrong type or out of range, a
+            concurrency key without a limit (or the reverse), a `session` that is not a
+            Session. Nothing was stored.
+        DatabaseUnavailable: dbqueue's own transaction could not reach the database.
+        SchemaError: the database has no dbqueue tables, or older ones (run `dbqueue migrate`).
     """
     if hasattr(func, "__dbqueue_options__"):  # decorated (decorator.py)
         # Its options where this call gives none, then the plain path with every option given.
@@ -428,8 +464,24 @@ def enqueue_many(
 ) -> list[int]:
     """Store many tasks of one function in one round trip; returns their ids.
 
-    Each item is a tuple of positional arguments, a dict of keyword arguments, or a single
-    argument. Options as `enqueue`'s (a decorated function's own apply unless given).
+    Args:
+        func: the function, as for `enqueue`.
+        items: one per task: a tuple of positional arguments, a dict of keyword arguments, or
+            a single argument.
+        session: an SQLAlchemy Session whose transaction the tasks join.
+        connection: an SQLAlchemy Connection whose transaction the tasks join.
+        settings: the database and keys to use. Default: `dbqueue.configure()`'s.
+        **options: `enqueue`'s options (priority, queue, run_at, ...), the same for every
+            task; a decorated function's own apply unless given. A callable `run_at` is
+            called once.
+
+    Returns:
+        The ids of the tasks, in the order of `items`.
+
+    Raises:
+        EnqueueError: as `enqueue`, for any item: nothing is stored.
+        DatabaseUnavailable: dbqueue's own transaction could not reach the database.
+        SchemaError: the database has no dbqueue tables, or older ones (run `dbqueue migrate`).
     """
     func, options = _options(func, options)
     replace = _replace(options.pop("on_conflict"))
@@ -459,5 +511,19 @@ def schedule(
 ) -> task_module.Task:
     """`enqueue` with `run_at=when` first: `schedule(timedelta(hours=1), send_report)`.
 
-    `when` is given explicitly, so it overrides a decorated function's run_at."""
+    Args:
+        when: an aware datetime, a timedelta from now (database clock), or a callable
+            returning either. It overrides a decorated function's `run_at`.
+        func: the function, as for `enqueue`.
+        args: positional arguments.
+        kwargs: keyword arguments.
+        **options: `enqueue`'s other options (priority, queue, session, ...).
+
+    Returns:
+        The task's handle.
+
+    Raises:
+        EnqueueError: as `enqueue` (a naive datetime among others).
+        DatabaseUnavailable: dbqueue's own transaction could not reach the database.
+    """
     return enqueue(func, args, kwargs, run_at=when, **options)

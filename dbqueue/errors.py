@@ -4,27 +4,35 @@ from __future__ import annotations
 
 
 class DbqueueError(Exception):
-    """Base class of every error dbqueue raises on purpose."""
+    """Base class of every error dbqueue raises on purpose: `except dbqueue.DbqueueError`
+    catches them all. Each message is one line saying what went wrong and what to do."""
 
 
 class ConfigurationError(DbqueueError):
-    """Settings that cannot work: a bad URL, a missing driver, an unusable key."""
+    """Settings that cannot work: a bad URL, a missing driver, an unusable key, a wrong
+    password, a PgBouncer setting that contradicts the URL. Retrying will not help; the CLI
+    exits with status 2."""
 
 
 class EnqueueError(DbqueueError, ValueError):
-    """A task that cannot be stored: unpicklable arguments, a callable workers cannot import."""
+    """A task that cannot be stored: unpicklable arguments, a payload over the size limit, a
+    callable workers cannot import, a bad option. Raised before anything is stored (also a
+    `ValueError`)."""
 
 
 class SchemaError(DbqueueError):
-    """The database schema is missing, older or newer than this version of dbqueue."""
+    """The database schema is missing, older or newer than this version of dbqueue: run
+    `dbqueue migrate` (or upgrade dbqueue, when the schema is newer). The CLI exits with 2."""
 
 
 class DatabaseUnavailable(DbqueueError):
-    """The database cannot be reached; nothing was stored."""
+    """The database cannot be reached (down, restarting, network cut); nothing was stored.
+    Workers retry on their own; an application enqueueing gets this error and decides."""
 
 
 class SignatureError(DbqueueError):
-    """A stored envelope whose signature did not verify: it is never unpickled."""
+    """A stored envelope whose signature did not verify (another key, a forged or damaged
+    row): it is never unpickled. Users see it as a failed task or a `ResultNotStored`."""
 
 
 class ResultNotStored(DbqueueError):
@@ -32,15 +40,17 @@ class ResultNotStored(DbqueueError):
 
 
 class TaskNotFound(DbqueueError, LookupError):
-    """No task has this id (it may have been pruned)."""
+    """No task has this id (it may have been pruned). Also a `LookupError`."""
 
 
 class TaskTimeout(DbqueueError, TimeoutError):
-    """Raised in a task that ran past its timeout, and by Task.wait() when waiting ran out."""
+    """Raised inside a task that ran past its timeout (the run fails and is retried per its
+    policy), and by `Task.wait()` when waiting ran out. Also a `TimeoutError`."""
 
 
 class HandlerNotAllowed(DbqueueError):
-    """The task's handler is outside DBQUEUE_ALLOWED_MODULES."""
+    """The task's handler is outside DBQUEUE_ALLOWED_MODULES: the worker fails the task
+    without unpickling it, and does not retry it."""
 
 
 class TaskCancelled(DbqueueError):
@@ -54,7 +64,14 @@ class InvalidOperation(DbqueueError):
 
 class Snooze(Exception):
     """Raise (or return) `Snooze(seconds)` from a task to run it again `seconds` from now
-    without spending an attempt and without recording an error."""
+    without spending an attempt and without recording an error.
+
+    Args:
+        seconds: how long to wait before the next run, >= 0.
+
+    Raises:
+        ValueError: `seconds` is not a number >= 0.
+    """
 
     def __init__(self, seconds: float) -> None:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:

@@ -90,19 +90,47 @@ def _register(event: str) -> Callable[[F], F]:
     return decorator
 
 
+# Each registrar is a decorator returning the function unchanged; the string after each is its
+# documentation (read by the API reference). A registrar given a non-callable raises TypeError.
 on_enqueue = _register("on_enqueue")
+"""`@hooks.on_enqueue` registers `hook(task: TaskView)`, called in the enqueuing process before
+the row is written (once per task of an `enqueue_many`). `task.id` is None; the hook may add
+to `task.meta` (stored in the task's meta column). What it raises is logged and ignored."""
 before_task = _register("before_task")
+"""`@hooks.before_task` registers `hook(task: TaskView)`, called in the worker before the task
+runs. What it raises fails the run as if the task had raised (retried per the task's policy)."""
 around_task = _register("around_task")
+"""`@hooks.around_task` registers `hook(task: TaskView, call_next)`, middleware around the
+task: it must call `call_next()` and return its result. The first registered is the
+outermost. What it raises is the run's exception."""
 on_success = _register("on_success")
+"""`@hooks.on_success` registers `hook(task: TaskView, result)`, called after the task
+returned. What it raises is logged and ignored: the outcome is kept."""
 on_retry = _register("on_retry")
+"""`@hooks.on_retry` registers `hook(task: TaskView, exc)`, called when a run failed and the
+task will be retried. What it raises is logged and ignored."""
 on_failure = _register("on_failure")
+"""`@hooks.on_failure` registers `hook(task: TaskView, exc)`, called when the task failed for
+good (out of attempts, or not retryable). What it raises is logged and ignored."""
 after_task = _register("after_task")
+"""`@hooks.after_task` registers `hook(task: TaskView, outcome: Outcome)`, called after every
+run, whatever its outcome. What it raises is logged and ignored."""
 worker_started = _register("worker_started")
+"""`@hooks.worker_started` registers `hook(worker)`, called in each worker process once it has
+registered, before its first claim (the `dbqueue.worker.Worker`; `worker.name` names it).
+What it raises is logged and ignored."""
 worker_stopping = _register("worker_stopping")
+"""`@hooks.worker_stopping` registers `hook(worker)`, called in a worker process that is
+stopping, before it unregisters. What it raises is logged and
+ignored."""
 
 
 def unregister(func: Callable[..., Any]) -> None:
-    """Remove `func` from every event it was registered for (tests, plugins switched off)."""
+    """Remove `func` from every event it was registered for (tests, plugins switched off).
+
+    Args:
+        func: a hook registered with one of the decorators; one never registered is ignored.
+    """
     global active
     for hooks in _registry.values():
         while func in hooks:
@@ -111,7 +139,8 @@ def unregister(func: Callable[..., Any]) -> None:
 
 
 def clear() -> None:
-    """Remove every hook of this process."""
+    """Remove every hook of this process (the per-function hooks of `@handle_asynchronously`
+    stay: they belong to the function)."""
     global active
     for hooks in _registry.values():
         hooks.clear()

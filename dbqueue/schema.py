@@ -27,7 +27,13 @@ metadata = sa.MetaData(
 
 
 class Status(str, enum.Enum):
-    """A task's state. `succeeded`, `failed` and `cancelled` are final."""
+    """A task's state (`Task.status`), stored as its value in `tasks.status`.
+
+    `queued` (waiting, or scheduled when its run_at is in the future), `running` (claimed by a
+    worker), then `succeeded`, `failed` (out of attempts, or never runnable) or `cancelled`,
+    which are final until `dbqueue retry` queues a failed or cancelled task again. A `Status`
+    is a `str`: `Status.SUCCEEDED == "succeeded"`.
+    """
 
     QUEUED = "queued"
     RUNNING = "running"

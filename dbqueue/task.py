@@ -38,7 +38,22 @@ _COLUMNS = (
 
 
 class Task:
-    """A queued, running or finished task. Attributes mirror the row as of the last refresh."""
+    """A handle on one task (one row of `tasks`), usable from any process.
+
+    Attributes mirror the row as of the last read (the first attribute read loads it;
+    `refresh()` reads it again): `id`, `status`, `queue`, `priority`, `run_at`, `handler`
+    (`module:qualname`), `attempts`, `max_attempts`, `timeout`, `locked_by` (the worker
+    running it), `locked_at`, `error` (the last exception's text and traceback), `unique_key`,
+    `meta`, `snoozes`, `cancel_requested_at`, `concurrency_key`, `created_at`, `started_at`,
+    `finished_at`. Times are aware datetimes from the database clock.
+
+    Args:
+        task_id: the task's id (`Task(42)` reads nothing until an attribute is asked for).
+        settings: the database and keys to read with. Default: `dbqueue.configure()`'s.
+
+    Reading an attribute raises `TaskNotFound` if the row does not exist (any more), and
+    `DatabaseUnavailable` if the database cannot be reached.
+    """
 
     queue: str
     priority: int
@@ -63,19 +78,39 @@ class Task:
 
     @property
     def settings(self) -> config.Settings:
+        """The settings this handle reads with."""
         return self._settings or config.current()
 
     @classmethod
     def get(cls, task_id: int, *, settings: config.Settings | None = None) -> Task:
-        """The task with this id; TaskNotFound if there is none (it may have been pruned)."""
+        """The task with this id, its row read now.
+
+        Args:
+            task_id: the task's id.
+            settings: the database and keys to read with. Default: `dbqueue.configure()`'s.
+
+        Raises:
+            TaskNotFound: there is no such task (it may have been pruned).
+            DatabaseUnavailable: the database cannot be reached.
+        """
         task = cls(task_id, settings=settings)
         task.refresh()
         return task
 
     def cancel(self) -> bool:
-        """Cancel this task: a queued one at once (True), a running one by asking its worker,
-        which raises `dbqueue.TaskCancelled` inside it within about a second (False: it is
-        still running now). Cancelling a finished task raises InvalidOperation."""
+        """Cancel this task: a queued one at once, a running one by asking its worker.
+
+        The worker raises `dbqueue.TaskCancelled` inside a running task within about a second;
+        a task that ignores it is stopped with its process.
+
+        Returns:
+            True if the task is `cancelled` now (it was queued); False if it was running and
+            its worker has been asked to stop it.
+
+        Raises:
+            InvalidOperation: the task has already finished.
+            TaskNotFound: there is no such task.
+        """
         from dbqueue import control
 
         done = control.cancel([self.id], settings=self._settings)
@@ -83,7 +118,12 @@ class Task:
         return bool(done.cancelled)
 
     def refresh(self) -> Task:
-        """Re-read the row."""
+        """Re-read the row; returns the task itself (`task.refresh().status`).
+
+        Raises:
+            TaskNotFound: the row no longer exists (pruned, or deleted).
+            DatabaseUnavailable: the database cannot be reached.
+        """
         settings = self.settings
         with database.errors_translated(settings), settings.get_engine().connect() as conn:
             row = store.get(conn, self.id)
@@ -105,6 +145,7 @@ class Task:
 
     @property
     def status(self) -> Status:
+        """The task's `Status` as of the last read."""
         return Status(self._get_row().status)
 
     @property
@@ -114,11 +155,18 @@ class Task:
 
     @property
     def finished(self) -> bool:
+        """True once the task succeeded, failed for good or was cancelled."""
         return self.status.value in FINISHED
 
     @property
     def result(self) -> Any:
-        """The return value. ResultNotStored if it could not be stored or read back."""
+        """The task's return value, verified then unpickled; None until it succeeded.
+
+        Raises:
+            ResultNotStored: the value could not be stored (it did not pickle, or was too
+                large: the task still succeeded), or the stored pickle does not verify with
+                this process's keys or no longer unpickles.
+        """
         row = self._get_row()
         if row.result is None:
             if row.status == Status.SUCCEEDED.value and row.error:
@@ -128,9 +176,11 @@ class Task:
 
     @property
     def exception(self) -> BaseException | None:
-        """The last exception raised by the task, from its verified pickle; None if none.
+        """The last exception raised by the task, rebuilt from its verified pickle; None if
+        none. `error` holds its text and traceback.
 
-        ResultNotStored if the stored pickle does not verify or no longer unpickles.
+        Raises:
+            ResultNotStored: the stored pickle does not verify or no longer unpickles.
         """
         row = self._get_row()
         if row.exception is None:
@@ -154,7 +204,18 @@ class Task:
             ) from exc
 
     def wait(self, timeout: float | None = None, poll: float = 0.05) -> Task:
-        """Block until the task is finished; TaskTimeout if `timeout` seconds pass first."""
+        """Block until the task is finished (succeeded, failed or cancelled); returns it.
+
+        Check `success` or `status` before reading `result`, which is None for a failed task.
+
+        Args:
+            timeout: seconds to wait at most; None waits forever.
+            poll: the first interval between reads, growing by half each time (at most 1 s).
+
+        Raises:
+            TaskTimeout: `timeout` seconds passed and the task is still queued or running.
+            TaskNotFound: the task does not exist.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self.refresh().finished:

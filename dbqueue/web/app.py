@@ -512,10 +512,26 @@ def create_app(
 ) -> Starlette:
     """The dashboard as an ASGI app, to serve alone (`dbqueue web`) or mount in another app.
 
-    `settings`: which database and keys (default: dbqueue's configured default, looked up at
-    the first request). `token`: when given, every request needs it (a bearer header, or the
-    cookie the login form sets). `secret`: the key for CSRF and login cookies; by default
-    derived from dbqueue's signing key, so several dashboard processes agree.
+    `app.mount("/admin/queue", dbqueue.web.create_app())` (FastAPI, Starlette): links,
+    redirects and cookies follow the mount path. Put your application's own authentication in
+    front of it, or give it a `token`. Every page is read from the tables at each request;
+    every button is a POST form with a CSRF token.
+
+    Args:
+        settings: which database and keys. Default: dbqueue's configured default, looked up
+            at the first request. The keys must be the workers' to show arguments and results.
+        token: when given, every request needs it: `Authorization: Bearer <token>` (for
+            Prometheus) or the cookie the `/login` form sets.
+        secret: the key for the CSRF and login cookies. Default: derived from dbqueue's
+            signing key, so several dashboard processes accept each other's forms.
+        debug: Starlette's debug mode (tracebacks in responses): for development only.
+
+    Returns:
+        A Starlette application serving the pages, their actions and `/metrics`.
+
+    Raises:
+        ModuleNotFoundError: (on `import dbqueue.web`) the `web` extra is not installed:
+            `pip install 'dbqueue[web]'`.
     """
     dash = Dashboard(settings, token, secret)
     routes = [
