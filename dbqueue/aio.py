@@ -64,7 +64,23 @@ async def enqueue_async(
 ) -> task_module.Task:
     """`enqueue` for async code; inside `session`'s (or `connection`'s) transaction if given.
 
-    Takes the same options as `enqueue` (priority, run_at, queue, unique_key, on_conflict...).
+    The sync `enqueue` runs on the sync face of your connection (`run_sync`), or without one
+    in a thread, so the event loop is never blocked.
+
+    Args:
+        func: the function a worker will call (may be `async def`), as for `enqueue`.
+        args: positional arguments, pickled now.
+        kwargs: keyword arguments, pickled now.
+        session: an `AsyncSession` whose transaction the task joins.
+        connection: an `AsyncConnection` whose transaction the task joins.
+        **options: `enqueue`'s options (priority, run_at, queue, unique_key, on_conflict...).
+
+    Returns:
+        The task's handle (its reads, such as `refresh` and `wait`, are synchronous).
+
+    Raises:
+        EnqueueError: `session`/`connection` is not the async kind, or as `enqueue`.
+        DatabaseUnavailable: dbqueue's own transaction could not reach the database.
     """
     call = functools.partial(enqueue, func, args, kwargs, **options)
     return await _run(call, session, connection)
@@ -78,7 +94,23 @@ async def enqueue_many_async(
     connection: AsyncConnection | None = None,
     **options: Any,
 ) -> list[int]:
-    """`enqueue_many` for async code: many tasks of one function in one round trip."""
+    """`enqueue_many` for async code: many tasks of one function in one round trip.
+
+    Args:
+        func: the function, as for `enqueue`.
+        items: one per task: a tuple of positional arguments, a dict of keyword arguments, or
+            a single argument.
+        session: an `AsyncSession` whose transaction the tasks join.
+        connection: an `AsyncConnection` whose transaction the tasks join.
+        **options: `enqueue`'s options, the same for every task.
+
+    Returns:
+        The tasks' ids, in the order of `items`.
+
+    Raises:
+        EnqueueError: `session`/`connection` is not the async kind, or as `enqueue_many`.
+        DatabaseUnavailable: dbqueue's own transaction could not reach the database.
+    """
     call = functools.partial(enqueue_many, func, list(items), **options)
     return await _run(call, session, connection)
 
@@ -90,5 +122,20 @@ async def schedule_async(
     kwargs: dict[str, Any] | None = None,
     **options: Any,
 ) -> task_module.Task:
-    """`schedule` for async code: `await schedule_async(timedelta(hours=1), f, session=s)`."""
+    """`schedule` for async code: `await schedule_async(timedelta(hours=1), f, session=s)`.
+
+    Args:
+        when: an aware datetime, a timedelta from now, or a callable returning either.
+        func: the function, as for `enqueue`.
+        args: positional arguments.
+        kwargs: keyword arguments.
+        **options: `enqueue_async`'s other options (session, connection, queue, ...).
+
+    Returns:
+        The task's handle.
+
+    Raises:
+        EnqueueError: as `enqueue_async`.
+        DatabaseUnavailable: dbqueue's own transaction could not reach the database.
+    """
     return await enqueue_async(func, args, kwargs, run_at=when, **options)

@@ -127,8 +127,34 @@ def periodic(
     """Run the decorated function on a schedule: `@periodic(cron="0 3 * * *", tz="Europe/Paris")`
     or `@periodic(every=timedelta(seconds=30))`. The function is returned unchanged.
 
-    Cron slots follow the wall clock of `tz` (daylight saving included); `every` slots are
-    multiples of the interval since 1970-01-01 UTC, so all workers agree on them.
+    Workers that import the module enqueue each slot once, however many run (the database
+    decides, through `periodic_slots`); the queue then runs it like any task. A periodic task
+    seen for the first time starts at its next slot.
+
+    Args:
+        cron: a cron expression (minute hour day-of-month month day-of-week), whose slots
+            follow the wall clock of `tz`, daylight saving included. Exactly one of `cron` and
+            `every`.
+        every: an interval of at least a second; its slots are multiples of it since
+            1970-01-01 UTC, so all workers agree on them.
+        tz: an IANA time zone name for `cron`. Default UTC.
+        catch_up: enqueue every slot missed while no worker ran (at most 1,000), instead of
+            only the latest.
+        args: positional arguments of every run (pickled now).
+        kwargs: keyword arguments of every run.
+        queue: the tasks' queue. Default `"default"`.
+        priority: the tasks' priority. Default 0.
+        max_attempts: the tasks' attempts. Default 25.
+        timeout: the tasks' timeout in seconds.
+
+    Returns:
+        The decorator, which registers the function in this process and returns it unchanged.
+
+    Raises:
+        ConfigurationError: neither or both of `cron` and `every`, an invalid cron
+            expression, an unknown time zone, or `every` under a second.
+        EnqueueError: (at decoration) arguments that do not pickle, a bad option, or a
+            function workers could not import.
     """
     if (cron is None) == (every is None):
         raise errors.ConfigurationError("@periodic needs exactly one of cron=... or every=...")
