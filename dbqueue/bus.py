@@ -49,7 +49,9 @@ _FLAG_LETTERS = {re.IGNORECASE: "i", re.MULTILINE: "m", re.DOTALL: "s", re.VERBO
 
 
 class PublishError(errors.EnqueueError):
-    """An event that cannot be published: a bad event name or attributes that are not JSON."""
+    """An event that cannot be published: a bad event name, attributes that are not a JSON
+    dict (the message names the attribute), or a reserved `bus_*` key. Nothing was stored.
+    An `EnqueueError`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,13 @@ class Subscription:
 
     A `sync` one runs in the publisher's transaction, in this process only: it is never
     stored in `bus_subscriptions`, so no task delivers it.
+
+    Attributes:
+        matcher: the event name, or the regex's pattern (flags as an inline `(?i)` prefix).
+        is_regex: whether `matcher` is a regex, matched with `re.search`.
+        queue: the queue suffix: deliveries go to `<app_key>_<queue>`.
+        handler: the handler as `module:qualname`.
+        sync: run in the publisher's transaction instead of as a task.
     """
 
     matcher: str
@@ -67,11 +76,15 @@ class Subscription:
     sync: bool = False
 
     def matches(self, event_type: str) -> bool:
+        """Whether an event of this type is delivered to this subscription."""
         return matches(self.matcher, self.is_regex, event_type)
 
 
 @dataclasses.dataclass(frozen=True)
 class SyncResult:
+    """What `sync()` did: the application, subscriptions added and removed, and how many it
+    has now."""
+
     app_key: str
     added: int
     removed: int
@@ -80,7 +93,8 @@ class SyncResult:
 
 @dataclasses.dataclass(frozen=True)
 class Published:
-    """An event whose publish committed, as `recording()` saw it."""
+    """An event whose publish committed, as `recording()` saw it: its type and its
+    attributes (JSON-decoded)."""
 
     event_type: str
     attributes: dict[str, Any]
@@ -98,7 +112,18 @@ _recording: list[Published] | None = None  # `recording()`: the pytest fixtures'
 
 
 def configure(*, app_key: str | None = None, inline: bool | None = None) -> None:
-    """Name this application (default: DBQUEUE_APP_KEY) and/or switch inline dispatch."""
+    """Name this application (default: DBQUEUE_APP_KEY) and/or switch inline dispatch.
+
+    Args:
+        app_key: this application's name on the bus: its deliveries go to queues
+            `<app_key>_<queue>` and its rows of `bus_subscriptions` carry it. 1-60 letters,
+            digits, `_`, `.` or `-`.
+        inline: True runs this process's own subscribers at publish (as `inline()`), False
+            switches that off, None leaves it.
+
+    Raises:
+        ConfigurationError: an app key that is not 1-60 letters, digits, `_`, `.` or `-`.
+    """
     if app_key is not None:
         _check_app_key(app_key)
         _state.app_key = app_key
@@ -138,7 +163,11 @@ def _inline_enabled() -> bool:
 @contextlib.contextmanager
 def recording() -> Iterator[list[Published]]:
     """Within the block, every event whose publish commits is appended to the list yielded,
-    whether anyone subscribes or not (assert_published / refute_published)."""
+    whether anyone subscribes or not (the `assert_published` / `refute_published` fixtures).
+
+    Yields:
+        The list of `Published` events, growing as publishes commit.
+    """
     global _recording
     before, _recording = _recording, []
     try:
@@ -149,7 +178,15 @@ def recording() -> Iterator[list[Published]]:
 
 @contextlib.contextmanager
 def inline(enabled: bool = True) -> Iterator[None]:
-    """Within the block, `publish` runs this process's subscribers once it commits (tests)."""
+    """Within the block, `publish` runs this process's subscribers once it commits (tests).
+
+    No `bus_subscriptions` row is read (no sync needed); each delivery is recorded as a task
+    row as `dbqueue.inline()` does, and a failing handler leaves its task queued for a retry
+    instead of raising. `DBQUEUE_BUS_INLINE=1` does the same for a whole process.
+
+    Args:
+        enabled: False switches inline delivery off within the block.
+    """
     before = _state.inline
     _state.inline = enabled
     try:
@@ -190,9 +227,27 @@ def subscribe(
 
     Deliveries go to the queue `<app_key>_<queue>`. The function is returned unchanged, and
     can be decorated several times (a name and a regex: each matching subscription delivers).
-    `sync=True`: this process's `publish` calls the handler at once, in the publisher's
-    transaction (a `session` parameter receives the publisher's Session, or Connection), and
-    raises what it raises; other applications never see this subscription.
+    Subscriptions reach other applications' publishes once stored by `sync()` (which
+    `dbqueue work --import` runs).
+
+    Args:
+        event: an event name (matched exactly) or a compiled regex (matched with
+            `re.search`; anchor it with `^`/`$`).
+        queue: the queue suffix, 1-35 letters, digits, `_`, `.` or `-`. Default `"default"`.
+        sync: this process's `publish` calls the handler at once, in the publisher's
+            transaction (a `session` parameter receives the publisher's Session, or
+            Connection), and raises what it raises; other applications never see this
+            subscription.
+
+    Returns:
+        The decorator, which registers the handler and returns it unchanged.
+
+    Raises:
+        ConfigurationError: an event that is neither a non-empty name nor a str regex, regex
+            flags that cannot be stored, a bad queue name, or the same handler subscribed to
+            the same event on two queues.
+        EnqueueError: (at decoration) a handler workers could not import (a lambda, a local
+            function).
     """
     matcher, is_regex = _matcher(event)
     if not isinstance(queue, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,35}", queue):
@@ -218,7 +273,8 @@ def subscribe(
 
 
 def subscriptions() -> list[Subscription]:
-    """The subscriptions this process's code has registered, in registration order."""
+    """The subscriptions this process's code has registered (`@subscribe`), in
+    registration order, sync ones included."""
     return list(_state.registry)
 
 
@@ -351,6 +407,19 @@ def sync(
 
     One transaction: a handler removed from the code disappears, a new one appears, a changed
     queue is updated. Run by `dbqueue work`/`workoff` after `--import`, and `dbqueue bus sync`.
+    The process must have imported all of the application's subscriptions: the ones it has
+    not imported are removed.
+
+    Args:
+        settings: the database to use. Default: `dbqueue.configure()`'s.
+        connection: a Connection whose transaction the change joins.
+
+    Returns:
+        A `SyncResult`: the application's key, subscriptions added, removed, and in all.
+
+    Raises:
+        ConfigurationError: no application key (`DBQUEUE_APP_KEY` or `configure(app_key=)`).
+        DatabaseUnavailable: dbqueue's own transaction could not reach the database.
     """
     settings = settings or config.current()
     key = _require_app_key("bus.sync()")
@@ -470,6 +539,26 @@ def publish(
     One task per matching subscription (an application's handler matched by both a name and a
     regex gets the event once), inserted on `session`/`connection` when given, so the event
     exists only if the caller's transaction commits. Nobody subscribed: one read, no insert.
+    A handler receives the JSON-decoded attributes plus `bus_event_type`, `bus_app_key` (the
+    publisher's) and `bus_published_at` (ISO 8601, database clock).
+
+    Args:
+        event_type: the event's name, a non-empty string.
+        attributes: a dict with string keys and JSON values (strings, numbers, booleans,
+            None, lists, dicts); not the reserved `bus_*` keys.
+        session: an SQLAlchemy Session whose transaction the deliveries join.
+        connection: a Connection whose transaction the deliveries join.
+        run_at: deliver at this time (an aware datetime, a timedelta, or a callable).
+        settings: the database and keys to use. Default: `dbqueue.configure()`'s.
+
+    Returns:
+        The ids of the delivery tasks (empty when nobody subscribes).
+
+    Raises:
+        PublishError: a bad event type or attributes; nothing stored.
+        ConfigurationError: inline mode with matching subscribers but no application key.
+        DatabaseUnavailable: dbqueue's own transaction could not reach the database.
+        Exception: whatever a `sync=True` subscriber raises, in the publisher's transaction.
     """
     attributes = {} if attributes is None else attributes
     _validate(event_type, attributes)
@@ -517,7 +606,20 @@ def publish_at(
     attributes: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> list[int]:
-    """`publish` delivered at `when` (a datetime, or a timedelta from the database's now)."""
+    """`publish` delivered at `when` (a datetime, or a timedelta from the database's now).
+
+    Args:
+        when: an aware datetime, a timedelta from now (database clock), or a callable.
+        event_type: the event's name.
+        attributes: the event's JSON attributes.
+        **options: `publish`'s other arguments (session, connection, settings).
+
+    Returns:
+        The ids of the delivery tasks.
+
+    Raises:
+        PublishError: a bad event type or attributes, as `publish`.
+    """
     return publish(event_type, attributes, run_at=when, **options)
 
 
@@ -528,6 +630,18 @@ def dispatch(handler: str, attributes: dict[str, Any]) -> Any:
     """The task of every delivery: import the subscriber's handler by name and call it.
 
     Runs in the subscriber's worker; its result, exception and retries are the task's.
+
+    Args:
+        handler: the handler as `module:qualname`.
+        attributes: the message: attributes plus the `bus_*` fields.
+
+    Returns:
+        What the handler returns.
+
+    Raises:
+        HandlerNotAllowed: the handler's module is outside `DBQUEUE_ALLOWED_MODULES`.
+        HandlerImportError: the handler cannot be imported (retried, in case a deploy is
+            still rolling).
     """
     allowed = config.current().allowed_modules
     if not serializer.module_allowed(handler, allowed):
