@@ -24,3 +24,15 @@ def stamp(port: int) -> None:
 def rss() -> float:
     """Resident memory of the worker process running this task, in MiB."""
     return supervisor.rss_mb()
+
+
+async def wait_async(seconds: float) -> None:
+    """An I/O-bound task as typical background work is (an HTTP call, a mail): it awaits."""
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+def wait_blocking(seconds: float) -> None:
+    """The same wait through a blocking call (a sync HTTP client), for --threads."""
+    time.sleep(seconds)
