@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import json
@@ -56,11 +57,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 sys.path[:0] = [str(SCRIPTS), str(ROOT)]
 
+import bench_chancy  # noqa: E402
+import bench_history  # noqa: E402
+import bench_io  # noqa: E402
+import bench_load  # noqa: E402
+import bench_oban  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_tasks  # noqa: E402
 
 import dbqueue  # noqa: E402
-from dbqueue import config, serializer, store, task  # noqa: E402
+from dbqueue import config, serializer, task  # noqa: E402
 from dbqueue.schema import tasks  # noqa: E402
 
 enqueue_module = importlib.import_module("dbqueue.enqueue")  # the name `enqueue` is the function
@@ -73,18 +79,21 @@ from bench_setup import (  # noqa: E402
     pg_settings,
     scalar,
     sqlite_settings,
-    vacuum,
     worker_env,
     workoff,
 )
 
 
 def guarded(run: Callable[[], Figures]) -> Figures:
-    """A scenario's figures, or {"error": ...}: one failure does not end the benchmark."""
+    """A scenario's figures, or {"error": ...}: one failure does not end the benchmark. The
+    1-minute load average at its end goes with them (the machine is shared)."""
     try:
-        return run()
+        figures = run()
     except Exception as exc:
-        return bench_peers._error(exc)
+        figures = bench_peers._error(exc)
+    if "skipped" not in figures:
+        figures["load_1m"] = os.getloadavg()[0]
+    return figures
 
 
 def median_of(runs: list[Figures]) -> Figures:
@@ -244,64 +253,6 @@ def idle_latency(settings: config.Settings, n: int, warmup: int = 10) -> Figures
         }
 
 
-FILL_FINISHED = """
-INSERT INTO tasks (queue, priority, run_at, status, handler, payload, attempts, max_attempts,
-                   created_at, started_at, finished_at)
-SELECT 'default', 0, now() - interval '1 day', 'succeeded', 'bench_tasks:noop', '\\x00'::bytea,
-       1, 25, now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
-FROM generate_series(1, {n})
-"""
-
-
-def _claim_pass(settings: config.Settings, queued: int, limit: int) -> float:
-    """Seconds spent in claim transactions taking `queued` fresh tasks, `limit` at a time."""
-    dbqueue.enqueue_many(bench_tasks.noop, [()] * queued, settings=settings)
-    vacuum(settings)
-    engine = settings.get_engine()
-    spent = 0.0
-    while True:
-        started = time.perf_counter()
-        with engine.begin() as conn:
-            rows = store.claim(conn, "bench-claim", limit)
-        spent += time.perf_counter() - started
-        if not rows:
-            break
-    with engine.begin() as conn:
-        conn.execute(sa.delete(tasks).where(tasks.c.status == "running"))
-    return spent
-
-
-def claim_speed(
-    empty_db: config.Settings, full_db: config.Settings, finished: int, queued: int, passes: int
-) -> Figures:
-    """Claimed rows/s in a database with no other rows and in one holding `finished` finished
-    rows, measured in alternating passes so that the machine's drift falls on both alike.
-
-    The full database is filled, vacuumed and checkpointed before any pass, so no autovacuum
-    or checkpoint of the fill runs during them; one untimed pass warms each connection first
-    (the first claims on a connection are neither prepared nor cached)."""
-    with full_db.get_engine().begin() as conn:
-        conn.execute(sa.text(FILL_FINISHED.format(n=int(finished))))
-    vacuum(full_db)
-    with full_db.get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.exec_driver_sql("CHECKPOINT")
-    _claim_pass(empty_db, queued, limit=100)
-    _claim_pass(full_db, queued, limit=100)
-    empty, full = [], []
-    for _ in range(passes):
-        empty.append(queued / _claim_pass(empty_db, queued, limit=100))
-        full.append(queued / _claim_pass(full_db, queued, limit=100))
-    figures = {
-        "claim_empty_per_s": statistics.median(empty),
-        "claim_full_per_s": statistics.median(full),
-        "finished_rows": float(finished),
-        "passes": float(passes),
-    }
-    ratios = [f / e for f, e in zip(full, empty, strict=True)]
-    figures["claim_full_vs_empty"] = statistics.median(ratios)
-    return figures
-
-
 def worker_rss(settings: config.Settings, total: int) -> Figures:
     """RSS of one worker process at points over `total` no-op tasks (probe tasks report it)."""
     points = sorted({max(2, total // 100), max(3, total // 10), total // 2, total})
@@ -356,6 +307,9 @@ def codec_costs(n: int = 20_000) -> Figures:
 
 # -- the run -------------------------------------------------------------------------------------
 
+# I/O-bound scenario (issue 21): 2 processes x 100 tasks at once, each waiting 50 ms: 4,000/s
+IO_PROCESSES, IO_AT_ONCE, IO_SECONDS = 2, 100, 0.05
+
 
 def repeat(times: int, run: Callable[[], Figures]) -> Figures:
     runs = []
@@ -375,6 +329,13 @@ RATIOS = (
     ("many_vs_pgqueuer", "dbqueue", "enqueue_batch_per_s", "pgqueuer", "enqueue_batch_per_s"),
     ("drain_vs_pgqueuer", "dbqueue", "drain_per_s", "pgqueuer", "drain_per_s"),
     ("info_vs_warning", "dbqueue_logging", "info_vs_warning", None, None),
+    ("io_async_vs_limit", "dbqueue_io_async", "io_vs_limit", None, None),
+    ("io_threads_vs_limit", "dbqueue_io_threads", "io_vs_limit", None, None),
+    ("io_async_vs_pgqueuer", "dbqueue_io_async", "io_per_s", "pgqueuer_io", "io_per_s"),
+    ("io_threads_vs_pgqueuer", "dbqueue_io_threads", "io_per_s", "pgqueuer_io", "io_per_s"),
+    ("drain_vs_chancy", "dbqueue", "drain_per_s", "chancy", "drain_per_s"),
+    ("drain_vs_oban", "dbqueue", "drain_per_s", "oban", "drain_per_s"),
+    ("io_async_vs_oban", "dbqueue_io_async", "io_per_s", "oban", "io_per_s"),
     ("json_vs_warning", "dbqueue_logging", "json_vs_warning", None, None),
 )
 
@@ -461,6 +422,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dbqueue_latency": lambda: pg_run(lambda s: idle_latency(s, args.latency_n), "dbqlat"),
         "dbqueue_logging": lambda: pg_run(lambda s: logging_drains(s, args.jobs), "dbqlog"),
     }
+    io = (args.io_jobs, IO_PROCESSES, IO_AT_ONCE, IO_SECONDS)
+    for mode in ("async", "threads"):
+        scenarios[f"dbqueue_io_{mode}"] = functools.partial(
+            pg_run, lambda s, m=mode: bench_io.dbqueue_io(s, *io, m), f"dbqio{mode[0]}"
+        )
     if not args.no_peers:
         scenarios["pgqueuer"] = lambda: bench_peers.pgqueuer_scenarios(
             admin, jobs=args.jobs, single_n=args.single_n, latency_n=args.latency_n
@@ -468,14 +434,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scenarios["procrastinate"] = lambda: bench_peers.procrastinate_scenarios(
             admin, jobs=args.procrastinate_jobs, single_n=args.single_n, latency_n=args.latency_n
         )
+        scenarios["chancy"] = lambda: bench_chancy.chancy_scenarios(
+            admin, jobs=args.jobs, single_n=args.single_n
+        )
+        scenarios["oban"] = lambda: bench_oban.oban_figures(
+            admin, args.jobs, args.single_n, args.io_jobs
+        )
+        scenarios["pgqueuer_io"] = lambda: bench_io.pgqueuer_io(admin, *io)
+        scenarios["procrastinate_io"] = lambda: bench_io.procrastinate_io(admin, *io)
+        scenarios["chancy_io"] = lambda: bench_io.chancy_io(admin, *io)
     results.update(interleaved(args.repeats, scenarios, step))
 
-    step(f"dbqueue claim with {args.finished_rows:,} finished rows vs none")
+    points = tuple(int(n) for n in args.workers.split(",") if n.strip())
+    step(f"dbqueue drain with {', '.join(map(str, points))} worker processes")
+    results["dbqueue_workers"] = guarded(
+        lambda: pg_run(lambda s: bench_load.workers_curve(s, args.jobs, points), "dbqcurve")
+    )
+
+    step(f"dbqueue claim with {args.finished_rows:,} finished rows vs none, then prune")
 
     def claims() -> Figures:
         with pg_settings(admin, "dbqclaim0") as empty, pg_settings(admin, "dbqclaim1") as full:
-            return claim_speed(
-                empty, full, args.finished_rows, args.claim_queued, max(5, args.repeats)
+            return bench_history.history(
+                empty,
+                full,
+                args.finished_rows,
+                args.claim_queued,
+                max(5, args.repeats),
+                args.prune_seconds,
             )
 
     results["dbqueue_claim"] = guarded(claims)
@@ -547,7 +533,7 @@ def _cell(value: float | None, unit: str = "") -> str:
 
 def _peer(figures: Figures, key: str, unit: str = "") -> str:
     if "skipped" in figures:
-        return "not installed"
+        return "not run"
     if "error" in figures:
         return "error"
     return _cell(_num(figures, key), unit)
@@ -557,21 +543,104 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
+# the peers' columns: (results key of the main scenarios, of the I/O-bound one, header)
+PEERS = (
+    ("pgqueuer", "pgqueuer_io", "PgQueuer"),
+    ("procrastinate", "procrastinate_io", "procrastinate"),
+    ("chancy", "chancy_io", "chancy"),
+    ("oban", "oban", "Oban (py)"),  # one scenario: it may run in another Python
+)
+COLUMNS = ["scenario (PostgreSQL)", "dbqueue"] + [p[2] for p in PEERS]
+COLUMNS += ["raw SQL / limit", "dbqueue / raw", "target", ""]
+
+
+def _row(*cells: str) -> str:
+    cells = cells + ("",) * (len(COLUMNS) - len(cells))
+    return "| " + " | ".join(cells) + " |"
+
+
+def _peers(results: dict[str, Any], key: str, unit: str = "", io: bool = False) -> list[str]:
+    out = []
+    for main, io_key, _ in PEERS:
+        figures = results.get(io_key if io else main, {"skipped": "not run"})
+        out.append(_peer(figures, key, unit))
+    return out
+
+
 def _logging_row(results: dict[str, Any]) -> str:
     """The drain at the default INFO (one line per task) beside the drain at WARNING."""
     logged = results.get("dbqueue_logging", {})
     if "error" in logged:
-        return f"| drain at INFO vs WARNING | error: {logged['error']} | | | | | | |"
+        return _row("drain at INFO vs WARNING", f"error: {logged['error']}")
     ratios = results.get("ratios", {})
     info = ratios.get("info_vs_warning", _num(logged, "info_vs_warning"))
     json_ratio = ratios.get("json_vs_warning", _num(logged, "json_vs_warning"))
-    return (
-        f"| drain {int(_num(logged, 'jobs') or 0):,} no-op tasks at INFO, a line per task "
-        f"(text; JSON) | {_cell(_num(logged, 'drain_info_per_s'))}; "
+    return _row(
+        f"drain {int(_num(logged, 'jobs') or 0):,} no-op tasks at INFO, a line per task "
+        "(text; JSON)",
+        f"{_cell(_num(logged, 'drain_info_per_s'))}; "
         f"{_cell(_num(logged, 'drain_info_json_per_s'))} "
-        f"(WARNING: {_cell(_num(logged, 'drain_warning_per_s'))}) | | | | "
-        f"{_cell(info, 'x')}; {_cell(json_ratio, 'x')} of WARNING | >= 0.85x WARNING | "
-        f"{_verdict(None if info is None else info >= 0.85)} |"
+        f"(WARNING: {_cell(_num(logged, 'drain_warning_per_s'))})",
+        *[""] * len(PEERS),
+        "",
+        f"{_cell(info, 'x')}; {_cell(json_ratio, 'x')} of WARNING",
+        ">= 0.85x WARNING",
+        _verdict(None if info is None else info >= 0.85),
+    )
+
+
+def _io_rows(results: dict[str, Any]) -> list[str]:
+    """I/O-bound: dbqueue async and threads beside the peers (async), against the limit."""
+    ratios = results.get("ratios", {})
+    params = results.get("parameters", {})
+    jobs = int(params.get("io_jobs", 0))
+    limit = bench_io.limit(IO_PROCESSES, IO_AT_ONCE, IO_SECONDS)
+    rows = []
+    for mode, what in (
+        ("async", f"async def, --async-concurrency {IO_AT_ONCE}"),
+        ("threads", f"time.sleep, --threads {IO_AT_ONCE}"),
+    ):
+        ours = results.get(f"dbqueue_io_{mode}", {})
+        vs_limit = ratios.get(f"io_{mode}_vs_limit", _num(ours, "io_vs_limit"))
+        vs_pgq = ratios.get(f"io_{mode}_vs_pgqueuer")
+        if "skipped" in ours or "error" in ours:
+            cell = ours.get("skipped") or f"error: {ours.get('error')}"
+        else:
+            cell = _cell(_num(ours, "io_per_s"))
+        ok = None if vs_limit is None else vs_limit >= 0.6 and (vs_pgq is None or vs_pgq >= 1.0)
+        rows.append(
+            _row(
+                f"I/O-bound: {jobs:,} tasks waiting {IO_SECONDS * 1000:.0f} ms, "
+                f"{IO_PROCESSES} processes x {IO_AT_ONCE} at once ({what})",
+                cell,
+                *(_peers(results, "io_per_s", io=True) if mode == "async" else [""] * len(PEERS)),
+                f"limit {limit:,.0f}/s",
+                f"{_cell(vs_limit, 'x')} of limit; {_cell(vs_pgq, 'x')} PgQueuer",
+                ">= 0.6x limit, >= 1.0x PgQueuer",
+                _verdict(ok),
+            )
+        )
+    return rows
+
+
+def _workers_row(results: dict[str, Any]) -> str:
+    curve = results.get("dbqueue_workers", {})
+    if "error" in curve:
+        return _row("drain with N worker processes", f"error: {curve['error']}")
+    points = tuple(
+        int(n) for n in str(results.get("parameters", {}).get("workers", "")).split(",") if n
+    )
+    top = _num(curve, "top_vs_best")
+    return _row(
+        f"drain {int(_num(curve, 'jobs') or 0):,} no-op tasks with N worker processes "
+        f"({int(_num(curve, 'cpus') or 0)} CPUs)",
+        bench_load.curve_line(curve, points),
+        *[""] * len(PEERS),
+        "",
+        f"{max(points, default=0)} processes: {_cell(top, 'x')} of the best "
+        f"({int(_num(curve, 'best_at') or 0)})",
+        ">= 0.70x best",
+        _verdict(None if top is None else top >= 0.7),
     )
 
 
@@ -584,7 +653,6 @@ def table(results: dict[str, Any]) -> str:
     rss = results.get("dbqueue_rss", {})
     lite = results.get("dbqueue_sqlite", {})
     pgq = results.get("pgqueuer", {"skipped": "not run"})
-    proc = results.get("procrastinate", {"skipped": "not run"})
 
     ratios = results.get("ratios", {})
 
@@ -605,54 +673,98 @@ def table(results: dict[str, Any]) -> str:
     raw_one = _num(dbq, "raw_single_per_s")  # measured in blocks alongside (single_enqueues)
     p50 = _num(lat, "latency_p50_ms")
     full_vs_empty = _num(claim, "claim_full_vs_empty")
+    drain_raw = ratio(drain, raw_drain, "drain_vs_raw")
+    many_pgq = ratio(many, pgq_many, "many_vs_pgqueuer")
+    one_raw = ratio(one, raw_one, "single_vs_raw")
     rows = [
-        "| scenario (PostgreSQL) | dbqueue | PgQueuer | procrastinate | raw SQL | "
-        "dbqueue / raw | target | |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| drain {int(_num(raw, 'jobs') or 0):,} no-op tasks, 2 processes | {_cell(drain)} | "
-        f"{_peer(pgq, 'drain_per_s')} | {_peer(proc, 'drain_per_s')} | {_cell(raw_drain)} | "
-        f"{_cell(ratio(drain, raw_drain, 'drain_vs_raw'), 'x')} | >= 0.40x raw | "
-        f"{at_least(ratio(drain, raw_drain, 'drain_vs_raw'), 0.4)} |",
-        f"| enqueue_many, batches of 1,000 | {_cell(many)} | {_peer(pgq, 'enqueue_batch_per_s')} "
-        f"| {_peer(proc, 'enqueue_batch_per_s')} | {_cell(_num(batch_raw, 'executemany_per_s'))} "
-        f"(COPY {_cell(_num(batch_raw, 'insert_per_s'))}) | "
-        f"{_cell(ratio(many, _num(batch_raw, 'executemany_per_s'), 'many_vs_raw'), 'x')} | "
-        f">= 1.0x PgQueuer ({_cell(ratio(many, pgq_many, 'many_vs_pgqueuer'), 'x')}) | "
-        f"{at_least(ratio(many, pgq_many, 'many_vs_pgqueuer'), 1.0)} |",
-        f"| enqueue one by one, own commit | {_cell(one)} | "
-        f"{_peer(pgq, 'enqueue_single_per_s')} | {_peer(proc, 'enqueue_single_per_s')} | "
-        f"{_cell(raw_one)} | {_cell(ratio(one, raw_one, 'single_vs_raw'), 'x')} | >= 0.5x raw | "
-        f"{at_least(ratio(one, raw_one, 'single_vs_raw'), 0.5)} |",
-        f"| idle latency p50, enqueue to start | {_cell(p50, 'ms')} | "
-        f"{_peer(pgq, 'latency_p50_ms', 'ms')} | {_peer(proc, 'latency_p50_ms', 'ms')} | | | "
-        f"<= 3 ms | {_verdict(None if p50 is None else p50 <= 3.0)} |",
-        f"| idle latency p99 | {_cell(_num(lat, 'latency_p99_ms'), 'ms')} | "
-        f"{_peer(pgq, 'latency_p99_ms', 'ms')} | {_peer(proc, 'latency_p99_ms', 'ms')} | | | | |",
-        f"| claim (100 at a time), empty table | {_cell(_num(claim, 'claim_empty_per_s'))} "
-        "| | | | | | |",
-        f"| claim with {int(_num(claim, 'finished_rows') or 0):,} finished rows | "
-        f"{_cell(_num(claim, 'claim_full_per_s'))} | | | | "
-        f"{_cell(full_vs_empty, 'x')} of empty | >= 0.90x empty | "
-        f"{at_least(full_vs_empty, 0.9)} |",
+        _row(*COLUMNS),
+        _row(*["---"] * len(COLUMNS)),
+        _row(
+            f"drain {int(_num(raw, 'jobs') or 0):,} no-op tasks, 2 processes",
+            _cell(drain),
+            *_peers(results, "drain_per_s"),
+            _cell(raw_drain),
+            _cell(drain_raw, "x"),
+            ">= 0.40x raw",
+            at_least(drain_raw, 0.4),
+        ),
+        _row(
+            "enqueue_many, batches of 1,000",
+            _cell(many),
+            *_peers(results, "enqueue_batch_per_s"),
+            f"{_cell(_num(batch_raw, 'executemany_per_s'))} "
+            f"(COPY {_cell(_num(batch_raw, 'insert_per_s'))})",
+            _cell(ratio(many, _num(batch_raw, "executemany_per_s"), "many_vs_raw"), "x"),
+            f">= 1.0x PgQueuer ({_cell(many_pgq, 'x')})",
+            at_least(many_pgq, 1.0),
+        ),
+        _row(
+            "enqueue one by one, own commit",
+            _cell(one),
+            *_peers(results, "enqueue_single_per_s"),
+            _cell(raw_one),
+            _cell(one_raw, "x"),
+            ">= 0.5x raw",
+            at_least(one_raw, 0.5),
+        ),
+        _row(
+            "idle latency p50, enqueue to start",
+            _cell(p50, "ms"),
+            *_peers(results, "latency_p50_ms", "ms"),
+            "",
+            "",
+            "<= 3 ms",
+            _verdict(None if p50 is None else p50 <= 3.0),
+        ),
+        _row(
+            "idle latency p99",
+            _cell(_num(lat, "latency_p99_ms"), "ms"),
+            *_peers(results, "latency_p99_ms", "ms"),
+        ),
+        *_io_rows(results),
+        _logging_row(results),
+        _workers_row(results),
+        _row("claim (100 at a time), empty table", _cell(_num(claim, "claim_empty_per_s"))),
+        _row(
+            f"claim with {int(_num(claim, 'finished_rows') or 0):,} finished rows",
+            _cell(_num(claim, "claim_full_per_s")),
+            *[""] * len(PEERS),
+            "",
+            f"{_cell(full_vs_empty, 'x')} of empty",
+            ">= 0.90x empty",
+            at_least(full_vs_empty, 0.9),
+        ),
+        _row(
+            f"dbqueue prune of those rows ({int(_num(claim, 'pruned_rows') or 0):,} deleted in "
+            f"{_num(claim, 'prune_seconds') or 0:.0f} s"
+            f"{'' if _num(claim, 'prune_complete') else ', stopped there'})",
+            _cell(_num(claim, "prune_per_s")),
+        ),
     ]
-    rows.append(_logging_row(results))
     rss_points = sorted(
         (int(k.rsplit("_", 1)[1]), v) for k, v in rss.items() if k.startswith("rss_mb_at_")
     )
     if rss_points:
         points = ", ".join(f"{n:,}: {v:.1f}" for n, v in rss_points)
         rows.append(
-            f"| worker RSS (MiB) after N tasks | {points} | | | | | flat | "
-            f"growth {rss.get('rss_growth_mb', 0):+.1f} MiB |"
+            _row(
+                "worker RSS (MiB) after N tasks",
+                points,
+                *[""] * (len(PEERS) + 2),
+                "flat",
+                f"growth {rss.get('rss_growth_mb', 0):+.1f} MiB",
+            )
         )
     elif "error" in rss:
-        rows.append(f"| worker RSS | error: {rss['error']} | | | | | | |")
+        rows.append(_row("worker RSS", f"error: {rss['error']}"))
     codec = results.get("codec", {})
     if "build_us" in codec:
         rows.append(
-            f"| pickling + signing per task (enqueue / worker) | "
-            f"{codec['build_us']:.0f} µs / {codec['verify_unpickle_us']:.0f} µs "
-            f"({codec['payload_bytes']:.0f}-byte payload) | | | | | measured | |"
+            _row(
+                "pickling + signing per task (enqueue / worker)",
+                f"{codec['build_us']:.0f} µs / {codec['verify_unpickle_us']:.0f} µs "
+                f"({codec['payload_bytes']:.0f}-byte payload)",
+            )
         )
     rows += [
         "",
@@ -663,6 +775,13 @@ def table(results: dict[str, Any]) -> str:
         f"| enqueue_many, batches of 1,000 | {_cell(_num(lite, 'enqueue_batch_per_s'))} |",
         f"| enqueue one by one, own commit | {_cell(_num(lite, 'enqueue_single_per_s'))} |",
     ]
+    notes = [
+        f"- {name}: {figures['skipped']}"
+        for name, figures in results.items()
+        if isinstance(figures, dict) and "skipped" in figures
+    ]
+    if notes:
+        rows += ["", "Not run:", *notes]
     errors = [
         f"- {name}: {figures['error']}"
         for name, figures in results.items()
@@ -687,6 +806,13 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         table(results),
     ]
+    loads = [
+        f"{name} {figures['load_1m']:.1f}"
+        for name, figures in results.items()
+        if isinstance(figures, dict) and isinstance(figures.get("load_1m"), float)
+    ]
+    if loads:
+        parts += ["", "Load average (1 min) at the end of each scenario: " + ", ".join(loads)]
     for name, extra in results.get("extras", {}).items():
         parts += ["", f"## {name}", "", "```", extra.get("table", "").rstrip(), "```"]
         if "error" in extra:
@@ -705,12 +831,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-n", type=int, default=2_000, help="single enqueues")
     parser.add_argument("--latency-n", type=int, default=200)
     parser.add_argument("--finished-rows", type=int, default=1_000_000)
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="history at scale: claim and prune with 10,000,000 finished rows (adds minutes)",
+    )
+    parser.add_argument(
+        "--prune-seconds", type=float, default=120, help="stop dbqueue prune after this long"
+    )
+    parser.add_argument("--io-jobs", type=int, default=5_000, help="tasks per I/O-bound drain")
+    parser.add_argument(
+        "--workers", default=",".join(map(str, bench_load.POINTS)), help="processes per drain"
+    )
     parser.add_argument("--claim-queued", type=int, default=10_000)
     parser.add_argument("--rss-tasks", type=int, default=100_000)
     parser.add_argument("--sqlite-jobs", type=int, default=20_000)
     parser.add_argument("--procrastinate-jobs", type=int, default=2_000)
     parser.add_argument("--repeats", type=int, default=3, help="median over this many runs")
-    parser.add_argument("--no-peers", action="store_true", help="skip PgQueuer, procrastinate")
+    parser.add_argument(
+        "--no-peers", action="store_true", help="skip PgQueuer, procrastinate, chancy"
+    )
     parser.add_argument("--no-extras", action="store_true", help="skip counters/bus benches")
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, one run: a smoke test of the bench"
@@ -721,6 +861,9 @@ def main(argv: list[str] | None = None) -> int:
         args.jobs, args.single_n, args.latency_n = 5_000, 300, 30
         args.finished_rows, args.claim_queued, args.rss_tasks = 50_000, 2_000, 5_000
         args.sqlite_jobs, args.procrastinate_jobs, args.repeats = 2_000, 1_000, 1
+        args.io_jobs, args.workers = 2_000, "1,4"
+    if args.scale:
+        args.finished_rows, args.prune_seconds = 10_000_000, max(args.prune_seconds, 600)
     bench_peers._silence_peers()
     results = run(args)
     text = markdown(results)

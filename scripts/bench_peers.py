@@ -419,7 +419,12 @@ async def _pgq_connect(dsn: str) -> Any:
     return await asyncpg.connect(**_asyncpg_kwargs(dsn))
 
 
-def _pgq_drain_child(dsn: str, batch: int, gate: StartGate) -> None:
+def _pgq_drain_child(
+    dsn: str, batch: int, gate: StartGate, sleep: float = 0.0, at_once: int | None = None
+) -> None:
+    """One PgQueuer worker process draining the queue; each job awaits `sleep` seconds (0: a
+    no-op), at most `at_once` jobs in flight (PgQueuer's max_concurrent_tasks; None: no cap)."""
+
     async def body() -> None:
         from datetime import timedelta
 
@@ -434,7 +439,8 @@ def _pgq_drain_child(dsn: str, batch: int, gate: StartGate) -> None:
 
             @qm.entrypoint(PGQ_ENTRYPOINT)
             async def noop(job: Job) -> None:
-                return None
+                if sleep:
+                    await asyncio.sleep(sleep)
 
             await qm.verify_structure()
             await asyncio.get_running_loop().run_in_executor(None, lambda: gate.ready())
@@ -442,6 +448,7 @@ def _pgq_drain_child(dsn: str, batch: int, gate: StartGate) -> None:
                 batch_size=batch,
                 mode=QueueExecutionMode.drain,
                 dequeue_timeout=timedelta(seconds=0.1),
+                max_concurrent_tasks=at_once,
                 log_aggregation_interval=timedelta(0),
             )
         finally:
@@ -583,8 +590,11 @@ def pgqueuer_scenarios(
 PROC_TASK = "bench_noop"
 
 
-def _proc_app(dsn: str, max_size: int, on_run: Callable[[int], None] | None = None) -> Any:
-    """A procrastinate App with one async task ``bench_noop(i: int = 0)``."""
+def _proc_app(
+    dsn: str, max_size: int, on_run: Callable[[int], None] | None = None, sleep: float = 0.0
+) -> Any:
+    """A procrastinate App with one async task ``bench_noop(i: int = 0)`` that awaits
+    `sleep` seconds (0: returns at once)."""
     from procrastinate import App, PsycopgConnector
 
     app = App(connector=PsycopgConnector(conninfo=dsn, min_size=max_size, max_size=max_size))
@@ -592,19 +602,17 @@ def _proc_app(dsn: str, max_size: int, on_run: Callable[[int], None] | None = No
     async def bench_noop(i: int = 0) -> None:
         if on_run is not None:
             on_run(i)
+        if sleep:
+            await asyncio.sleep(sleep)
 
     app.task(name=PROC_TASK)(bench_noop)
     return app
 
 
-def _proc_drain_child(
-    dsn: str,
-    concurrency: int,
-    gate: StartGate,
-) -> None:
+def _proc_drain_child(dsn: str, concurrency: int, gate: StartGate, sleep: float = 0.0) -> None:
     async def body() -> None:
         _silence_peers()
-        app = _proc_app(dsn, max_size=concurrency + 2)
+        app = _proc_app(dsn, max_size=min(concurrency + 2, 20), sleep=sleep)
         async with app.open_async():
             await app.check_connection_async()
             await asyncio.get_running_loop().run_in_executor(None, lambda: gate.ready())

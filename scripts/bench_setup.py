@@ -147,11 +147,12 @@ def vacuum(settings: config.Settings) -> None:
 
 
 def drain_rate(
-    settings: config.Settings, jobs: int, concurrency: int, **workoff_options: Any
+    settings: config.Settings, jobs: int, concurrency: int, *extra: str, **workoff_options: Any
 ) -> Figures:
-    """`dbqueue workoff --concurrency N` over the queued tasks; the rate from the DB clock."""
+    """`dbqueue workoff --concurrency N` (and `extra` options) over the queued tasks; the rate
+    from the DB clock."""
     vacuum(settings)
-    wall = workoff(settings, concurrency, **workoff_options)
+    wall = workoff(settings, concurrency, *extra, **workoff_options)
     with settings.get_engine().connect() as conn:
         first, last, done = conn.execute(
             sa.select(
