@@ -18,12 +18,12 @@ from typing import Any
 
 import psycopg
 from bench_peers import (
-    STALL_TIMEOUT_S,
     StartGate,
     _child_main,
     _error,
-    _run_drain,
+    drain_on_own_clock,
     throwaway_db,
+    wait_until_done,
 )
 
 Figures = dict[str, float | str]
@@ -117,12 +117,7 @@ def _drain_child(dsn: str, gate: StartGate) -> None:
             await asyncio.get_running_loop().run_in_executor(None, gate.ready)
             async with Worker(app, register_signal_handlers=False) as worker:
                 async with app.pool.connection() as conn:
-                    while True:
-                        row = await (await conn.execute(UNFINISHED)).fetchone()
-                        await conn.commit()
-                        if not row or not row[0]:
-                            break
-                        await asyncio.sleep(0.05)
+                    await wait_until_done(conn, UNFINISHED)
                 await worker.stop()
 
     with warnings.catch_warnings():
@@ -131,23 +126,15 @@ def _drain_child(dsn: str, gate: StartGate) -> None:
 
 
 def _drain(dsn: str, jobs: int, processes: int) -> float:
-    """Drain with `processes` worker processes; jobs per second from the jobs' own clock."""
-    _run_drain(
+    return drain_on_own_clock(
         functools.partial(_drain_child, dsn),
-        [() for _ in range(processes)],
+        processes,
         dsn,
         UNFINISHED,
-        STALL_TIMEOUT_S,
+        "SELECT count(*), extract(epoch FROM max(completed_at) - min(started_at)) "
+        "FROM chancy_jobs WHERE state = 'succeeded'",
+        jobs,
     )
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT count(*), extract(epoch FROM max(completed_at) - min(started_at)) "
-            "FROM chancy_jobs WHERE state = 'succeeded'"
-        ).fetchone()
-    done, span = (int(row[0]), float(row[1] or 0)) if row else (0, 0.0)
-    if done != jobs:
-        raise RuntimeError(f"{done} of {jobs} chancy jobs succeeded")
-    return jobs / span
 
 
 def chancy_scenarios(

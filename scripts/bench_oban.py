@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psycopg
 from bench_peers import (
     DEFAULT_ADMIN_DSN,
-    STALL_TIMEOUT_S,
     StartGate,
     _child_main,
     _error,
-    _run_drain,
+    drain_on_own_clock,
     throwaway_db,
+    wait_until_done,
 )
 
 Figures = dict[str, Any]
@@ -134,12 +134,7 @@ def _drain_child(dsn: str, limit: int, gate: StartGate) -> None:
             await asyncio.get_running_loop().run_in_executor(None, gate.ready)
             async with Oban(pool=pool, queues={QUEUE: limit}, leadership=False):
                 async with pool.connection() as conn:
-                    while True:
-                        row = await (await conn.execute(UNFINISHED)).fetchone()
-                        await conn.commit()
-                        if not row or not row[0]:
-                            break
-                        await asyncio.sleep(0.05)
+                    await wait_until_done(conn, UNFINISHED)
         finally:
             await pool.close()
 
@@ -149,22 +144,15 @@ def _drain_child(dsn: str, limit: int, gate: StartGate) -> None:
 
 
 def _drain(dsn: str, jobs: int, processes: int, limit: int) -> float:
-    _run_drain(
+    return drain_on_own_clock(
         functools.partial(_drain_child, dsn, limit),
-        [() for _ in range(processes)],
+        processes,
         dsn,
         UNFINISHED,
-        STALL_TIMEOUT_S,
+        "SELECT count(*), extract(epoch FROM max(completed_at) - min(attempted_at)) "
+        "FROM oban_jobs WHERE state = 'completed'",
+        jobs,
     )
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            "SELECT count(*), extract(epoch FROM max(completed_at) - min(attempted_at)) "
-            "FROM oban_jobs WHERE state = 'completed'"
-        ).fetchone()
-    done, span = (int(row[0]), float(row[1] or 0)) if row else (0, 0.0)
-    if done != jobs:
-        raise RuntimeError(f"{done} of {jobs} oban jobs completed")
-    return jobs / span
 
 
 def oban_scenarios(

@@ -271,6 +271,33 @@ def _child_main(body: Callable[[], Awaitable[None]] | Callable[[], None], gate: 
         gate.report("error", _error(exc)["error"])
 
 
+def drain_on_own_clock(
+    child: ChildTarget, processes: int, dsn: str, unfinished_sql: str, span_sql: str, jobs: int
+) -> float:
+    """For peers without a drain-and-exit mode (chancy, Oban): run `processes` copies of
+    `child` (each stops when `unfinished_sql` counts 0, see ``wait_until_done``), then read
+    the rate from the jobs' own clock: `span_sql` returns (jobs done, seconds from the first
+    start to the last finish). Their outcomes reach the table in batches, so the moment the
+    last one is written is later than the work."""
+    _run_drain(child, [() for _ in range(processes)], dsn, unfinished_sql, STALL_TIMEOUT_S)
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(span_sql).fetchone()
+    done, span = (int(row[0]), float(row[1] or 0)) if row else (0, 0.0)
+    if done != jobs or span <= 0:
+        raise BenchError(f"{done} of {jobs} jobs done")
+    return jobs / span
+
+
+async def wait_until_done(conn: Any, unfinished_sql: str) -> None:
+    """Poll (psycopg AsyncConnection) every 50 ms until `unfinished_sql` counts 0."""
+    while True:
+        row = await (await conn.execute(unfinished_sql)).fetchone()
+        await conn.commit()
+        if not row or not row[0]:
+            return
+        await asyncio.sleep(0.05)
+
+
 # ---------------------------------------------------------------------- raw SQL
 
 
