@@ -56,12 +56,27 @@ _PENDING = "dbqueue_counter_deltas"  # Session.info key of the deltas of the cur
 
 
 class CounterCacheError(errors.DbqueueError, ValueError):
-    """A counter cache that cannot work: wrong relationship, missing column, duplicate."""
+    """A counter cache that cannot work: not a many-to-one relationship, a composite primary
+    key, a missing column, a counter declared twice, a bad queue or `by`. Raised at
+    declaration (import) or by `increment`; also a `ValueError`."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Counter:
-    """One cached count: `parent_table.column` counts the child rows pointing at each parent."""
+    """One cached count: `parent_table.column` counts the child rows pointing at each parent.
+
+    Returned by `async_counter_cache` and listed by `registered()`.
+
+    Attributes:
+        child: the mapper of the child class (`Comment`).
+        relationship: the relationship's name on the child (`"post"`).
+        fk_column: the child's foreign key column.
+        parent: the mapper of the parent class (`Post`).
+        parent_table: the parent's table.
+        pk_column: the parent's primary key column.
+        column: the parent's counter column (`"comments_count"`).
+        queue: the queue of the flush tasks.
+    """
 
     child: orm.Mapper[Any]
     relationship: str
@@ -74,10 +89,12 @@ class Counter:
 
     @property
     def name(self) -> str:
+        """`Child.relationship`, as `dbqueue counters reconcile --only` takes it."""
         return f"{self.child.class_.__name__}.{self.relationship}"
 
     @property
     def fk_key(self) -> str:
+        """The child's attribute name for the foreign key column."""
         return self.child.get_property_by_column(self.fk_column).key
 
     def __repr__(self) -> str:
@@ -97,8 +114,24 @@ def async_counter_cache(
 ) -> Counter:
     """Keep `parent.<column>` equal to the number of children, through delta rows.
 
-    `relationship` is a many-to-one relationship attribute such as `Comment.post`; the column
-    defaults to `<child table>_count` (`comments_count`).
+    Each ORM flush that inserts, deletes or re-parents a child writes a delta row in the same
+    transaction, and at most one queued flush task per counter applies the deltas. Declare it
+    at import time, in a module the workers import too.
+
+    Args:
+        relationship: a many-to-one relationship attribute such as `Comment.post`, joining one
+            foreign key column to the parent's single-column primary key.
+        column: the parent's integer column to keep. Default `<child table>_count`
+            (`comments_count`).
+        queue: the queue of the flush tasks. Default `"counter_caches"`.
+
+    Returns:
+        The `Counter`.
+
+    Raises:
+        CounterCacheError: not a relationship attribute, not many-to-one, a composite primary
+            key, a join other than foreign key to primary key, a missing column, a counter
+            already declared, or a bad queue name.
     """
     prop = getattr(relationship, "property", None)
     if not isinstance(prop, orm.RelationshipProperty):
@@ -165,7 +198,8 @@ def async_counter_cache(
 
 
 def registered() -> list[Counter]:
-    """Every counter declared in this process, in declaration order."""
+    """Every counter declared in this process (`async_counter_cache`), in declaration
+    order."""
     return list(_counters.values())
 
 
@@ -400,6 +434,19 @@ def increment(
 
     For counters the ORM hooks do not see: Core inserts, bulk deletes, any other count.
     Inside `session`'s or `connection`'s transaction when given, else in its own.
+
+    Args:
+        model: the parent's mapped class or Table (`User`).
+        row_id: the parent row's primary key.
+        column: the counter column (`"logins_count"`).
+        by: the change, an int; 0 writes nothing.
+        session: a Session whose transaction the delta joins.
+        connection: a Connection whose transaction the delta joins.
+        queue: the queue of the flush task. Default `"counter_caches"`.
+
+    Raises:
+        CounterCacheError: a model that is not a mapped class or Table, a missing column, a
+            `by` that is not an int, or a bad queue name.
     """
     table = _resolve(model)
     if column not in table.c:
@@ -420,7 +467,18 @@ def increment(
 
 
 def decrement(model: Any, row_id: Any, column: str, by: int = 1, **options: Any) -> None:
-    """Subtract `by` from a counter (see `increment`)."""
+    """Subtract `by` from a counter: `increment(model, row_id, column, -by, ...)`.
+
+    Args:
+        model: the parent's mapped class or Table.
+        row_id: the parent row's primary key.
+        column: the counter column.
+        by: how much to subtract.
+        **options: `increment`'s `session`, `connection` or `queue`.
+
+    Raises:
+        CounterCacheError: as `increment`.
+    """
     increment(model, row_id, column, -by, **options)
 
 
@@ -435,7 +493,19 @@ def flush(
     Takes the counter's lock (PostgreSQL; SQLite's BEGIN IMMEDIATE is the lock there), gives
     up this run's unique_key so later writers enqueue a new flush, then deletes the delta rows
     and adds their sum. When more than FLUSH_BATCH deltas wait, a successor is enqueued in the
-    same transaction.
+    same transaction. Enqueued by the writers; you do not call it yourself.
+
+    Args:
+        table: the parent table's name.
+        row_id: the parent's primary key, as text.
+        column: the counter column.
+        queue: the queue for a successor flush.
+        model: the parent's mapped class as `module:qualname`, to convert `row_id` back.
+
+    Raises:
+        sqlalchemy.exc.OperationalError: on PostgreSQL, the lock wait ran past
+            `LOCK_TIMEOUT_MS` behind a writer's open transaction; the task is retried a
+            second or so later.
     """
     engine = config.current().get_engine()
     with engine.begin() as conn:
@@ -500,7 +570,12 @@ def apply(conn: sa.Connection, table: sa.Table, row_id: str, column: str, total:
 
 
 def pending(conn: sa.Connection, table: str | None = None) -> int:
-    """How many delta rows wait to be applied (of one table, or all)."""
+    """How many delta rows wait to be applied (of one table, or all).
+
+    Args:
+        conn: a Connection to the database.
+        table: a parent table's name; None counts every table's.
+    """
     stmt = sa.select(sa.func.count()).select_from(counter_deltas)
     if table is not None:
         stmt = stmt.where(counter_deltas.c.table_name == table)
@@ -576,7 +651,19 @@ def reconcile(
     Pending deltas of each recounted parent are deleted in the same transaction. On
     PostgreSQL each batch holds the counters' locks exclusively, so a writer in flight either
     committed before the recount (its child is counted, its delta deleted) or commits after it
-    (its delta is applied later).
+    (its delta is applied later). `dbqueue counters reconcile` runs it for every counter.
+
+    Args:
+        relationship: the relationship attribute a counter was declared on (`Comment.post`).
+        column: which of its counters, when it has several. Default: all of them.
+        batch_size: parents recounted per transaction.
+        engine: the Engine to use. Default: `dbqueue.configure()`'s.
+
+    Returns:
+        How many parent rows had a wrong count (now fixed).
+
+    Raises:
+        CounterCacheError: no counter is declared for `relationship` (import its module).
     """
     return sum(
         reconcile_counter(c, engine=engine, batch_size=batch_size)
