@@ -61,6 +61,7 @@ import bench_chancy  # noqa: E402
 import bench_history  # noqa: E402
 import bench_io  # noqa: E402
 import bench_load  # noqa: E402
+import bench_mariadb  # noqa: E402
 import bench_oban  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_tasks  # noqa: E402
@@ -334,6 +335,9 @@ RATIOS = (
     ("io_async_vs_pgqueuer", "dbqueue_io_async", "io_per_s", "pgqueuer_io", "io_per_s"),
     ("io_threads_vs_pgqueuer", "dbqueue_io_threads", "io_per_s", "pgqueuer_io", "io_per_s"),
     ("drain_vs_chancy", "dbqueue", "drain_per_s", "chancy", "drain_per_s"),
+    ("mariadb_drain_vs_raw", "mariadb", "drain_per_s", "mariadb_raw", "drain_per_s"),
+    ("mariadb_single_vs_raw", "mariadb", "single_vs_raw", None, None),
+    ("mariadb_many_vs_raw", "mariadb", "enqueue_batch_per_s", "mariadb_raw", "executemany_per_s"),
     ("drain_vs_oban", "dbqueue", "drain_per_s", "oban", "drain_per_s"),
     ("io_async_vs_oban", "dbqueue_io_async", "io_per_s", "oban", "io_per_s"),
     ("json_vs_warning", "dbqueue_logging", "json_vs_warning", None, None),
@@ -422,6 +426,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dbqueue_latency": lambda: pg_run(lambda s: idle_latency(s, args.latency_n), "dbqlat"),
         "dbqueue_logging": lambda: pg_run(lambda s: logging_drains(s, args.jobs), "dbqlog"),
     }
+    if not args.no_mariadb:
+        scenarios["mariadb_raw"] = lambda: bench_mariadb.guard_available(
+            lambda: bench_mariadb.raw_limit(args.mariadb_jobs)
+        )
+        scenarios["mariadb"] = lambda: bench_mariadb.guard_available(
+            lambda: bench_mariadb.dbqueue_mariadb(args.mariadb_jobs, args.single_n)
+        )
     io = (args.io_jobs, IO_PROCESSES, IO_AT_ONCE, IO_SECONDS)
     for mode in ("async", "threads"):
         scenarios[f"dbqueue_io_{mode}"] = functools.partial(
@@ -494,6 +505,13 @@ class Stepper:
         return time.monotonic() - self.started
 
 
+def _mariadb_version() -> str:
+    try:
+        return "MariaDB/MySQL " + bench_mariadb.version()
+    except Exception as exc:
+        return f"MariaDB/MySQL unreachable: {type(exc).__name__}"
+
+
 def environment(admin: str) -> Figures:
     try:
         with psycopg.connect(admin, connect_timeout=10) as conn:
@@ -505,6 +523,7 @@ def environment(admin: str) -> Figures:
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "python": platform.python_version(),
         "postgresql": server,
+        "mariadb": _mariadb_version(),
         "cpus": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
         "dbqueue": getattr(dbqueue, "__version__", "?"),
@@ -644,6 +663,62 @@ def _workers_row(results: dict[str, Any]) -> str:
     )
 
 
+def _mariadb_rows(results: dict[str, Any]) -> list[str]:
+    """dbqueue on MariaDB/MySQL against the raw-SQL limit on the same server, same run."""
+    ours = results.get("mariadb", {"skipped": "not run"})
+    raw = results.get("mariadb_raw", {"skipped": "not run"})
+    ratios = results.get("ratios", {})
+    server = results.get("environment", {}).get("mariadb", "MariaDB")
+
+    def cell(figures: Figures, key: str) -> str:
+        return (
+            _peer(figures, key)
+            if "skipped" in figures or "error" in figures
+            else (_cell(_num(figures, key)))
+        )
+
+    def verdict(name: str, bound: float | None) -> str:
+        value = ratios.get(name)
+        return "" if bound is None else _verdict(None if value is None else value >= bound)
+
+    rows = [
+        f"| scenario ({server}) | dbqueue | raw SQL | dbqueue / raw | target | |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for what, key, raw_figures, raw_key, ratio, bound in (
+        (
+            f"drain {int(_num(raw, 'jobs') or 0):,} no-op tasks, 2 processes",
+            "drain_per_s",
+            raw,
+            "drain_per_s",
+            "mariadb_drain_vs_raw",
+            0.4,
+        ),
+        (
+            "enqueue_many, batches of 1,000",
+            "enqueue_batch_per_s",
+            raw,
+            "executemany_per_s",
+            "mariadb_many_vs_raw",
+            None,
+        ),
+        (
+            "enqueue one by one, own commit",
+            "enqueue_single_per_s",
+            ours,
+            "raw_single_per_s",
+            "mariadb_single_vs_raw",
+            0.5,
+        ),
+    ):
+        rows.append(
+            f"| {what} | {cell(ours, key)} | {cell(raw_figures, raw_key)} | "
+            f"{_cell(ratios.get(ratio), 'x')} | "
+            f"{'' if bound is None else f'>= {bound:.2f}x raw'} | {verdict(ratio, bound)} |"
+        )
+    return rows
+
+
 def table(results: dict[str, Any]) -> str:
     raw = results.get("raw_limit", {})
     batch_raw = results.get("raw_batch_insert", {})
@@ -775,6 +850,7 @@ def table(results: dict[str, Any]) -> str:
         f"| enqueue_many, batches of 1,000 | {_cell(_num(lite, 'enqueue_batch_per_s'))} |",
         f"| enqueue one by one, own commit | {_cell(_num(lite, 'enqueue_single_per_s'))} |",
     ]
+    rows += ["", *_mariadb_rows(results)]
     notes = [
         f"- {name}: {figures['skipped']}"
         for name, figures in results.items()
@@ -840,6 +916,8 @@ def main(argv: list[str] | None = None) -> int:
         "--prune-seconds", type=float, default=120, help="stop dbqueue prune after this long"
     )
     parser.add_argument("--io-jobs", type=int, default=5_000, help="tasks per I/O-bound drain")
+    parser.add_argument("--mariadb-jobs", type=int, default=20_000, help="tasks per MariaDB drain")
+    parser.add_argument("--no-mariadb", action="store_true", help="skip the MariaDB/MySQL rows")
     parser.add_argument(
         "--workers", default=",".join(map(str, bench_load.POINTS)), help="processes per drain"
     )
@@ -861,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
         args.jobs, args.single_n, args.latency_n = 5_000, 300, 30
         args.finished_rows, args.claim_queued, args.rss_tasks = 50_000, 2_000, 5_000
         args.sqlite_jobs, args.procrastinate_jobs, args.repeats = 2_000, 1_000, 1
-        args.io_jobs, args.workers = 2_000, "1,4"
+        args.io_jobs, args.workers, args.mariadb_jobs = 2_000, "1,4", 2_000
     if args.scale:
         args.finished_rows, args.prune_seconds = 10_000_000, max(args.prune_seconds, 600)
     bench_peers._silence_peers()

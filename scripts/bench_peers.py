@@ -174,6 +174,7 @@ def _run_drain(
     dsn: str,
     remaining_sql: str,
     stall_timeout: float,
+    count: Callable[[str, str], int] | None = None,
 ) -> float:
     """Run one ``target`` process per entry of ``child_args`` and time the drain.
 
@@ -220,7 +221,7 @@ def _run_drain(
             now = time.monotonic()
             if now >= next_poll:
                 next_poll = now + 1.0
-                remaining = _count(dsn, remaining_sql)
+                remaining = (count or _count)(dsn, remaining_sql)
                 if remaining != last_remaining:
                     last_remaining, last_progress = remaining, now
             if now - last_progress > stall_timeout:
@@ -228,7 +229,7 @@ def _run_drain(
                     f"drain made no progress for {stall_timeout:.0f} s ({last_remaining} jobs left)"
                 )
         elapsed = max(finished) - started
-        left = _count(dsn, remaining_sql)
+        left = (count or _count)(dsn, remaining_sql)
         if left:
             raise BenchError(f"workers stopped with {left} jobs left")
         ok = True
