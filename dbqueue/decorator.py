@@ -43,8 +43,8 @@ class _Enqueuing:
         return enqueue(self._target(), args, kwargs)
 
     def now(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the function in this process, bypassing the queue: its return value, or what
-        it raises."""
+        """Run the function here with `*args` and `**kwargs`, bypassing the queue: returns
+        what it returns, raises what it raises."""
         return self._target().__dbqueue_func__(*args, **kwargs)
 
     def enqueue(
@@ -134,8 +134,8 @@ class AsyncTaskFunction(_Enqueuing, Generic[P, R]):
         return enqueue(self, args, kwargs)
 
     def now(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the function in this process, bypassing the queue: its return value, or what
-        it raises."""
+        """Run the function here with `*args` and `**kwargs`, bypassing the queue: returns
+        what it returns, raises what it raises."""
         result: R = self._target().__dbqueue_func__(*args, **kwargs)
         return result
 
