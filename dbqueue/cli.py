@@ -661,7 +661,7 @@ def prune(obj: Context, older_than: str, batch_size: int) -> None:
 
 @cli.group("bus", short_help="Publish/subscribe between applications.")
 def bus_group() -> None:
-    """Publish/subscribe between applications (see the README's Event bus section)."""
+    """Publish/subscribe between applications (docs/guides/event-bus.md)."""
 
 
 @bus_group.command("sync")
