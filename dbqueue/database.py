@@ -75,6 +75,17 @@ def upgrade_on(connection: sa.Connection, revision: str = "head") -> None:
     module-wide proxies the inner command would remove), so this drives a MigrationContext
     directly: dbqueue's scripts, dbqueue's version table, the application's connection.
     """
+    _run_on(connection, lambda script, current: script._upgrade_revs(revision, current))
+
+
+def downgrade_on(connection: sa.Connection, revision: str = "base") -> None:
+    """`upgrade_on`'s reverse, on the caller's connection (a Django migration unapplied:
+    `manage.py migrate dbqueue zero`)."""
+    _run_on(connection, lambda script, current: script._downgrade_revs(revision, current))
+
+
+def _run_on(connection: sa.Connection, plan: Any) -> None:
+    """Run the revisions `plan(script, current revision)` lists on `connection`."""
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
     from alembic.script import ScriptDirectory
@@ -82,7 +93,7 @@ def upgrade_on(connection: sa.Connection, revision: str = "head") -> None:
     script = ScriptDirectory(str(migrations_dir()))
 
     def steps(current: Any, _context: MigrationContext) -> Any:
-        return script._upgrade_revs(revision, current)
+        return plan(script, current)
 
     context = MigrationContext.configure(
         connection, opts={"version_table": VERSION_TABLE, "fn": steps, "script": script}

@@ -1,0 +1,403 @@
+"""`dbqueue.django.TaskBackend`: Django's Tasks API (`django.tasks`) on dbqueue's queue.
+
+    TASKS = {"default": {"BACKEND": "dbqueue.django.TaskBackend", "QUEUES": [...],
+                         "OPTIONS": {"DATABASE": "default", ...}}}
+
+A Django task becomes a row of dbqueue's `tasks` table, written on Django's own connection
+(connection.borrowed) inside the caller's `transaction.atomic()`, so it commits or rolls back
+with the block. Its handler is the task function's `module:qualname`; the module attribute there
+is the `@task` object (a `DbqueueTask`), whose `__dbqueue_func__` is what a dbqueue worker
+calls: it runs the function the way Django's own backends do (context, signals, JSON result).
+
+Priority: Django's runs larger first (-100..100), dbqueue's runs lower first, so a Django
+priority p is stored as -p and read back as -value (clamped to Django's range when an operator
+set something outside it). Arguments and return values are JSON by Django's contract; dbqueue
+still signs and pickles them (of JSON values only). Retries are dbqueue's: OPTIONS MAX_ATTEMPTS
+(default 25) or `@task(max_attempts=...)`; a failed run that will be retried reads as READY.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import functools
+import json
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+from inspect import iscoroutinefunction
+from typing import Any
+
+from django.db import connections, transaction
+from django.tasks import TaskContext, TaskResult, TaskResultStatus
+from django.tasks.backends.base import BaseTaskBackend
+from django.tasks.base import TASK_MAX_PRIORITY, TASK_MIN_PRIORITY, Task, TaskError
+from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
+from django.tasks.signals import task_enqueued, task_finished, task_started
+from django.utils import timezone
+from django.utils.json import normalize_json
+
+from dbqueue import config, errors, hooks, retry, serializer, store
+from dbqueue.django import connection
+from dbqueue.enqueue import enqueue as dbqueue_enqueue
+from dbqueue.schema import FINISHED, Status
+
+OPTIONS = frozenset({"DATABASE", "MAX_ATTEMPTS", "TIMEOUT", "INLINE", "SECRET_KEY"})
+
+_STATUS = {
+    Status.QUEUED.value: TaskResultStatus.READY,
+    Status.RUNNING.value: TaskResultStatus.RUNNING,
+    Status.SUCCEEDED.value: TaskResultStatus.SUCCESSFUL,
+    Status.FAILED.value: TaskResultStatus.FAILED,
+    Status.CANCELLED.value: TaskResultStatus.FAILED,
+}
+
+
+class ResultNotJSON(TypeError):
+    """A task returned what Django's contract does not allow (not JSON): never retried, the
+    next run would return the same."""
+
+
+retry.NOT_RETRIED = (*retry.NOT_RETRIED, ResultNotJSON)
+
+
+def _json(value: Any, task: Task) -> Any:
+    try:
+        return normalize_json(value)
+    except TypeError as exc:
+        raise ResultNotJSON(
+            f"{task.module_path} returned {type(value).__name__}, which is not JSON ({exc}): "
+            "return str, int, float, bool, None, lists and dicts of them"
+        ) from exc
+
+
+def to_dbqueue_priority(priority: int) -> int:
+    """Django's priority (larger runs first) as dbqueue's (lower runs first)."""
+    return -int(priority)
+
+
+def from_dbqueue_priority(priority: int) -> int:
+    """dbqueue's priority as Django's, kept inside Django's -100..100."""
+    return max(TASK_MIN_PRIORITY, min(TASK_MAX_PRIORITY, -int(priority)))
+
+
+# The running task as a dbqueue hook sees it (id, attempts), for the function's TaskContext.
+_running: contextvars.ContextVar[hooks.TaskView | None] = contextvars.ContextVar(
+    "dbqueue_django_running", default=None
+)
+
+
+def _remember_view(view: hooks.TaskView, call_next: Any) -> Any:
+    """An around_task hook of every Django task: the executor passes the row's view to hooks
+    only, and the runner needs its id and attempts to build Django's TaskContext."""
+    token = _running.set(view)
+    try:
+        return call_next()
+    finally:
+        _running.reset(token)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DbqueueTask(Task):
+    """Django's Task, with dbqueue's options: `@task(max_attempts=3, timeout=60)`."""
+
+    max_attempts: int | None = None  # runs before it fails for good; OPTIONS' MAX_ATTEMPTS
+    timeout: float | None = None  # seconds per run; OPTIONS' TIMEOUT
+
+    @property
+    def __dbqueue_func__(self) -> _Runner:
+        """What a dbqueue worker calls for this task (serializer.undecorated)."""
+        return _Runner(self)
+
+
+def _close_old_connections() -> None:
+    """Django's request-boundary cleanup, for a task's boundaries in a worker: drop broken or
+    expired connections (CONN_MAX_AGE). Never one inside an atomic block: a task run in a
+    test's transaction (testing.run_tasks) must keep it."""
+    for conn in connections.all(initialized_only=True):
+        if not conn.in_atomic_block:
+            conn.close_if_unusable_or_obsolete()
+
+
+class _Runner:
+    """Runs one Django task in a worker, as Django's own backends do: its TaskContext when it
+    takes one, task_started/task_finished signals, a JSON-normalised return value."""
+
+    def __init__(self, task: DbqueueTask) -> None:
+        self.task = task
+        self.__dbqueue_hooks__ = {"around_task": _remember_view}
+
+    def _result(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskResult:
+        view = _running.get()
+        task = self.task
+        if view is not None:
+            backend = view.meta.get("django_backend")
+            if backend and backend != task.backend:
+                task = task.using(backend=backend)
+        now = timezone.now()
+        return TaskResult(
+            task=task,
+            id=str(view.id) if view is not None else "",
+            status=TaskResultStatus.RUNNING,
+            enqueued_at=None,
+            started_at=now,
+            last_attempted_at=now,
+            finished_at=None,
+            args=list(args),
+            kwargs=dict(kwargs),
+            backend=task.backend,
+            errors=[],
+            worker_ids=[f"{socket.gethostname()}:{os.getpid()}"] * (view.attempts if view else 1),
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._result(args, kwargs)
+        if self.task.takes_context:
+            args = (TaskContext(task_result=result), *args)
+        if iscoroutinefunction(self.task.func):
+            return self._acall(result, args, kwargs)
+        _close_old_connections()
+        task_started.send(type(self.task.get_backend()), task_result=result)
+        try:
+            value = _json(self.task.func(*args, **kwargs), self.task)
+        except BaseException as exc:
+            self._finished(result, exc)
+            raise
+        finally:
+            _close_old_connections()
+        self._finished(result, None)
+        return value
+
+    async def _acall(self, result: TaskResult, args: tuple[Any, ...], kwargs: Any) -> Any:
+        task_started.send(type(self.task.get_backend()), task_result=result)
+        try:
+            value = _json(await self.task.func(*args, **kwargs), self.task)
+        except BaseException as exc:
+            self._finished(result, exc)
+            raise
+        self._finished(result, None)
+        return value
+
+    def _finished(self, result: TaskResult, exc: BaseException | None) -> None:
+        object.__setattr__(result, "finished_at", timezone.now())
+        if exc is None:
+            object.__setattr__(result, "status", TaskResultStatus.SUCCESSFUL)
+        else:
+            object.__setattr__(result, "status", TaskResultStatus.FAILED)
+            result.errors.append(TaskError(exception_class_path=_path(type(exc)), traceback=""))
+        task_finished.send(type(self.task.get_backend()), task_result=result)
+
+
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _exception_path(settings: config.Settings, row: Any) -> str:
+    """The exception class of the last failed run: from its signed pickle, else read off the
+    traceback's last line (`module.Class: message`)."""
+    if row.exception is not None:
+        try:
+            exc = serializer.loads(settings.keyring(), "exception", row.handler, row.exception)
+            if isinstance(exc, BaseException):
+                return _path(type(exc))
+        except Exception:
+            pass
+    last = (row.error or "").strip().splitlines()[-1:] or ["Exception"]
+    name = last[0].split(":", 1)[0].strip() or "Exception"
+    return name if "." in name else f"builtins.{name}"
+
+
+class TaskBackend(BaseTaskBackend):
+    """Django's task backend storing tasks in dbqueue's table of the project's database.
+
+    OPTIONS: DATABASE (the DATABASES alias, default "default"), MAX_ATTEMPTS (runs before a
+    task fails for good, default 25), TIMEOUT (seconds per run, default none), INLINE (run
+    each task in this process once its transaction commits: for tests and development),
+    SECRET_KEY (dbqueue's signing key; default DBQUEUE_SECRET_KEY, else derived from Django's
+    SECRET_KEY, so every process with the project's settings agrees).
+    """
+
+    task_class = DbqueueTask
+    supports_defer = True
+    supports_async_task = True
+    supports_get_result = True
+    supports_priority = True
+
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
+        super().__init__(alias, params)
+        unknown = set(self.options) - OPTIONS
+        if unknown:
+            raise InvalidTask(
+                f"TASKS[{alias!r}]['OPTIONS'] has unknown key(s) {', '.join(sorted(unknown))}; "
+                f"dbqueue's are {', '.join(sorted(OPTIONS))}"
+            )
+        self.database: str = self.options.get("DATABASE", "default")
+        self.max_attempts: int = self.options.get("MAX_ATTEMPTS", retry.DEFAULT_MAX_ATTEMPTS)
+        self.timeout: float | None = self.options.get("TIMEOUT")
+        self.inline: bool = bool(self.options.get("INLINE", False))
+        self._settings: config.Settings | None = None
+
+    @property
+    def settings(self) -> config.Settings:
+        """dbqueue's settings on Django's own connection (enqueues, results, test helpers)."""
+        if self._settings is None:
+            key, fallbacks = connection.signing_keys(self.options)
+            self._settings = config.Settings(
+                database_url=connection.engine(self.database).url.render_as_string(),
+                engine=connection.engine(self.database),
+                secret_key=key,
+                fallback_keys=fallbacks,
+                inline=False,
+            )
+        return self._settings
+
+    def worker_settings(self) -> config.Settings:
+        """dbqueue's settings for worker processes: their own connections, from DATABASES."""
+        key, fallbacks = connection.signing_keys(self.options)
+        return config.Settings(
+            database_url=connection.database_url(self.database),
+            secret_key=key,
+            fallback_keys=fallbacks,
+        )
+
+    def validate_task(self, task: Task) -> None:
+        super().validate_task(task)
+        if not isinstance(task, DbqueueTask):
+            raise InvalidTask(
+                f"{task.module_path} was made by another backend's @task: dbqueue's workers "
+                f"run tasks decorated with @task(backend={self.alias!r})"
+            )
+        attempts = task.max_attempts
+        if attempts is not None and (
+            isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1
+        ):
+            raise InvalidTask(f"max_attempts must be a positive whole number, not {attempts!r}")
+        timeout = task.timeout
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            raise InvalidTask(f"timeout must be a positive number of seconds, not {timeout!r}")
+
+    def enqueue(
+        self, task: Task, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]
+    ) -> TaskResult:
+        """Store the task on Django's connection, in the caller's transaction if any."""
+        self.validate_task(task)
+        assert isinstance(task, DbqueueTask)
+        result = TaskResult(  # normalises the arguments: TypeError unless they are JSON
+            task=task,
+            id="",
+            status=TaskResultStatus.READY,
+            enqueued_at=None,
+            started_at=None,
+            last_attempted_at=None,
+            finished_at=None,
+            args=list(args),
+            kwargs=dict(kwargs),
+            backend=self.alias,
+            errors=[],
+            worker_ids=[],
+        )
+        run_at = task.run_after
+        if run_at is not None and timezone.is_naive(run_at):  # USE_TZ = False
+            run_at = timezone.make_aware(run_at)
+        meta: dict[str, Any] = {"django_backend": self.alias}
+        if run_at is not None:
+            meta["run_after"] = run_at.isoformat()
+        try:
+            with (
+                transaction.atomic(using=self.database, savepoint=False),
+                connection.borrowed(self.database) as conn,
+            ):
+                stored = dbqueue_enqueue(
+                    task.func,
+                    result.args,
+                    result.kwargs,
+                    priority=to_dbqueue_priority(task.priority),
+                    queue=task.queue_name,
+                    run_at=run_at,
+                    max_attempts=task.max_attempts or self.max_attempts,
+                    timeout=task.timeout if task.timeout is not None else self.timeout,
+                    meta=meta,
+                    connection=conn,
+                    settings=self.settings,
+                )
+        except errors.EnqueueError as exc:
+            raise InvalidTask(str(exc)) from exc
+        object.__setattr__(result, "id", str(stored.id))
+        object.__setattr__(result, "enqueued_at", timezone.now())
+        if self.inline:
+            from dbqueue.django import testing
+
+            transaction.on_commit(
+                functools.partial(testing.run_task, self, stored.id), using=self.database
+            )
+        task_enqueued.send(type(self), task_result=result)
+        return result
+
+    def get_result(self, result_id: str) -> TaskResult:
+        """The task's result as stored now, read on Django's connection (so a test sees the
+        tasks of its own transaction)."""
+        try:
+            task_id = int(result_id)
+        except (TypeError, ValueError):
+            raise TaskResultDoesNotExist(f"no task {result_id!r} (ids are numbers)") from None
+        with connection.borrowed(self.database) as conn:
+            row = store.get(conn, task_id)
+        if row is None:
+            raise TaskResultDoesNotExist(f"no task {result_id!r} (it may have been pruned)")
+        return self.result_from_row(row)
+
+    def result_from_row(self, row: Any) -> TaskResult:
+        """Django's TaskResult for one row of dbqueue's `tasks`."""
+        settings = self.settings
+        try:
+            runner = serializer.import_handler(row.handler)
+        except (ImportError, AttributeError) as exc:
+            raise TaskResultDoesNotExist(
+                f"task {row.id} runs {row.handler}, which does not import here: {exc}"
+            ) from exc
+        if not isinstance(runner, _Runner):
+            raise TaskResultDoesNotExist(f"task {row.id} ({row.handler}) is not a Django task")
+        _ref, args, kwargs = pickle.loads(
+            serializer.verify(settings.keyring(), "payload", row.handler, row.payload)
+        )
+        meta = row.meta
+        if isinstance(meta, str):  # Django's psycopg connection leaves jsonb as text
+            meta = json.loads(meta)
+        meta = meta or {}
+        run_after = meta.get("run_after")
+        try:
+            task = runner.task.using(
+                priority=from_dbqueue_priority(row.priority),
+                queue_name=row.queue,
+                backend=meta.get("django_backend") or self.alias,
+                run_after=dt.datetime.fromisoformat(run_after) if run_after else None,
+            )
+        except InvalidTask:  # moved by an operator to a queue this backend does not list
+            task = runner.task
+        status = _STATUS[row.status]
+        task_errors = []
+        if row.error and row.status != Status.SUCCEEDED.value:
+            task_errors.append(
+                TaskError(exception_class_path=_exception_path(settings, row), traceback=row.error)
+            )
+        result = TaskResult(
+            task=task,
+            id=str(row.id),
+            status=status,
+            enqueued_at=row.created_at,
+            started_at=row.started_at,
+            last_attempted_at=row.started_at,
+            finished_at=row.finished_at if row.status in FINISHED else None,
+            args=list(args),
+            kwargs=dict(kwargs),
+            backend=task.backend,
+            errors=task_errors,
+            worker_ids=[row.locked_by or "dbqueue"] * row.attempts,
+        )
+        if status == TaskResultStatus.SUCCESSFUL and row.result is not None:
+            value = serializer.loads(settings.keyring(), "result", row.handler, row.result)
+            object.__setattr__(result, "_return_value", value)
+        return result
