@@ -310,10 +310,10 @@ def create_engine(url: str, *, pgbouncer: str | None = None, **kwargs: Any) -> s
     parsed = driver_url(url)
     if parsed.drivername in {"postgresql", "postgres"}:
         parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() not in {"sqlite", "postgresql"}:
+    if parsed.get_backend_name() not in {"sqlite", "postgresql", "mysql", "mariadb"}:
         raise errors.ConfigurationError(
-            f"cannot use database URL {redact(parsed)}: dbqueue works with SQLite and PostgreSQL, "
-            f"not {parsed.get_backend_name()}"
+            f"cannot use database URL {redact(parsed)}: dbqueue works with SQLite, PostgreSQL "
+            f"and MySQL/MariaDB, not {parsed.get_backend_name()}"
         )
     if parsed.drivername.startswith("sqlite"):
         database = parsed.database or ""
@@ -352,7 +352,38 @@ def create_engine(url: str, *, pgbouncer: str | None = None, **kwargs: Any) -> s
         if ping_when_idle:
             _ping_when_idle(engine)
         return engine
+    if parsed.get_backend_name() in {"mysql", "mariadb"}:
+        return _create_mysql(parsed, kwargs)
     return _create(parsed, kwargs)
+
+
+def _create_mysql(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
+    """MySQL 8.0+ / MariaDB 10.6+: READ COMMITTED (InnoDB's REPEATABLE READ takes gap locks
+    that deadlock concurrent claimers), utf8mb4 on the wire, the session's time zone UTC, and
+    an older server refused at connect (database.check_mysql_version)."""
+    from dbqueue import database
+
+    kwargs.setdefault("isolation_level", "READ COMMITTED")
+    ping_when_idle = "pool_pre_ping" not in kwargs
+    if "charset" not in url.query:
+        url = url.update_query_dict({"charset": "utf8mb4"})
+    kwargs.setdefault("connect_args", {}).setdefault("connect_timeout", 10)
+    engine = _create(url, kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT VERSION()")
+            (version,) = cursor.fetchone()
+            database.check_mysql_version(str(version), redact(engine.url))
+            cursor.execute("SET time_zone = '+00:00'")
+        finally:
+            cursor.close()
+
+    if ping_when_idle:
+        _ping_when_idle(engine)
+    return engine
 
 
 def _refuse_prepared_statements(engine: sa.Engine) -> None:
@@ -406,7 +437,8 @@ def _create(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
     except ModuleNotFoundError as exc:
         raise errors.ConfigurationError(
             f"the driver for {redact(url)} is not installed (no module {exc.name!r}): dbqueue "
-            "supports sqlite:///path and postgresql+psycopg://user@host/db (psycopg 3)"
+            "supports sqlite:///path, postgresql+psycopg://user@host/db (psycopg 3) and "
+            "mysql://user@host/db (pip install 'dbqueue[mysql]')"
         ) from None
     except Exception as exc:
         raise errors.ConfigurationError(f"cannot use database URL {redact(url)}: {exc}") from None

@@ -109,6 +109,32 @@ def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
     return type_ != "table" or (name not in schema.metadata.tables and name != VERSION_TABLE)
 
 
+def include_object_for(dialect: sa.Dialect) -> Any:
+    """`include_object=` comparing dbqueue's metadata with a database of this dialect: an
+    index made for other engines only (`Index.ddl_if`) is left out, and on MySQL/MariaDB so
+    are the generated column `unique_live` and its unique index, which the migrations make
+    there in place of a partial unique index (schema.UNIQUE_LIVE)."""
+    from dbqueue import schema
+
+    mysql = dialect.name in schema.MYSQL
+
+    def include_object(obj: Any, name: str | None, type_: str, reflected: bool, _to: Any) -> bool:
+        if reflected:
+            return not (
+                mysql
+                and (
+                    (type_ == "column" and name == schema.UNIQUE_LIVE)
+                    or (type_ == "index" and name == "ix_tasks_unique_key")
+                )
+            )
+        ddl_if = getattr(obj, "_ddl_if", None)
+        if ddl_if is not None and ddl_if.dialect is not None:
+            return dialect.name in ddl_if.dialect
+        return True
+
+    return include_object
+
+
 def downgrade(settings: config.Settings, revision: str = "base") -> None:
     from alembic import command
 
@@ -275,14 +301,62 @@ def errors_translated(settings: config.Settings) -> Iterator[None]:
         ) from exc
 
 
+#: The oldest servers with `FOR UPDATE SKIP LOCKED`, which the claim needs.
+MYSQL_MINIMUM = (8, 0)
+MARIADB_MINIMUM = (10, 6)
+
+
+def check_mysql_version(version: str, where: str) -> None:
+    """Refuse a MySQL older than 8.0 or a MariaDB older than 10.6 (`version` as `SELECT
+    VERSION()` says it, e.g. `10.11.6-MariaDB-0+deb12u1` or `8.0.36`), naming what is needed."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    mariadb = "mariadb" in version.lower()
+    needed = MARIADB_MINIMUM if mariadb else MYSQL_MINIMUM
+    if found < needed:
+        name = "MariaDB" if mariadb else "MySQL"
+        raise errors.ConfigurationError(
+            f"{where} runs {name} {version}: dbqueue needs {name} "
+            f"{'.'.join(map(str, needed))} or later (FOR UPDATE SKIP LOCKED); upgrade the server"
+        )
+
+
+def is_mysql(bind: sa.Engine | sa.Connection | sa.Dialect) -> bool:
+    """Whether the database is MySQL or MariaDB (SQLAlchemy names the dialect either way)."""
+    dialect = getattr(bind, "dialect", bind)
+    return dialect.name in {"mysql", "mariadb"}  # type: ignore[union-attr]
+
+
 def is_psycopg(bind: sa.Engine | sa.Connection) -> bool:
     """Whether the engine (or connection) talks to PostgreSQL through psycopg 3, whose
     connection the LISTEN thread, the lone-enqueue path and the worker's claim use directly."""
     return bind.dialect.name == "postgresql" and bind.dialect.driver == "psycopg"
 
 
+#: MySQL/MariaDB errors after which the server has undone the transaction's work (a deadlock:
+#: ER_LOCK_DEADLOCK) or the statement's (ER_LOCK_WAIT_TIMEOUT, whose transaction the caller's
+#: `with engine.begin()` then rolls back): the whole transaction may simply run again.
+MYSQL_TRANSIENT = (1213, 1205)
+_MYSQL_DRIVERS = ("MySQLdb", "pymysql", "mariadb", "mysql")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an exception is a lock conflict the database resolved by undoing this work
+    (MySQL/MariaDB deadlock 1213, lock wait timeout 1205): safe to retry where the caller
+    runs the whole transaction again (the worker's claim, outcomes and heartbeats), never
+    inside a transaction of the application's."""
+    orig = getattr(exc, "orig", None)
+    if not isinstance(exc, sa.exc.DBAPIError) or orig is None or exc.connection_invalidated:
+        return False
+    if type(orig).__module__.split(".")[0] not in _MYSQL_DRIVERS:
+        return False
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and args[0] in MYSQL_TRANSIENT
+
+
 def is_disconnect(exc: BaseException) -> bool:
     """Whether an exception means the connection or server went away (worth retrying)."""
+    if is_transient(exc):
+        return False  # a lock conflict, reported as OperationalError by MySQL's drivers
     if isinstance(exc, sa.exc.DBAPIError):
         if exc.connection_invalidated:
             return True

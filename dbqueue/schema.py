@@ -12,6 +12,7 @@ import enum
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import expression
 from sqlalchemy.types import TypeDecorator
@@ -71,15 +72,59 @@ def status_is(*statuses: str) -> sa.ColumnElement[bool]:
     return tasks.c.status.in_(literals)
 
 
+MYSQL = ("mysql", "mariadb")  # SQLAlchemy's dialect names for MySQL and MariaDB
+
+#: Table options on MySQL/MariaDB: InnoDB (row locks, SKIP LOCKED), 4-byte UTF-8 throughout,
+#: and binary comparison of text, as on PostgreSQL and SQLite ('Mail' is not 'mail').
+MYSQL_TABLE: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
+
+def timestamp_type() -> sa.types.TypeEngine[Any]:
+    """`timestamptz` on PostgreSQL; `DATETIME(6)` (UTC, microseconds) on MySQL/MariaDB."""
+    return sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *MYSQL)
+
+
+def blob_type() -> sa.types.TypeEngine[Any]:
+    """`bytea`/BLOB; `LONGBLOB` on MySQL/MariaDB, whose BLOB stops at 64 KiB."""
+    return sa.LargeBinary().with_variant(mysql.LONGBLOB(), *MYSQL)
+
+
+def long_text_type() -> sa.types.TypeEngine[Any]:
+    """`text`; `LONGTEXT` on MySQL/MariaDB, whose TEXT stops at 64 KiB (tracebacks)."""
+    return sa.Text().with_variant(mysql.LONGTEXT(), *MYSQL)
+
+
+def double_type() -> sa.types.TypeEngine[Any]:
+    """A double precision float: MySQL's FLOAT is single precision."""
+    return sa.Float().with_variant(mysql.DOUBLE(), *MYSQL)
+
+
+def key_text_type(length: int) -> sa.types.TypeEngine[Any]:
+    """`text`, but `VARCHAR(length)` on MySQL/MariaDB for a column in a unique key (TEXT
+    cannot be a key there without a prefix, and a prefix is not uniqueness)."""
+    return sa.Text().with_variant(mysql.VARCHAR(length), *MYSQL)
+
+
 class UTCDateTime(TypeDecorator[dt.datetime]):
-    """Timezone-aware datetimes everywhere; stored as naive UTC text on SQLite.
+    """Timezone-aware datetimes everywhere; stored as naive UTC text on SQLite and as naive
+    UTC `DATETIME(6)` on MySQL/MariaDB.
 
     SQLite has no timestamp type; storing UTC in one fixed text format keeps comparisons
-    with `db_now()` correct as plain string comparisons.
+    with `db_now()` correct as plain string comparisons. MySQL's DATETIME has no time zone
+    (its TIMESTAMP ends in 2038): every value in it is UTC, as `db_now()` is there.
     """
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in MYSQL:
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
 
     def process_bind_param(self, value: Any, dialect: sa.Dialect) -> dt.datetime | None:
         if value is None:
@@ -92,7 +137,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
                 "(for example datetime.now(timezone.utc))"
             )
         utc: dt.datetime = value.astimezone(dt.timezone.utc)
-        if dialect.name == "sqlite":
+        if dialect.name == "sqlite" or dialect.name in MYSQL:
             return utc.replace(tzinfo=None)
         return utc
 
@@ -146,6 +191,16 @@ def _db_now_sqlite(element: db_now, compiler: Any, **kw: Any) -> str:
     return f"strftime('%Y-%m-%d %H:%M:%f', 'now', ({offset}) || ' seconds')"
 
 
+@compiles(db_now, "mysql")
+@compiles(db_now, "mariadb")
+def _db_now_mysql(element: db_now, compiler: Any, **kw: Any) -> str:
+    args = list(element.clauses)
+    if not args:
+        return "UTC_TIMESTAMP(6)"
+    offset = compiler.process(args[0], **kw)
+    return f"TIMESTAMPADD(MICROSECOND, ROUND(({offset}) * 1000000), UTC_TIMESTAMP(6))"
+
+
 tasks = sa.Table(
     "tasks",
     metadata,
@@ -170,18 +225,22 @@ tasks = sa.Table(
     ),
     sa.Column(
         "payload",
-        sa.LargeBinary,
+        blob_type(),
         nullable=False,
         comment="signed pickle of (callable reference, args, kwargs)",
     ),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("max_attempts", sa.Integer, nullable=False, server_default="25"),
-    sa.Column("timeout", sa.Float, nullable=True, comment="seconds; null: the worker's default"),
+    sa.Column(
+        "timeout", double_type(), nullable=True, comment="seconds; null: the worker's default"
+    ),
     sa.Column("locked_by", sa.String(200), nullable=True, comment="worker name holding the task"),
     sa.Column("locked_at", UTCDateTime(), nullable=True),
-    sa.Column("result", sa.LargeBinary, nullable=True, comment="signed pickle of the return value"),
-    sa.Column("exception", sa.LargeBinary, nullable=True, comment="signed pickle of the exception"),
-    sa.Column("error", sa.Text, nullable=True, comment="exception, message and traceback as text"),
+    sa.Column("result", blob_type(), nullable=True, comment="signed pickle of the return value"),
+    sa.Column("exception", blob_type(), nullable=True, comment="signed pickle of the exception"),
+    sa.Column(
+        "error", long_text_type(), nullable=True, comment="exception, message and traceback as text"
+    ),
     sa.Column("unique_key", sa.Text, nullable=True),
     sa.Column(
         "meta",
@@ -218,74 +277,117 @@ tasks = sa.Table(
     # Never hand out an id twice on SQLite (pruned or rolled-back ids would be reused, and a
     # stored task id would then name another task); PostgreSQL identities never go back.
     sqlite_autoincrement=True,
+    **MYSQL_TABLE,
 )
 
+_PARTIAL: list[sa.Index] = []  # PostgreSQL and SQLite: partial indexes
 # The claim of a worker serving every queue reads exactly these rows in exactly this order;
 # finished rows never enter the index, so a table full of history does not slow the claim.
-sa.Index(
-    "ix_tasks_claimable",
-    tasks.c.priority,
-    tasks.c.run_at,
-    tasks.c.id,
-    postgresql_where=tasks.c.status == Status.QUEUED.value,
-    sqlite_where=tasks.c.status == Status.QUEUED.value,
+_PARTIAL.append(
+    sa.Index(
+        "ix_tasks_claimable",
+        tasks.c.priority,
+        tasks.c.run_at,
+        tasks.c.id,
+        postgresql_where=tasks.c.status == Status.QUEUED.value,
+        sqlite_where=tasks.c.status == Status.QUEUED.value,
+    )
 )
 # The same per queue, for workers given queues (`-q`): a claim for `mail` reads `mail`'s rows
 # only, however large another queue's backlog (migration 0005). Queue counts, the idle
 # worker's next run_at and the dashboard's queued figures read it too.
-sa.Index(
-    "ix_tasks_queue_claimable",
-    tasks.c.queue,
-    tasks.c.priority,
-    tasks.c.run_at,
-    tasks.c.id,
-    postgresql_where=tasks.c.status == Status.QUEUED.value,
-    sqlite_where=tasks.c.status == Status.QUEUED.value,
+_PARTIAL.append(
+    sa.Index(
+        "ix_tasks_queue_claimable",
+        tasks.c.queue,
+        tasks.c.priority,
+        tasks.c.run_at,
+        tasks.c.id,
+        postgresql_where=tasks.c.status == Status.QUEUED.value,
+        sqlite_where=tasks.c.status == Status.QUEUED.value,
+    )
 )
 # At most one queued-or-running task per unique_key.
-sa.Index(
-    "ix_tasks_unique_key",
-    tasks.c.unique_key,
-    unique=True,
-    postgresql_where=sa.and_(
-        tasks.c.unique_key.is_not(None), tasks.c.status.in_(("queued", "running"))
-    ),
-    sqlite_where=sa.and_(
-        tasks.c.unique_key.is_not(None), tasks.c.status.in_(("queued", "running"))
-    ),
+_PARTIAL.append(
+    sa.Index(
+        "ix_tasks_unique_key",
+        tasks.c.unique_key,
+        unique=True,
+        postgresql_where=sa.and_(
+            tasks.c.unique_key.is_not(None), tasks.c.status.in_(("queued", "running"))
+        ),
+        sqlite_where=sa.and_(
+            tasks.c.unique_key.is_not(None), tasks.c.status.in_(("queued", "running"))
+        ),
+    )
 )
 # Rescue and the dashboard look up running tasks by owner.
-sa.Index(
-    "ix_tasks_running",
-    tasks.c.locked_by,
-    postgresql_where=tasks.c.status == Status.RUNNING.value,
-    sqlite_where=tasks.c.status == Status.RUNNING.value,
+_PARTIAL.append(
+    sa.Index(
+        "ix_tasks_running",
+        tasks.c.locked_by,
+        postgresql_where=tasks.c.status == Status.RUNNING.value,
+        sqlite_where=tasks.c.status == Status.RUNNING.value,
+    )
 )
 # Concurrency limits (limits.py, migration 0008): the running rows of a key, counted by the
 # limited claim for each candidate with a key; and the queued rows with a key, which the
 # worker's heart probes every second to choose between the unlimited and the limited claim.
 # Rows without a key enter neither, so tasks without limits pay nothing for them.
-sa.Index(
-    "ix_tasks_concurrency_running",
-    tasks.c.concurrency_key,
-    postgresql_where=sa.and_(tasks.c.status == "running", tasks.c.concurrency_key.is_not(None)),
-    sqlite_where=sa.and_(tasks.c.status == "running", tasks.c.concurrency_key.is_not(None)),
+_PARTIAL.append(
+    sa.Index(
+        "ix_tasks_concurrency_running",
+        tasks.c.concurrency_key,
+        postgresql_where=sa.and_(tasks.c.status == "running", tasks.c.concurrency_key.is_not(None)),
+        sqlite_where=sa.and_(tasks.c.status == "running", tasks.c.concurrency_key.is_not(None)),
+    )
 )
-sa.Index(
-    "ix_tasks_concurrency_queued",
-    tasks.c.queue,
-    postgresql_where=sa.and_(tasks.c.status == "queued", tasks.c.concurrency_key.is_not(None)),
-    sqlite_where=sa.and_(tasks.c.status == "queued", tasks.c.concurrency_key.is_not(None)),
+_PARTIAL.append(
+    sa.Index(
+        "ix_tasks_concurrency_queued",
+        tasks.c.queue,
+        postgresql_where=sa.and_(tasks.c.status == "queued", tasks.c.concurrency_key.is_not(None)),
+        sqlite_where=sa.and_(tasks.c.status == "queued", tasks.c.concurrency_key.is_not(None)),
+    )
 )
 # Pruning and the dashboard walk finished rows by age. Finished rows only: a claim
 # (queued -> running) then writes no entry here (migration 0003).
-sa.Index(
-    "ix_tasks_finished",
-    tasks.c.status,
-    tasks.c.finished_at,
-    postgresql_where=tasks.c.status.in_(FINISHED),
-    sqlite_where=tasks.c.status.in_(FINISHED),
+_PARTIAL.append(
+    sa.Index(
+        "ix_tasks_finished",
+        tasks.c.status,
+        tasks.c.finished_at,
+        postgresql_where=tasks.c.status.in_(FINISHED),
+        sqlite_where=tasks.c.status.in_(FINISHED),
+    )
 )
+
+for _index in _PARTIAL:
+    _index.ddl_if(dialect=("postgresql", "sqlite"))  # type: ignore[arg-type]
+
+# MySQL and MariaDB have no partial indexes: the same names, with `status` leading, so that a
+# claim reads the queued rows of its queue in claim order and no other (tests/
+# test_mysql_engine.py reads the plan). Finished rows do enter them, one entry each.
+# At most one queued-or-running task per unique_key: `unique_live`, a stored generated column
+# that is the key's SHA-256 while the task is unfinished and NULL after (NULLs never collide),
+# is made by the migrations on MySQL only and is not in this metadata (engines/mysql.py).
+UNIQUE_LIVE = "unique_live"
+UNIQUE_LIVE_SQL = "IF(status IN ('queued', 'running'), SHA2(unique_key, 256), NULL)"
+KEY_PREFIX = 191  # characters of a TEXT column a MySQL index holds (concurrency_key)
+MYSQL_INDEXES = {
+    "ix_tasks_claimable": ["status", "priority", "run_at", "id"],
+    "ix_tasks_queue_claimable": ["status", "queue", "priority", "run_at", "id"],
+    "ix_tasks_running": ["status", "locked_by"],
+    "ix_tasks_concurrency_running": ["status", "concurrency_key"],
+    "ix_tasks_concurrency_queued": ["status", "concurrency_key", "queue"],
+    "ix_tasks_finished": ["status", "finished_at"],
+}
+for _name, _columns in MYSQL_INDEXES.items():
+    sa.Index(
+        _name,
+        *(tasks.c[c] for c in _columns),
+        mysql_length={"concurrency_key": KEY_PREFIX} if "concurrency_key" in _columns else None,
+    ).ddl_if(dialect=MYSQL)  # type: ignore[arg-type]  # a tuple works
 
 workers = sa.Table(
     "workers",
@@ -302,6 +404,7 @@ workers = sa.Table(
     sa.Column("queues", sa.Text, nullable=True, comment="comma-separated; null: every queue"),
     sa.Column("started_at", UTCDateTime(), nullable=False),
     sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
+    **MYSQL_TABLE,
 )
 
 counter_deltas = sa.Table(
@@ -318,6 +421,7 @@ counter_deltas = sa.Table(
     sa.Column("column_name", sa.String(200), nullable=False),
     sa.Column("delta", sa.BigInteger, nullable=False),
     sa.Column("created_at", UTCDateTime(), nullable=False),
+    **MYSQL_TABLE,
 )
 sa.Index(
     "ix_counter_deltas_parent",
@@ -337,11 +441,14 @@ bus_subscriptions = sa.Table(
     ),
     sa.Column("app_key", sa.String(100), nullable=False),
     sa.Column("queue", sa.String(100), nullable=False),
-    sa.Column("matcher", sa.Text, nullable=False, comment="event name, or a regex pattern"),
+    sa.Column(
+        "matcher", key_text_type(300), nullable=False, comment="event name, or a regex pattern"
+    ),
     sa.Column("is_regex", sa.Boolean, nullable=False),
-    sa.Column("handler", sa.Text, nullable=False, comment="module:qualname"),
+    sa.Column("handler", key_text_type(300), nullable=False, comment="module:qualname"),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.UniqueConstraint("app_key", "matcher", "is_regex", "handler"),
+    **MYSQL_TABLE,
 )
 
 periodic_slots = sa.Table(
@@ -355,6 +462,7 @@ periodic_slots = sa.Table(
         comment="latest slot enqueued (first seen: the slot current then, not enqueued)",
     ),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+    **MYSQL_TABLE,
 )
 
 queue_settings = sa.Table(
@@ -375,4 +483,5 @@ queue_settings = sa.Table(
         comment="at most this many of the queue's tasks run at once, fleet-wide; null: no cap",
     ),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+    **MYSQL_TABLE,
 )

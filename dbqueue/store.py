@@ -78,7 +78,7 @@ def _insert_unique(conn: sa.Connection, engine: base.Engine, task: NewTask, repl
         return inserted
     existing = conn.execute(
         sa.select(tasks.c.id, tasks.c.status).where(
-            tasks.c.unique_key == task.unique_key,
+            engine.unique_key_is(task.unique_key),
             status_is(Status.QUEUED, Status.RUNNING),
         )
     ).one_or_none()
@@ -393,8 +393,9 @@ def release_unique_key(conn: sa.Connection, unique_key: str) -> list[int]:
     For a task that has started reading what it was enqueued for (the counter flush): a
     later enqueue must not count on this run. Returns the ids of the tasks changed.
     """
-    where = sa.and_(tasks.c.unique_key == unique_key, status_is(Status.RUNNING))
-    rows = engines.of(conn).update_returning(conn, where, {"unique_key": None}, tasks.c.id)
+    engine = engines.of(conn)
+    where = sa.and_(engine.unique_key_is(unique_key), status_is(Status.RUNNING))
+    rows = engine.update_returning(conn, where, {"unique_key": None}, tasks.c.id)
     return [int(r[0]) for r in rows]
 
 

@@ -594,6 +594,16 @@ class Worker:
             try:
                 return action()
             except Exception as exc:
+                if database.is_transient(exc):
+                    # A deadlock or lock wait timeout (MySQL): the server undid the work and
+                    # the transaction is gone with it; running it again is safe.
+                    log.warning(
+                        "%s; running the %s again",
+                        database.describe_error(self.settings, exc),
+                        what,
+                        extra={"event": "lock_conflict_retried"},
+                    )
+                    continue
                 if not database.is_disconnect(exc):
                     raise
                 message = database.describe_error(self.settings, exc)

@@ -24,6 +24,7 @@ def run(conn: object) -> None:
         version_table=database.VERSION_TABLE,
         render_as_batch=True,
         compare_type=True,
+        include_object=database.include_object_for(conn.dialect),  # type: ignore[attr-defined]
     )
     with context.begin_transaction():
         context.run_migrations()

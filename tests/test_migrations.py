@@ -19,7 +19,12 @@ from tests import jobs
 def test_migrations_match_schema(db):
     with db.engine.connect() as conn:
         context = MigrationContext.configure(
-            conn, opts={"version_table": database.VERSION_TABLE, "compare_type": True}
+            conn,
+            opts={
+                "version_table": database.VERSION_TABLE,
+                "compare_type": True,
+                "include_object": database.include_object_for(conn.dialect),
+            },
         )
         diff = compare_metadata(context, schema.metadata)
     assert diff == []
@@ -87,6 +92,13 @@ def _queue_index(db) -> list[Any]:
             "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
             "WHERE c.relname = 'ix_tasks_queue_claimable'"
         )
+    if db.kind == "mariadb":
+        return db.rows(
+            "SELECT index_name, 1 AS indisvalid, GROUP_CONCAT(column_name ORDER BY seq_in_index "
+            "SEPARATOR ', ') AS definition FROM information_schema.statistics "
+            "WHERE table_schema = DATABASE() AND index_name = 'ix_tasks_queue_claimable' "
+            "GROUP BY index_name"
+        )
     return db.rows(
         "SELECT name, 1 AS indisvalid, sql AS definition FROM sqlite_master "
         "WHERE type = 'index' AND name = 'ix_tasks_queue_claimable'"
@@ -99,8 +111,11 @@ def test_0005_adds_the_per_queue_claim_index_and_downgrade_removes_it(db):
     assert _queue_index(db) == []
     database.migrate(db.settings)
     ((_name, valid, definition),) = _queue_index(db)
-    assert valid and "queue, priority, run_at, id" in definition.replace('"', "")
-    assert "status" in definition and "queued" in definition  # partial: queued rows only
+    if db.kind == "mariadb":  # no partial indexes: the status leads
+        assert definition == "status, queue, priority, run_at, id"
+    else:
+        assert valid and "queue, priority, run_at, id" in definition.replace('"', "")
+        assert "status" in definition and "queued" in definition  # partial: queued rows only
     with db.engine.begin() as conn:
         assert len(store.claim(conn, "w", 10, ["mail"])) == 3
     assert db.scalar("SELECT count(*) FROM tasks") == 3  # the migration kept every row

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 MODULES = {
     "postgresql": "dbqueue.engines.postgresql",
     "sqlite": "dbqueue.engines.sqlite",
+    "mysql": "dbqueue.engines.mysql",
+    "mariadb": "dbqueue.engines.mysql",
 }
 
 _loaded: dict[str, Engine] = {}

@@ -190,31 +190,9 @@ def claimable(
     those with a key; the limited one keeps the rows that `limits.fits` and then
     `limits.trimmed` of the locked candidates.
     """
-    columns: tuple[Any, ...] = (tasks.c.id, tasks.c.priority, tasks.c.run_at)
-    if limited:
-        columns += (tasks.c.queue, tasks.c.concurrency_key, limits.capped())
 
     def ready(queue: str | None) -> sa.Select[Any]:
-        stmt = (
-            sa.select(*columns)
-            .where(
-                status_is(Status.QUEUED),
-                tasks.c.run_at <= db_now(),
-                limits.fits(queue) if limited else limits.free_of_limits(),
-            )
-            .order_by(tasks.c.priority, tasks.c.run_at, tasks.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        if queue is None:
-            if exclude:  # paused queues: their ready rows are read and skipped (docs/operations)
-                stmt = stmt.where(tasks.c.queue.not_in([sa.literal(q) for q in exclude]))
-            return stmt
-        # SQLite's planner, once ANALYZE has run, may prefer walking ix_tasks_claimable in
-        # order and filtering by queue (measured: every row of a 100,000-row backlog)
-        return stmt.where(tasks.c.queue == sa.literal(queue)).with_hint(
-            tasks, "INDEXED BY ix_tasks_queue_claimable", "sqlite"
-        )
+        return ready_rows(queue, limit, exclude, limited)
 
     if queues is None or len(queues) == 1:
         only = ready(queues[0] if queues else None)
@@ -230,6 +208,37 @@ def claimable(
         sa.select(listed.c.id)
         .order_by(listed.c.priority, listed.c.run_at, listed.c.id)
         .limit(limit)
+    )
+
+
+def ready_rows(
+    queue: str | None, limit: Any, exclude: tuple[str, ...] = (), limited: bool = False
+) -> sa.Select[Any]:
+    """One queue's (None: every queue's) ready rows for `claimable`, up to `limit` in claim
+    order, locked `FOR UPDATE SKIP LOCKED`: (id, priority, run_at), and for the limited
+    claim also (queue, concurrency_key, capped)."""
+    columns: tuple[Any, ...] = (tasks.c.id, tasks.c.priority, tasks.c.run_at)
+    if limited:
+        columns += (tasks.c.queue, tasks.c.concurrency_key, limits.capped())
+    stmt = (
+        sa.select(*columns)
+        .where(
+            status_is(Status.QUEUED),
+            tasks.c.run_at <= db_now(),
+            limits.fits(queue) if limited else limits.free_of_limits(),
+        )
+        .order_by(tasks.c.priority, tasks.c.run_at, tasks.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    if queue is None:
+        if exclude:  # paused queues: their ready rows are read and skipped (docs/operations)
+            stmt = stmt.where(tasks.c.queue.not_in([sa.literal(q) for q in exclude]))
+        return stmt
+    # SQLite's planner, once ANALYZE has run, may prefer walking ix_tasks_claimable in
+    # order and filtering by queue (measured: every row of a 100,000-row backlog)
+    return stmt.where(tasks.c.queue == sa.literal(queue)).with_hint(
+        tasks, "INDEXED BY ix_tasks_queue_claimable", "sqlite"
     )
 
 
@@ -263,6 +272,10 @@ class Engine:
         """Insert a task with a unique key unless a queued or running task holds the key;
         its id, or None when one does."""
         raise NotImplementedError(f"{self.name}: unique keys")
+
+    def unique_key_is(self, key: str) -> sa.ColumnElement[bool]:
+        """The condition that finds a unique key's rows through an index."""
+        return tasks.c.unique_key == key
 
     def notify(self, conn: sa.Connection, queues: Iterable[str]) -> None:
         """Wake workers listening for these queues (nothing where workers poll)."""

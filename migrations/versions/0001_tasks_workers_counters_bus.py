@@ -10,6 +10,18 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from dbqueue.schema import (
+    MYSQL,
+    MYSQL_TABLE,
+    UNIQUE_LIVE,
+    UNIQUE_LIVE_SQL,
+    blob_type,
+    double_type,
+    key_text_type,
+    long_text_type,
+    timestamp_type,
+)
+
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -27,10 +39,12 @@ def upgrade() -> None:
         ),
         sa.Column("app_key", sa.String(length=100), nullable=False),
         sa.Column("queue", sa.String(length=100), nullable=False),
-        sa.Column("matcher", sa.Text(), nullable=False, comment="event name, or a regex pattern"),
+        sa.Column(
+            "matcher", key_text_type(300), nullable=False, comment="event name, or a regex pattern"
+        ),
         sa.Column("is_regex", sa.Boolean(), nullable=False),
-        sa.Column("handler", sa.Text(), nullable=False, comment="module:qualname"),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("handler", key_text_type(300), nullable=False, comment="module:qualname"),
+        sa.Column("updated_at", timestamp_type(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_bus_subscriptions")),
         sa.UniqueConstraint(
             "app_key",
@@ -39,6 +53,7 @@ def upgrade() -> None:
             "handler",
             name=op.f("uq_bus_subscriptions_app_key_matcher_is_regex_handler"),
         ),
+        **MYSQL_TABLE,
     )
     op.create_table(
         "counter_deltas",
@@ -54,8 +69,9 @@ def upgrade() -> None:
         ),
         sa.Column("column_name", sa.String(length=200), nullable=False),
         sa.Column("delta", sa.BigInteger(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("created_at", timestamp_type(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_counter_deltas")),
+        **MYSQL_TABLE,
     )
     with op.batch_alter_table("counter_deltas", schema=None) as batch_op:
         batch_op.create_index(
@@ -80,7 +96,7 @@ def upgrade() -> None:
         ),
         sa.Column(
             "run_at",
-            sa.DateTime(timezone=True),
+            timestamp_type(),
             nullable=False,
             comment="not claimed before this time",
         ),
@@ -90,14 +106,14 @@ def upgrade() -> None:
         ),
         sa.Column(
             "payload",
-            sa.LargeBinary(),
+            blob_type(),
             nullable=False,
             comment="signed pickle of (callable reference, args, kwargs)",
         ),
         sa.Column("attempts", sa.Integer(), server_default="0", nullable=False),
         sa.Column("max_attempts", sa.Integer(), server_default="25", nullable=False),
         sa.Column(
-            "timeout", sa.Float(), nullable=True, comment="seconds; null: the worker's default"
+            "timeout", double_type(), nullable=True, comment="seconds; null: the worker's default"
         ),
         sa.Column(
             "locked_by",
@@ -105,20 +121,23 @@ def upgrade() -> None:
             nullable=True,
             comment="worker name holding the task",
         ),
-        sa.Column("locked_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("locked_at", timestamp_type(), nullable=True),
         sa.Column(
-            "result", sa.LargeBinary(), nullable=True, comment="signed pickle of the return value"
+            "result", blob_type(), nullable=True, comment="signed pickle of the return value"
         ),
         sa.Column(
-            "exception", sa.LargeBinary(), nullable=True, comment="signed pickle of the exception"
+            "exception", blob_type(), nullable=True, comment="signed pickle of the exception"
         ),
         sa.Column(
-            "error", sa.Text(), nullable=True, comment="exception, message and traceback as text"
+            "error",
+            long_text_type(),
+            nullable=True,
+            comment="exception, message and traceback as text",
         ),
         sa.Column("unique_key", sa.Text(), nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("created_at", timestamp_type(), nullable=False),
+        sa.Column("started_at", timestamp_type(), nullable=True),
+        sa.Column("finished_at", timestamp_type(), nullable=True),
         sa.CheckConstraint(
             "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')",
             name=op.f("ck_tasks_status_known"),
@@ -129,7 +148,12 @@ def upgrade() -> None:
         sa.CheckConstraint("length(queue) > 0", name=op.f("ck_tasks_queue_not_empty")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tasks")),
         sqlite_autoincrement=True,
+        **MYSQL_TABLE,
     )
+    if op.get_context().dialect.name in MYSQL:
+        _mysql_task_indexes()
+        _workers()
+        return
     with op.batch_alter_table("tasks", schema=None) as batch_op:
         batch_op.create_index(
             "ix_tasks_claimable",
@@ -156,20 +180,43 @@ def upgrade() -> None:
             sqlite_where=sa.text("unique_key IS NOT NULL AND status IN ('queued', 'running')"),
         )
 
+    _workers()
+
+
+def _workers() -> None:
     op.create_table(
         "workers",
         sa.Column("name", sa.String(length=200), nullable=False, comment="host:pid:random"),
         sa.Column("hostname", sa.String(length=200), nullable=False),
         sa.Column("pid", sa.Integer(), nullable=False),
         sa.Column("queues", sa.Text(), nullable=True, comment="comma-separated; null: every queue"),
-        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("started_at", timestamp_type(), nullable=False),
+        sa.Column("heartbeat_at", timestamp_type(), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_workers")),
+        **MYSQL_TABLE,
     )
+
+
+def _mysql_task_indexes() -> None:
+    """MySQL/MariaDB have no partial indexes: `status` leads instead; the unique key is a
+    stored generated column, the key's hash while the task is unfinished, NULL after."""
+    op.create_index("ix_tasks_claimable", "tasks", ["status", "priority", "run_at", "id"])
+    op.create_index("ix_tasks_running", "tasks", ["status", "locked_by"])
+    op.create_index("ix_tasks_status_finished_at", "tasks", ["status", "finished_at"])
+    op.execute(
+        f"ALTER TABLE tasks ADD COLUMN {UNIQUE_LIVE} VARCHAR(64) "
+        f"GENERATED ALWAYS AS ({UNIQUE_LIVE_SQL}) STORED"
+    )
+    op.create_index("ix_tasks_unique_key", "tasks", [UNIQUE_LIVE], unique=True)
 
 
 def downgrade() -> None:
     op.drop_table("workers")
+    if op.get_context().dialect.name in MYSQL:
+        op.drop_table("tasks")  # its indexes and generated column with it
+        op.drop_table("counter_deltas")
+        op.drop_table("bus_subscriptions")
+        return
     with op.batch_alter_table("tasks", schema=None) as batch_op:
         batch_op.drop_index(
             "ix_tasks_unique_key",

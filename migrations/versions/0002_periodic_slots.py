@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from dbqueue.schema import MYSQL_TABLE, timestamp_type
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -24,12 +26,13 @@ def upgrade() -> None:
         ),
         sa.Column(
             "last_slot",
-            sa.DateTime(timezone=True),
+            timestamp_type(),
             nullable=False,
             comment="latest slot enqueued (first seen: the slot current then, not enqueued)",
         ),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", timestamp_type(), nullable=False),
         sa.PrimaryKeyConstraint("name", name=op.f("pk_periodic_slots")),
+        **MYSQL_TABLE,
     )
 
 

@@ -12,6 +12,8 @@ invalid index, dropped and built again when the migration is run again. When dbq
 migrations run inside another transaction (`database.upgrade_on` from an application's
 env.py), a plain `CREATE INDEX` is built instead, which blocks writes to `tasks` while it
 runs; the README's upgrade notes give the times. SQLite: a plain `CREATE INDEX`.
+MySQL/MariaDB: `(status, queue, priority, run_at, id)`, no partial indexes there (InnoDB
+builds it online).
 
 Revision ID: 0005
 Revises: 0004
@@ -68,6 +70,9 @@ def upgrade() -> None:
                 postgresql_where=QUEUED,
                 postgresql_concurrently=True,
             )
+        return
+    if op.get_context().dialect.name in ("mysql", "mariadb"):  # no partial index: status first
+        op.create_index(NAME, "tasks", ["status", "queue", "priority", "run_at", "id"])
         return
     op.create_index(
         NAME,

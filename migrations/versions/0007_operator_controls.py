@@ -18,6 +18,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from dbqueue.schema import MYSQL_TABLE, timestamp_type
+
 revision = "0007"
 down_revision = "0006"
 branch_labels = None
@@ -41,8 +43,9 @@ def upgrade() -> None:
             nullable=True,
             comment="at most this many of the queue's tasks run at once, fleet-wide; null: no cap",
         ),
-        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", timestamp_type(), nullable=False),
         sa.PrimaryKeyConstraint("queue", name=op.f("pk_queue_settings")),
+        **MYSQL_TABLE,
     )
     with op.batch_alter_table("tasks", schema=None) as batch_op:
         batch_op.add_column(
@@ -57,7 +60,7 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column(
                 "cancel_requested_at",
-                sa.DateTime(timezone=True),
+                timestamp_type(),
                 nullable=True,
                 comment="Task.cancel() of a running task: its worker raises TaskCancelled in it",
             )

@@ -38,6 +38,11 @@ INDEXES = {
     ),
 }
 
+MYSQL_INDEXES = {
+    "ix_tasks_concurrency_running": ["status", "concurrency_key"],
+    "ix_tasks_concurrency_queued": ["status", "concurrency_key", "queue"],
+}
+
 
 def _concurrently() -> bool:
     context = op.get_context()
@@ -68,6 +73,11 @@ def upgrade() -> None:
                 op.create_index(
                     name, "tasks", [column], postgresql_where=where, postgresql_concurrently=True
                 )
+        return
+    if op.get_context().dialect.name in ("mysql", "mariadb"):
+        # No partial indexes: status first, then a prefix of the TEXT key.
+        for name, columns in MYSQL_INDEXES.items():
+            op.create_index(name, "tasks", columns, mysql_length={"concurrency_key": 191})
         return
     for name, (column, where) in INDEXES.items():
         op.create_index(name, "tasks", [column], postgresql_where=where, sqlite_where=where)

@@ -1,0 +1,248 @@
+"""MySQL 8.0+ and MariaDB 10.6+ (InnoDB, READ COMMITTED; config.py sets up the connection).
+
+What differs from PostgreSQL:
+- No UPDATE ... RETURNING (MariaDB has it for INSERT and DELETE only, MySQL for nothing), and
+  MySQL cannot UPDATE a table from a subquery that reads it with LIMIT. So the claim is a
+  transaction of three statements: a locking read of the candidates (`FOR UPDATE SKIP
+  LOCKED`, one read per queue through `ix_tasks_queue_claimable (status, queue, priority,
+  run_at, id)`, as on PostgreSQL), the UPDATE of the ids taken, and a read of their columns.
+  The worker's claim is therefore a transaction, never autocommit.
+- No partial unique index: `unique_live`, a stored generated column (the key's hash while the
+  task is queued or running, NULL after), carries the unique index; a duplicate key is the
+  server's error 1062 on that index, which ends that statement only.
+- No LISTEN/NOTIFY: workers poll (`--sleep-delay`, and the next run_at at the latest).
+- No advisory locks: the limited claims serialise on the row of dbqueue's alembic version
+  table, locked `FOR UPDATE` until the claim's transaction ends.
+- Deadlocks (1213) and lock wait timeouts (1205) end the transaction's work: the worker runs
+  the whole transaction again (`is_transient`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from dbqueue.engines import base
+from dbqueue.engines.base import CLAIM_COLUMNS, NewTask, Outcome
+from dbqueue.schema import UNIQUE_LIVE, Status, db_now, status_is, tasks
+
+DEADLOCK = 1213
+LOCK_WAIT_TIMEOUT = 1205
+DUPLICATE_KEY = 1062
+UNIQUE_INDEX = "ix_tasks_unique_key"
+
+
+@functools.lru_cache(maxsize=1)
+def _insert_statement() -> Any:
+    """One row; its id is the connection's last insert id (no RETURNING on MySQL)."""
+    return sa.insert(tasks).values(base.insert_columns())
+
+
+def _error_code(exc: BaseException) -> int | None:
+    orig = getattr(exc, "orig", exc)
+    args = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def _in_transaction(conn: sa.Connection, what: str) -> None:
+    if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        raise ValueError(f"{what} on MySQL needs a transaction: its row locks end with it")
+
+
+class MySQL(base.Engine):
+    name = "mysql"
+
+    def insert_one(self, conn: sa.Connection, task: NewTask, notify: bool = False) -> int:
+        result = conn.execute(_insert_statement(), base.insert_values(task))
+        return int(result.lastrowid)
+
+    def insert_many(self, conn: sa.Connection, new: Sequence[NewTask]) -> list[int]:
+        """MariaDB (INSERT ... RETURNING): SQLAlchemy's multi-row INSERTs, ids in order.
+        MySQL: one INSERT per task (no RETURNING; a multi-row INSERT's ids are consecutive
+        only under innodb_autoinc_lock_mode 0 or 1, and MySQL 8 defaults to 2)."""
+        if conn.dialect.insert_returning:
+            return super().insert_many(conn, new)
+        return [self.insert_one(conn, task) for task in new]
+
+    def insert_if_absent(self, conn: sa.Connection, task: NewTask) -> int | None:
+        try:
+            return self.insert_one(conn, task)
+        except sa.exc.IntegrityError as exc:
+            if _error_code(exc) == DUPLICATE_KEY and UNIQUE_INDEX in str(exc.orig):
+                return None  # the key is held; only this statement was undone
+            raise
+
+    def unique_key_is(self, key: str) -> sa.ColumnElement[bool]:
+        """Through `unique_live`'s index (the key's hash), then the key itself."""
+        return sa.and_(
+            sa.literal_column(UNIQUE_LIVE) == sa.func.sha2(sa.literal(key), 256),
+            tasks.c.unique_key == key,
+        )
+
+    def claim(
+        self,
+        conn: sa.Connection,
+        worker: str,
+        limit: int,
+        queues: tuple[str, ...] | None,
+        registered: bool,
+        exclude: tuple[str, ...],
+        limited: bool,
+    ) -> list[Any]:
+        _in_transaction(conn, "a claim")
+        if limited:
+            self.lock_limited_claims(conn)
+        if registered and conn.execute(_OWN_ROW, {"claim_worker": worker}).first() is None:
+            return []  # presumed dead: its row is gone (a rescue holding it waits for us)
+        values = {"claim_limit": limit}
+        found: list[Any] = []
+        for queue in queues or (None,):
+            found.extend(conn.execute(_candidates(queue, exclude, limited), values).all())
+        found.sort(key=_ORDER)  # merged in claim order; the rest is left to others at commit
+        if limited:
+            found = _trimmed(found)
+        ids = [r.id for r in found[:limit]]
+        if not ids:
+            return []
+        conn.execute(_CLAIM, {"claim_worker": worker, "claimed_ids": ids})
+        return list(conn.execute(_CLAIMED, {"claimed_ids": ids}).all())
+
+    @functools.lru_cache(maxsize=32)  # noqa: B019 (one instance per engine, never freed)
+    def claim_statement(
+        self,
+        queues: tuple[str, ...] | None,
+        registered: bool = False,
+        exclude: tuple[str, ...] = (),
+        limited: bool = False,
+    ) -> Any:
+        """The locking read of one queue's candidates (the claim's first statement)."""
+        return _candidates(queues[0] if queues else None, exclude, limited)
+
+    def complete_many(
+        self, conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]
+    ) -> set[int] | None:
+        """One UPDATE for the batch, each row's values picked by `CASE id`, fenced on the
+        worker and each row's attempt; the ids written, read back only when some were not."""
+        ids = [o.id for o in outcomes]
+        attempts = sa.case({o.id: o.attempts for o in outcomes}, value=tasks.c.id)
+        values: dict[str, Any] = {
+            "status": Status.SUCCEEDED.value,
+            "locked_by": None,
+            "locked_at": None,
+            "finished_at": db_now(),
+        }
+        if any(o.result is not None for o in outcomes):
+            values["result"] = sa.case(
+                {o.id: sa.literal(o.result, sa.LargeBinary) for o in outcomes}, value=tasks.c.id
+            )
+        else:
+            values["result"] = None
+        if any(o.error is not None for o in outcomes):
+            values["error"] = sa.case(
+                {o.id: sa.literal(o.error, sa.Text) for o in outcomes}, value=tasks.c.id
+            )
+        else:
+            values["error"] = None
+        fence = sa.and_(
+            tasks.c.id.in_(ids),
+            status_is(Status.RUNNING),
+            tasks.c.locked_by == worker,
+            tasks.c.attempts == attempts,
+        )
+        count = conn.execute(sa.update(tasks).where(fence).values(values)).rowcount
+        if count == len(outcomes):
+            return set(ids)
+        held = sa.select(tasks.c.id).where(
+            tasks.c.id.in_(ids),
+            status_is(Status.SUCCEEDED),
+            tasks.c.locked_by.is_(None),
+            tasks.c.attempts == attempts,
+        )
+        return set(conn.execute(held).scalars())
+
+    def update_returning(
+        self,
+        conn: sa.Connection,
+        where: Any,
+        values: dict[str, Any],
+        *columns: Any,
+        params: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """The rows locked `FOR UPDATE`, updated by id (the condition checked again), then
+        their `columns` read: three statements in the caller's transaction."""
+        params = params or {}
+        locked = sa.select(tasks.c.id).where(where).with_for_update()
+        ids = [r[0] for r in conn.execute(locked, params)]
+        if not ids:
+            return []
+        by_id = tasks.c.id.in_(ids)
+        conn.execute(sa.update(tasks).where(by_id, where).values(values), params)
+        if [c.key for c in columns] == ["id"]:
+            return [(i,) for i in ids]
+        return list(conn.execute(sa.select(*columns).where(by_id)))
+
+    def lock_limited_claims(self, conn: sa.Connection) -> None:
+        _in_transaction(conn, "a limited claim")
+        from dbqueue.database import VERSION_TABLE
+
+        conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE} FOR UPDATE"))
+
+    def limit_idle(self, conn: sa.Connection, seconds: float) -> None:
+        """MariaDB's `idle_transaction_timeout` (whole seconds, for this session's
+        transactions from now on); MySQL has no such setting."""
+        if getattr(conn.dialect, "is_mariadb", False):
+            conn.exec_driver_sql(f"SET SESSION idle_transaction_timeout = {max(1, round(seconds))}")
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return _error_code(exc) in (DEADLOCK, LOCK_WAIT_TIMEOUT)
+
+
+_OWN_ROW = base.own_worker_row().with_for_update(read=True)
+
+_CLAIM = (
+    sa.update(tasks)
+    .where(
+        tasks.c.id.in_(sa.bindparam("claimed_ids", expanding=True)),
+        status_is(Status.QUEUED),
+    )
+    .values(base.claimed_values())
+)
+
+_CLAIMED = sa.select(*CLAIM_COLUMNS).where(
+    tasks.c.id.in_(sa.bindparam("claimed_ids", expanding=True))
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates(queue: str | None, exclude: tuple[str, ...], limited: bool) -> Any:
+    """`SELECT id, priority, run_at ... ORDER BY priority, run_at, id LIMIT n FOR UPDATE SKIP
+    LOCKED` for one queue (or every queue): base.ready_rows, built once. (A locking read
+    cannot be a derived table of the UPDATE, as PostgreSQL's CTE is.)"""
+    return base.ready_rows(queue, sa.bindparam("claim_limit", type_=sa.Integer), exclude, limited)
+
+
+def _ORDER(row: Any) -> tuple[Any, ...]:
+    return (row.priority, row.run_at, row.id)
+
+
+def _trimmed(candidates: list[Any]) -> list[Any]:
+    """limits.trimmed in Python, on the locked candidates in claim order: a row is taken when
+    it is the first of its key (or has none) and the first of its queue (or the queue has no
+    cap), each rank counted over every candidate, as row_number() does there."""
+    keys: set[Any] = set()
+    queues: set[Any] = set()
+    kept = []
+    for row in candidates:
+        first_of_key = row.concurrency_key is None or row.concurrency_key not in keys
+        first_of_queue = not row.capped or row.queue not in queues
+        keys.add(row.concurrency_key)
+        queues.add(row.queue)
+        if first_of_key and first_of_queue:
+            kept.append(row)
+    return kept
+
+
+ENGINE = MySQL()
