@@ -446,10 +446,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             admin, jobs=args.procrastinate_jobs, single_n=args.single_n, latency_n=args.latency_n
         )
         scenarios["chancy"] = lambda: bench_chancy.chancy_scenarios(
-            admin, jobs=args.jobs, single_n=args.single_n
+            admin, jobs=args.peer_jobs, single_n=args.single_n
         )
         scenarios["oban"] = lambda: bench_oban.oban_figures(
-            admin, args.jobs, args.single_n, args.io_jobs
+            admin, args.peer_jobs, args.single_n, args.io_jobs
         )
         scenarios["pgqueuer_io"] = lambda: bench_io.pgqueuer_io(admin, *io)
         scenarios["procrastinate_io"] = lambda: bench_io.procrastinate_io(admin, *io)
@@ -882,6 +882,15 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         table(results),
     ]
+    params = results["parameters"]
+    parts += [
+        "",
+        f"Drain sizes: dbqueue, PgQueuer and the raw limit {params['jobs']:,} tasks, "
+        f"procrastinate {params['procrastinate_jobs']:,}, chancy and Oban {params['peer_jobs']:,} "
+        "(the slower peers; rates are per second). Peers: PgQueuer 2 processes x 1 "
+        "QueueManager, batch 100; procrastinate 2 workers, concurrency 10; chancy 2 workers, "
+        "asyncio executor, concurrency 100; Oban 2 instances, queue limit 100.",
+    ]
     loads = [
         f"{name} {figures['load_1m']:.1f}"
         for name, figures in results.items()
@@ -925,6 +934,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-tasks", type=int, default=100_000)
     parser.add_argument("--sqlite-jobs", type=int, default=20_000)
     parser.add_argument("--procrastinate-jobs", type=int, default=2_000)
+    parser.add_argument(
+        "--peer-jobs", type=int, default=10_000, help="chancy's and Oban's drains (slower peers)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="median over this many runs")
     parser.add_argument(
         "--no-peers", action="store_true", help="skip PgQueuer, procrastinate, chancy"
@@ -940,6 +952,7 @@ def main(argv: list[str] | None = None) -> int:
         args.finished_rows, args.claim_queued, args.rss_tasks = 50_000, 2_000, 5_000
         args.sqlite_jobs, args.procrastinate_jobs, args.repeats = 2_000, 1_000, 1
         args.io_jobs, args.workers, args.mariadb_jobs = 2_000, "1,4", 2_000
+        args.peer_jobs = 2_000
     if args.scale:
         args.finished_rows, args.prune_seconds = 10_000_000, max(args.prune_seconds, 600)
     bench_peers._silence_peers()
