@@ -9,8 +9,9 @@ A page is a sequence of fenced blocks. Two kinds are runnable:
   already) and `export NAME=VALUE` sets a variable, which the test may substitute (a real
   database URL for the page's example one).
 
-`<!-- recipe: PATH -->` before a ```python``` block says the block is an excerpt of PATH, a
-file a test runs.
+A page holding `<!-- runnable: ... -->` is run whole, in a fresh directory on a fresh SQLite
+database, by tests/test_docs.py. `<!-- recipe: PATH -->` before a ```python``` block says the
+block is an excerpt of PATH, a file a test runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 FENCE = re.compile(r"^```(\S*)(.*)$")
 TITLE = re.compile(r'title="([^"]+)"')
+RUNNABLE = "<!-- runnable:"  # a page that says so is run whole by tests/test_docs.py
 RECIPE = re.compile(r"<!-- recipe: (\S+) -->\n```python\n(.*?)```", re.S)
 
 
@@ -97,7 +99,9 @@ def run(
     """Save the page's files and run its console blocks, in page order, in `cwd`."""
     for block in page_blocks:
         if block.lang == "python" and block.title:
-            (cwd / block.title).write_text(block.code)
+            path = cwd / block.title
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(block.code)
         elif block.lang == "console":
             for command, shown in _commands(block.code):
                 _run_one(command, shown, cwd, env, substitute or {})

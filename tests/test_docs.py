@@ -93,3 +93,30 @@ def test_output_lines_are_checked(tmp_path):
         docs_pages.run([docs_pages.Block("console", None, "$ echo a\nb\n", "")], tmp_path, env)
     with pytest.raises(AssertionError, match="exited 3"):
         docs_pages.run([docs_pages.Block("console", None, "$ exit 3\n", "")], tmp_path, env)
+
+
+RUNNABLE_PAGES = sorted(
+    page.relative_to(DOCS).as_posix()
+    for page in DOCS.rglob("*.md")
+    if docs_pages.RUNNABLE in page.read_text()
+)
+
+
+@pytest.mark.parametrize("page", RUNNABLE_PAGES)
+def test_runnable_page(page, tmp_path):
+    """A page marked `<!-- runnable: ... -->` runs as a reader would run it: its files saved,
+    its console sessions run in order in a fresh directory (SQLite, a key file of its own)."""
+    blocks = page_blocks(DOCS / page)
+    assert any(b.lang == "console" for b in blocks), f"{page} has nothing to run"
+    docs_pages.run(blocks, tmp_path, docs_pages.reader_env(tmp_path))
+
+
+def test_the_guides_run():
+    """The guides whose code is meant to run are marked so (a mark lost is a test lost)."""
+    assert {
+        "guides/counters.md",
+        "guides/event-bus.md",
+        "guides/periodic.md",
+        "guides/testing.md",
+        "guides/unique-tasks.md",
+    } <= set(RUNNABLE_PAGES)
