@@ -81,14 +81,19 @@ def empty_tables() -> Iterator[None]:
             cursor.execute(f"DELETE FROM {table}")
 
 
-def manage(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """`python manage.py ARGS` in a real process, with the test database."""
+def manage_env() -> dict[str, str]:
+    """The environment of a manage.py process: the test database, dbqueue and the project."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SITE)])
+    return env
+
+
+def manage(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python manage.py ARGS` in a real process, with the test database."""
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=SITE,
-        env=env,
+        env=manage_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

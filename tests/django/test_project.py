@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import sqlalchemy as sa
 
 from dbqueue import database
-from tests.django.conftest import manage
+from tests.conftest import Background
+from tests.django.conftest import SITE, manage, manage_env
 
 
 def plain_engine():
@@ -85,3 +88,48 @@ def test_status_and_the_schema_agree_with_dbqueues_own_migrations():
     assert again.returncode == 0, again.stdout + again.stderr
     shown = manage("showmigrations", "dbqueue")
     assert "[X] 0001_initial" in shown.stdout, shown.stdout + shown.stderr
+
+
+def test_manage_py_dbqueue_work_runs_tasks_until_stopped():
+    import signal
+    import time
+
+    from django.tasks import TaskResultStatus
+    from shop.jobs import add
+
+    worker = Background(
+        [sys.executable, "manage.py", "dbqueue", "work", "--sleep-delay", "0.2"],
+        cwd=SITE,
+        env=manage_env(),
+    )
+    try:
+        result = add.enqueue(40, 2)
+        deadline = time.monotonic() + 60
+        while add.get_result(result.id).status != TaskResultStatus.SUCCESSFUL:
+            assert worker.poll() is None, worker.output()
+            assert time.monotonic() < deadline, worker.output()
+            time.sleep(0.1)
+        assert add.get_result(result.id).return_value == 42
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, out + err
+
+
+def test_migrate_to_zero_and_back_removes_and_recreates_dbqueues_tables():
+    from shop.jobs import add
+
+    down = manage("migrate", "dbqueue", "zero")
+    assert down.returncode == 0, down.stdout + down.stderr
+    engine = plain_engine()
+    try:
+        with engine.connect() as conn:
+            assert "tasks" not in sa.inspect(conn).get_table_names()
+            assert database.current_revision(conn) is None
+        up = manage("migrate", "dbqueue")
+        assert up.returncode == 0, up.stdout + up.stderr
+        with engine.connect() as conn:
+            assert database.current_revision(conn) == database.head_revision()
+    finally:
+        engine.dispose()
+    assert add.enqueue(1, 1).id
