@@ -117,6 +117,8 @@ def test_the_guides_run():
         "guides/counters.md",
         "guides/event-bus.md",
         "guides/periodic.md",
+        "guides/retries.md",
+        "guides/scheduling.md",
         "guides/testing.md",
         "guides/unique-tasks.md",
     } <= set(RUNNABLE_PAGES)
