@@ -119,6 +119,7 @@ def test_the_guides_run():
         "guides/periodic.md",
         "guides/retries.md",
         "guides/scheduling.md",
+        "guides/tasks.md",
         "guides/testing.md",
         "guides/unique-tasks.md",
     } <= set(RUNNABLE_PAGES)
