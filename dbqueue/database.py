@@ -278,6 +278,10 @@ def describe_error(settings: config.Settings, exc: BaseException) -> errors.Dbqu
             "statements to other clients: set DBQUEUE_PGBOUNCER=transaction (or add "
             "?dbqueue_pgbouncer=transaction to the URL)"
         )
+    if is_transient(exc):
+        return errors.DbqueueError(
+            f"lock conflict at {url} (the database undid the transaction): {first}"
+        )
     if any(marker in lowered for marker in _MISCONFIGURED):
         # Waiting will not fix a typo: say so instead of retrying forever.
         return errors.ConfigurationError(f"cannot connect to {url}: {first}")

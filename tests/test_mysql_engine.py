@@ -1,0 +1,215 @@
+"""MySQL/MariaDB details that are checked, not assumed (issue 19, point 4): READ COMMITTED for
+dbqueue's own transactions, DATETIME(6) in UTC with microseconds, LONGBLOB payloads, utf8mb4
+(4-byte characters) in arguments and queue names with binary comparison, the refusal of a
+server too old for SKIP LOCKED, deadlocks retried, and claims read through the claim indexes
+(EXPLAIN). Real MariaDB: the `db` fixture's `mariadb` value."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import dbqueue
+from dbqueue import config, database, engines, errors, store
+from dbqueue.worker import Worker
+from tests import jobs
+
+pytestmark = pytest.mark.mysql_only
+
+
+def test_dbqueue_transactions_are_read_committed(db):
+    """InnoDB's default REPEATABLE READ takes gap locks that deadlock concurrent claimers."""
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT @@global.tx_isolation").scalar() == "REPEATABLE-READ"
+        assert conn.exec_driver_sql("SELECT @@tx_isolation").scalar() == "READ-COMMITTED"
+        assert conn.exec_driver_sql("SELECT @@time_zone").scalar() == "+00:00"
+        charset = conn.exec_driver_sql("SELECT @@character_set_connection").scalar()
+    assert charset == "utf8mb4"
+
+
+def test_timestamps_are_datetime6_utc_with_microseconds(db):
+    columns = db.rows(
+        "SELECT table_name, column_name, column_type FROM information_schema.columns "
+        "WHERE table_schema = DATABASE() AND data_type IN ('datetime', 'timestamp')"
+    )
+    assert columns and {r.column_type for r in columns} == {"datetime(6)"}, columns
+    when = dt.datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    task = dbqueue.enqueue(jobs.noop, run_at=when)
+    stored = db.scalar("SELECT run_at FROM tasks WHERE id = :id", id=task.id)
+    assert stored == dt.datetime(2031, 5, 6, 5, 8, 9, 123456)  # naive UTC in the column
+    assert task.refresh().run_at == when  # the same instant, aware, microseconds kept
+    # the database clock is UTC with microseconds too
+    now = db.scalar("SELECT created_at FROM tasks WHERE id = :id", id=task.id)
+    assert abs(now - dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)) < dt.timedelta(
+        minutes=1
+    )
+
+
+def test_large_payload_and_result_round_trip_as_longblob(db):
+    """BLOB stops at 64 KiB on MySQL: payloads and results are LONGBLOB."""
+    types = {
+        r.column_name: r.column_type
+        for r in db.rows(
+            "SELECT column_name, column_type FROM information_schema.columns "
+            "WHERE table_schema = DATABASE() AND table_name = 'tasks'"
+        )
+    }
+    assert types["payload"] == types["result"] == types["exception"] == "longblob"
+    assert types["error"] == "longtext"
+    big = "x" * 900_000  # under the 1 MiB payload limit, 14 times BLOB's 64 KiB
+    task = dbqueue.enqueue(jobs.echo, args=(big,))
+    made = dbqueue.enqueue(jobs.make_bytes, args=(1_000_000,))
+    result = db.cli("workoff", "--import", "tests.jobs")
+    assert result.returncode == 0, result.stderr
+    assert big in repr(task.refresh().result)
+    assert db.scalar("SELECT LENGTH(payload) FROM tasks WHERE id = :id", id=task.id) > 900_000
+    assert len(made.refresh().result) == 1_000_000
+
+
+def test_four_byte_characters_in_arguments_and_queue_names(db):
+    queue = "📬 mail"
+    word = "𝄞 clef, 😀 face, 🀄 tile"
+    task = dbqueue.enqueue(jobs.echo, args=(word,), queue=queue, meta={"tenant": "🏢"})
+    other = dbqueue.enqueue(jobs.echo, args=("case",), queue="📬 MAIL")
+    assert db.scalar("SELECT queue FROM tasks WHERE id = :id", id=task.id) == queue
+    meta = db.scalar("SELECT meta FROM tasks WHERE id = :id", id=task.id)
+    assert json.loads(meta) == {"tenant": "🏢"}
+    with db.engine.begin() as conn:  # binary comparison: the other queue's row is not taken
+        rows = store.claim(conn, "utf8-check", 10, [queue])
+    assert [r.id for r in rows] == [task.id] and rows[0].queue == queue
+    assert store.get(db.engine.connect(), other.id).status == "queued"
+    tables = db.rows(
+        "SELECT table_name, table_collation FROM information_schema.tables "
+        "WHERE table_schema = DATABASE() AND table_name <> 'dbqueue_alembic_version'"
+    )
+    assert {r.table_collation for r in tables} == {"utf8mb4_bin"}, tables
+
+
+def test_server_version_check_names_what_is_needed():
+    for version in ("10.6.16-MariaDB", "10.11.6-MariaDB-0+deb12u1", "11.4.2-MariaDB", "8.0.36"):
+        database.check_mysql_version(version, "db")
+    with pytest.raises(errors.ConfigurationError, match=r"MariaDB 10\.6 or later"):
+        database.check_mysql_version("10.5.23-MariaDB-1:10.5.23", "db")
+    with pytest.raises(errors.ConfigurationError, match=r"MySQL 8\.0 or later"):
+        database.check_mysql_version("5.7.44-log", "db")
+
+
+def test_an_older_server_is_refused_at_connect(db, monkeypatch):
+    """The check runs on every new connection of an Engine dbqueue makes: with the minimum
+    raised above this server's version, connecting fails with the version named."""
+    version = db.scalar("SELECT VERSION()")
+    monkeypatch.setattr(database, "MARIADB_MINIMUM", (99, 0))
+    engine = config.create_engine(db.url)
+    try:
+        with pytest.raises(errors.ConfigurationError) as refused:
+            engine.connect()
+    finally:
+        engine.dispose()
+    assert f"runs MariaDB {version}" in str(refused.value)
+    assert "needs MariaDB 99.0 or later" in str(refused.value)
+
+
+def _deadlock(db) -> sa.exc.DBAPIError:
+    """A real deadlock (1213): two transactions each lock one row, then want the other's."""
+    first, second = (dbqueue.enqueue(jobs.noop).id for _ in range(2))
+    caught: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def take(mine: int, theirs: int) -> None:
+        try:
+            with db.engine.begin() as conn:
+                conn.execute(sa.text("UPDATE tasks SET priority = 1 WHERE id = :i"), {"i": mine})
+                barrier.wait(10)
+                conn.execute(sa.text("UPDATE tasks SET priority = 2 WHERE id = :i"), {"i": theirs})
+        except sa.exc.DBAPIError as exc:
+            caught.append(exc)
+
+    threads = [
+        threading.Thread(target=take, args=(first, second)),
+        threading.Thread(target=take, args=(second, first)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(caught) == 1, caught
+    exc = caught[0]
+    assert isinstance(exc, sa.exc.DBAPIError)
+    return exc
+
+
+def test_deadlock_is_transient_and_the_worker_runs_the_transaction_again(db, caplog):
+    deadlock = _deadlock(db)
+    assert deadlock.orig.args[0] == 1213  # type: ignore[union-attr]
+    assert database.is_transient(deadlock) and not database.is_disconnect(deadlock)
+    assert engines.of(db.engine).is_transient(deadlock)
+    worker = Worker(db.settings, ["none"])
+    attempts: list[int] = []
+
+    def claim_once_deadlocked() -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise deadlock
+        with worker.begin() as conn:
+            return store.claim(conn, worker.name, 1, ["none"])
+
+    caplog.set_level("WARNING", logger="dbqueue.worker")
+    assert worker._with_db_retry(claim_once_deadlocked, "claim") == []
+    assert len(attempts) == 2
+    assert "running the claim again" in caplog.text
+    assert "database unavailable" not in caplog.text
+
+
+def _explain(db, statement: Any) -> dict[str, Any]:
+    compiled = statement.compile(dialect=db.engine.dialect, compile_kwargs={"literal_binds": True})
+    with db.engine.connect() as conn:
+        plan = conn.exec_driver_sql(f"EXPLAIN FORMAT=JSON {compiled}".replace("%%", "%")).scalar()
+    return json.loads(plan)  # type: ignore[no-any-return]
+
+
+def _tables(plan: Any) -> list[dict[str, Any]]:
+    found = []
+    if isinstance(plan, dict):
+        if "table_name" in plan:
+            found.append(plan)
+        for value in plan.values():
+            found.extend(_tables(value))
+    elif isinstance(plan, list):
+        for value in plan:
+            found.extend(_tables(value))
+    return found
+
+
+@pytest.mark.parametrize("queues", [None, ("mail",)], ids=["every-queue", "one-queue"])
+def test_claim_plan_reads_the_claim_index_in_order(db, queues):
+    """No partial indexes here: the claim's locking read goes down (status, [queue,]
+    priority, run_at, id) in order, without a sort, beside finished history and another
+    queue's backlog."""
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO tasks (queue, priority, run_at, status, handler, payload, attempts, "
+            "max_attempts, created_at, finished_at) "
+            "WITH RECURSIVE d(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM d WHERE i < 99) "
+            "SELECT IF(MOD(a.i, 2), 'bulk', 'mail'), MOD(a.i, 5), UTC_TIMESTAMP(6), "
+            "IF(b.i < 90, 'succeeded', 'queued'), 'tests.jobs:noop', x'00', 1, 25, "
+            "UTC_TIMESTAMP(6), IF(b.i < 90, UTC_TIMESTAMP(6), NULL) FROM d a, d b"
+        )
+        conn.exec_driver_sql("ANALYZE TABLE tasks")
+    engine = engines.of(db.engine)
+    statement = engine.claim_statement(queues).params(claim_limit=100)
+    tables = _tables(_explain(db, statement))
+    (read,) = [t for t in tables if t["table_name"] == "tasks"]
+    index = "ix_tasks_claimable" if queues is None else "ix_tasks_queue_claimable"
+    print("MYSQLPLAN", queues, json.dumps(read))
+    assert read["key"] == index, read
+    assert read["access_type"] in ("ref", "range"), read  # an index lookup, no scan
+    assert read["used_key_parts"][0] == "status", read
+    assert "filesort" not in json.dumps(_explain(db, statement)), read  # in index order
+    with db.engine.begin() as conn:
+        claimed = store.claim(conn, "plan-check", 100, queues)
+    assert len(claimed) == 100 and {r.queue for r in claimed} <= {"mail", "bulk"}
