@@ -29,9 +29,8 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import orm
-from sqlalchemy.dialects import postgresql, sqlite
 
-from dbqueue import config, errors, executor, inline_mode, serializer, store
+from dbqueue import config, errors, executor, inline_mode, serializer, store, upsert
 from dbqueue.enqueue import (  # `dbqueue.enqueue` is the function
     RunAt,
     _connection,
@@ -303,7 +302,8 @@ def matches(matcher: str, is_regex: bool, event_type: str) -> bool:
 
 
 def _lock_app(conn: sa.Connection, key: str) -> None:
-    """Serialise syncs of one application (PostgreSQL; SQLite's BEGIN IMMEDIATE already does)."""
+    """Serialise syncs of one application (PostgreSQL; SQLite's BEGIN IMMEDIATE already does,
+    MySQL's `upsert.named_lock` around the transaction)."""
     if conn.dialect.name == "postgresql":
         conn.execute(
             sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(f"dbqueue.bus:{key}")))
@@ -327,23 +327,15 @@ def _upsert(conn: sa.Connection, key: str, subs: Sequence[Subscription]) -> None
     """Insert the application's subscriptions, or update queue and updated_at of existing ones."""
     if not subs:
         return
-    cols = bus_subscriptions.c
-    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    stmt = dialect_insert(bus_subscriptions).values(
-        app_key=sa.bindparam("app_key"),
-        queue=sa.bindparam("queue"),
-        matcher=sa.bindparam("matcher"),
-        is_regex=sa.bindparam("is_regex"),
-        handler=sa.bindparam("handler"),
-        updated_at=db_now(),
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[cols.app_key, cols.matcher, cols.is_regex, cols.handler],
-        set_={"queue": stmt.excluded.queue, "updated_at": db_now()},
-    )
-    conn.execute(
-        stmt,
-        [
+    columns = ["app_key", "queue", "matcher", "is_regex", "handler"]
+    upsert.insert_or_update(
+        conn,
+        bus_subscriptions,
+        {c: sa.bindparam(c) for c in columns},
+        key=["app_key", "matcher", "is_regex", "handler"],
+        update=["queue"],
+        touch={"updated_at": db_now()},
+        params=[
             {
                 "app_key": key,
                 "queue": queue_name(key, s.queue),
@@ -424,7 +416,8 @@ def sync(
     settings = settings or config.current()
     key = _require_app_key("bus.sync()")
     wanted = {(s.matcher, s.is_regex, s.handler): s for s in _state.registry if not s.sync}
-    with _connection(settings, None, connection) as conn:
+    engine = connection.engine if connection is not None else settings.get_engine()
+    with upsert.named_lock(engine, f"bus:{key}"), _connection(settings, None, connection) as conn:
         _lock_app(conn, key)
         stored = _stored(conn, key)
         gone = [r.id for r in stored if (r.matcher, r.is_regex, r.handler) not in wanted]

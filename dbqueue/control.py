@@ -18,22 +18,23 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
-from dbqueue import config, database, errors, store
+from dbqueue import config, database, errors, store, upsert
 from dbqueue.schema import Status, db_now, queue_settings
 
 _UNSET: Any = object()
 
 
 def _upsert(conn: sa.Connection, queue: str, **values: Any) -> None:
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     row = {"queue": queue, "paused": False, "max_concurrency": None, **values}
-    stmt = insert(queue_settings).values(**row, updated_at=db_now())
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[queue_settings.c.queue], set_={**values, "updated_at": db_now()}
+    upsert.insert_or_update(
+        conn,
+        queue_settings,
+        row,
+        key=["queue"],
+        update=list(values),
+        touch={"updated_at": db_now()},
     )
-    conn.execute(stmt)
 
 
 def _check_queues(queues: Sequence[str]) -> list[str]:

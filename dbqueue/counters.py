@@ -19,6 +19,14 @@ On PostgreSQL the advisory lock gives both: writers hold it shared (they never w
 another), the flush exclusively, and the flush releases its unique_key under that lock, so a
 later writer enqueues a fresh flush. On SQLite the database's single write lock does the same
 (the writer holds it from its first write to its commit, the flush runs under BEGIN IMMEDIATE).
+
+MySQL/MariaDB have no shared advisory lock (GET_LOCK is exclusive and belongs to the session,
+not the transaction), so the parent row is the lock: writers read it LOCK IN SHARE MODE (what
+InnoDB's own foreign-key check on inserting the child already does), the flush reads it FOR
+UPDATE, which it would take anyway to add the sum. Row locks end with the transaction, like
+PostgreSQL's xact advisory locks. The cost: a writer also waits for an application
+transaction that holds the parent row for update, and a transaction that inserts a child and
+then updates the parent can deadlock with another doing the same (as with a foreign key).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event, orm
 
-from dbqueue import config, errors, serializer, store
+from dbqueue import config, errors, serializer, store, upsert
 from dbqueue.enqueue import enqueue as enqueue_task  # the package's `enqueue` is the function
 from dbqueue.schema import counter_deltas, db_now
 
@@ -362,10 +370,13 @@ def _enqueue_flush(conn: sa.Connection, table: str, row_id: str, column: str, qu
 
 
 def lock_shared(conn: sa.Connection, counters: Iterable[tuple[str, str, str]]) -> None:
-    """PostgreSQL: mark this transaction as a writer of these counters, until it ends.
+    """Mark this transaction as a writer of these counters, until it ends (PostgreSQL, MySQL).
 
     Writers share the lock, so they never wait for one another; a flush waits for them.
     """
+    if upsert.is_mysql(conn):
+        _lock_parents(conn, counters, exclusive=False)
+        return
     if conn.dialect.name != "postgresql":
         return  # SQLite: the writer's write lock, held until commit, does the same
     for key in sorted({_lock_key(*c) for c in counters}):
@@ -373,15 +384,46 @@ def lock_shared(conn: sa.Connection, counters: Iterable[tuple[str, str, str]]) -
 
 
 def lock_exclusive(conn: sa.Connection, counters: Iterable[tuple[str, str, str]]) -> None:
-    """PostgreSQL: wait until no writer of these counters is in flight, and keep them out.
+    """Wait until no writer of these counters is in flight, and keep them out (PostgreSQL,
+    MySQL).
 
     Held to the end of the transaction; gives up after LOCK_TIMEOUT_MS (LockNotAvailable).
     """
+    if upsert.is_mysql(conn):
+        _lock_parents(conn, counters, exclusive=True)
+        return
     if conn.dialect.name != "postgresql":
         return  # SQLite: the transaction's write lock already excludes every writer
     conn.execute(sa.text(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}"))
     for key in sorted({_lock_key(*c) for c in counters}):
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCK_NAMESPACE, key)))
+
+
+def _lock_parents(
+    conn: sa.Connection, counters: Iterable[tuple[str, str, str]], *, exclusive: bool
+) -> None:
+    """MySQL: lock the counters' parent rows, shared (writers) or for update (the flush, which
+    gives up after LOCK_TIMEOUT_MS rounded up to InnoDB's whole seconds: error 1205).
+
+    Rows in primary-key order, tables in name order, so two lockers never wait in a cycle."""
+    by_table: dict[str, set[str]] = {}
+    for table_name, row_id, _column in counters:
+        by_table.setdefault(table_name, set()).add(row_id)
+    for table_name in sorted(by_table):
+        table = _parent_table(conn, table_name, _models.get(table_name))
+        pk = _pk_column(table)
+        keys = sorted(pk_value(pk, r) for r in by_table[table_name])
+        stmt = sa.select(pk).where(pk.in_(keys)).order_by(pk)
+        if not exclusive:
+            conn.execute(stmt.with_for_update(read=True))
+            continue
+        previous = conn.execute(sa.text("SELECT @@SESSION.innodb_lock_wait_timeout")).scalar_one()
+        seconds = max(1, -(-LOCK_TIMEOUT_MS // 1000))
+        conn.execute(sa.text(f"SET SESSION innodb_lock_wait_timeout = {int(seconds)}"))
+        try:
+            conn.execute(stmt.with_for_update())
+        finally:
+            conn.execute(sa.text(f"SET SESSION innodb_lock_wait_timeout = {int(previous)}"))
 
 
 def _lock_key(table: str, row_id: str, column: str) -> int:
@@ -697,7 +739,10 @@ def reconcile_counter(
 
 
 def _lock_timed_out(exc: sa.exc.OperationalError) -> bool:
-    return getattr(exc.orig, "sqlstate", None) == "55P03"  # lock_not_available
+    if getattr(exc.orig, "sqlstate", None) == "55P03":  # PostgreSQL: lock_not_available
+        return True
+    args: tuple[Any, ...] = tuple(getattr(exc.orig, "args", ()))
+    return len(args) > 0 and args[0] == 1205  # MySQL: lock wait timeout exceeded
 
 
 def parent_ids(conn: sa.Connection, counter: Counter, after: Any, limit: int) -> list[Any]:

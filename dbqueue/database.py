@@ -257,12 +257,15 @@ def describe_error(settings: config.Settings, exc: BaseException) -> errors.Dbqu
         "has no column named" in lowered
         or "no such column" in lowered
         or ("column" in lowered and "does not exist" in lowered)
+        or "unknown column" in lowered  # MySQL 1054
     ):
         return errors.SchemaError(
             f"{url} has an older dbqueue schema ({first}): run `dbqueue migrate`"
         )
     if isinstance(exc, (sa.exc.ProgrammingError, sa.exc.OperationalError)) and (
-        "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered)
+        "no such table" in lowered
+        or ("relation" in lowered and "does not exist" in lowered)
+        or ("table" in lowered and "doesn't exist" in lowered)  # MySQL 1146
     ):
         return errors.SchemaError(
             f"{url} has no dbqueue tables ({first}): run `dbqueue migrate` with "

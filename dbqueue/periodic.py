@@ -29,9 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
-from dbqueue import config, errors, retry, serializer
+from dbqueue import config, errors, retry, serializer, upsert
 
 # Names, not the module: `dbqueue.enqueue` is the function once the package is imported.
 from dbqueue.enqueue import build, enqueue
@@ -222,12 +221,8 @@ def last_slot(conn: sa.Connection, name: str) -> dt.datetime | None:
 
 def first_seen(conn: sa.Connection, name: str, slot: dt.datetime) -> None:
     """Record a periodic task seen for the first time at `slot` (a concurrent insert wins)."""
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    conn.execute(
-        insert(periodic_slots)
-        .values(name=name, last_slot=slot, updated_at=db_now())
-        .on_conflict_do_nothing(index_elements=[periodic_slots.c.name])
-    )
+    values = {"name": name, "last_slot": slot, "updated_at": db_now()}
+    upsert.insert_or_ignore(conn, periodic_slots, values, key=["name"])
 
 
 def advance(conn: sa.Connection, name: str, seen: dt.datetime, slot: dt.datetime) -> bool:

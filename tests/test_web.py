@@ -299,7 +299,9 @@ def expected_bars(db, queue: str, step: int, window: int) -> dict[str, tuple[int
         q=queue,
     ):
         if isinstance(finished, str):  # SQLite's text
-            finished = dt.datetime.fromisoformat(finished).replace(tzinfo=dt.timezone.utc)
+            finished = dt.datetime.fromisoformat(finished)
+        if finished.tzinfo is None:  # SQLite's text, MySQL's DATETIME: UTC
+            finished = finished.replace(tzinfo=dt.timezone.utc)
         if status == "cancelled" or finished < since:
             continue
         floor = int(finished.timestamp()) // step * step

@@ -117,10 +117,19 @@ def _bucket_of(conn: sa.Connection, step: int) -> Any:
         # date_part is double precision (EXTRACT's numeric is slower to divide)
         epoch = sa.func.date_part("epoch", tasks.c.finished_at)
         return sa.cast(sa.func.floor(epoch / step), sa.BigInteger)
+    if conn.dialect.name in {"mysql", "mariadb"}:
+        # TIMESTAMPDIFF, not UNIX_TIMESTAMP: that reads the DATETIME in the session's time zone
+        return _seconds_since_1970(tasks.c.finished_at).op("DIV")(sa.literal_column(str(int(step))))
     # SQLite keeps UTC text; strftime('%s') reads it as whole seconds, and `/` of two integers
     # floors (SQLAlchemy's `/` would add 0.0: a group per second, 8 times slower on 32,000 rows).
     seconds = sa.cast(sa.func.strftime(sa.literal_column("'%s'"), tasks.c.finished_at), sa.Integer)
     return seconds.op("/")(sa.literal_column(str(int(step))))
+
+
+def _seconds_since_1970(column: Any) -> Any:
+    """MySQL: whole seconds from 1970 to a UTC DATETIME, whatever the session's time zone."""
+    epoch: Any = sa.literal_column("'1970-01-01 00:00:00'")
+    return sa.func.timestampdiff(sa.literal_column("SECOND"), epoch, column)
 
 
 def first_bucket(current: dt.datetime, step: int, buckets: int) -> int:
@@ -341,6 +350,11 @@ def gauges(conn: sa.Connection) -> tuple[list[stats.Count], list[stats.Queued], 
 def _duration_seconds(conn: sa.Connection) -> Any:
     if conn.dialect.name == "postgresql":
         return sa.func.extract("epoch", tasks.c.finished_at - tasks.c.started_at)
+    if conn.dialect.name in {"mysql", "mariadb"}:
+        micros = sa.func.timestampdiff(
+            sa.literal_column("MICROSECOND"), tasks.c.started_at, tasks.c.finished_at
+        )
+        return micros / 1_000_000.0
     # SQLite stores UTC text; julianday() parses it, in days.
     days = sa.func.julianday(tasks.c.finished_at) - sa.func.julianday(tasks.c.started_at)
     return days * 86400.0
