@@ -122,4 +122,6 @@ def test_the_guides_run():
         "guides/tasks.md",
         "guides/testing.md",
         "guides/unique-tasks.md",
+        "hooks.md",
+        "operations/dashboard.md",
     } <= set(RUNNABLE_PAGES)
