@@ -22,7 +22,8 @@ script_location = %(here)s/migrations
 """
 
 # The application's env.py, as alembic's template writes it, reading its URL from APP_DB; its
-# autogenerate leaves dbqueue's tables alone (`include_name`, as the README shows).
+# autogenerate leaves dbqueue's tables alone (`include_name`, as docs/operations/upgrading.md
+# shows: tests/test_docs.py checks that the page shows this code).
 APP_ENV = """
 import os
 
@@ -54,8 +55,8 @@ def run_migrations_online():
 run_migrations_online()
 """
 
-# The alternative from the README: the application's env.py upgrades dbqueue's tables as
-# well, on the same connection, after its own migrations.
+# The alternative from docs/operations/upgrading.md: the application's env.py upgrades
+# dbqueue's tables as well, on the same connection, after its own migrations.
 UPGRADE_DBQUEUE_TOO = """
         dbqueue_database.upgrade_on(connection)  # dbqueue's history, its own version table
         connection.commit()
