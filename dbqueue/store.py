@@ -514,9 +514,8 @@ def prune(conn: sa.Connection, older_than_seconds: float, batch: int = 5000) -> 
             tasks.c.finished_at < db_now(-float(older_than_seconds)),
         )
         .limit(batch)
-        .scalar_subquery()
     )
-    return int(conn.execute(sa.delete(tasks).where(tasks.c.id.in_(doomed))).rowcount)
+    return engines.of(conn).delete_ids(conn, doomed)
 
 
 def get(conn: sa.Connection, task_id: int) -> sa.Row[Any] | None:

@@ -343,6 +343,11 @@ class Engine:
         stmt = sa.update(tasks).where(where).values(values).returning(*columns)
         return list(conn.execute(stmt, params) if params else conn.execute(stmt))
 
+    def delete_ids(self, conn: sa.Connection, ids: sa.Select[Any]) -> int:
+        """DELETE the tasks whose ids `ids` selects (a LIMITed SELECT); how many."""
+        stmt = sa.delete(tasks).where(tasks.c.id.in_(ids.scalar_subquery()))
+        return int(conn.execute(stmt).rowcount)
+
     def lock_limited_claims(self, conn: sa.Connection) -> None:
         """Serialise the limited claims (limits.py) for the rest of `conn`'s transaction.
         Nothing by default: an engine with one writer at a time (SQLite) serialises them."""

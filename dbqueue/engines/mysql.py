@@ -184,6 +184,13 @@ class MySQL(base.Engine):
             return [(i,) for i in ids]
         return list(conn.execute(sa.select(*columns).where(by_id)))
 
+    def delete_ids(self, conn: sa.Connection, ids: sa.Select[Any]) -> int:
+        """Read the ids first: MySQL takes no LIMIT in an IN subquery."""
+        found = list(conn.execute(ids).scalars())
+        if not found:
+            return 0
+        return int(conn.execute(sa.delete(tasks).where(tasks.c.id.in_(found))).rowcount)
+
     def lock_limited_claims(self, conn: sa.Connection) -> None:
         _in_transaction(conn, "a limited claim")
         from dbqueue.database import VERSION_TABLE
