@@ -169,9 +169,21 @@ def database_url(alias: str) -> str:
             query=query,
         )
         return url.render_as_string(hide_password=False)
+    if vendor == "mysql":  # MySQL and MariaDB, through mysqlclient as Django's backend
+        options = params.get("OPTIONS") or {}
+        url = sa.URL.create(
+            "mysql+mysqldb",
+            username=params.get("USER") or options.get("user") or None,
+            password=params.get("PASSWORD") or options.get("password") or None,
+            host=params.get("HOST") or None,
+            port=int(params["PORT"]) if params.get("PORT") else None,
+            database=name or options.get("database") or None,
+            query={"charset": str(options.get("charset", "utf8mb4"))},
+        )
+        return url.render_as_string(hide_password=False)
     raise ImproperlyConfigured(
-        f"DATABASES[{alias!r}] uses {vendor}: dbqueue's workers reach SQLite and PostgreSQL "
-        "from Django's settings"
+        f"DATABASES[{alias!r}] uses {vendor}: dbqueue's workers reach SQLite, PostgreSQL and "
+        "MySQL/MariaDB from Django's settings"
     )
 
 

@@ -1,7 +1,8 @@
 """The Django tests: the project in tests/django/project, on one database per pytest run.
 
 Django's settings are process-wide, so a run uses one database: `--db sqlite` (the default)
-or `--db postgresql` (a throwaway database made and dropped here, as tests/conftest.py does).
+or `--db postgresql` / `--db mariadb` (a throwaway database made and dropped here, on the
+servers tests/conftest.py uses).
 scripts/test runs this directory once per database, under Python 3.12+ in .venv-django.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import PG_ADMIN_URL, ROOT
+from tests.conftest import MYSQL_ADMIN_URL, PG_ADMIN_URL, ROOT, _mysql_admin_engine, _mysql_drop
 
 SITE = Path(__file__).resolve().parent / "project"
 
@@ -41,6 +42,23 @@ def database_url(
         yield f"sqlite:///{tmp_path_factory.mktemp('shop') / 'shop.sqlite3'}"
         return
     name = f"dbqueue_django_{uuid.uuid4().hex[:8]}"
+    if kind == "mariadb":
+        mysql_admin = _mysql_admin_engine()
+        with mysql_admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        try:
+            yield (
+                sa.make_url(MYSQL_ADMIN_URL)
+                .set(drivername="mysql", database=name)
+                .render_as_string(hide_password=False)
+            )
+        finally:
+            from django.db import connections
+
+            connections.close_all()
+            _mysql_drop(mysql_admin, name)
+            mysql_admin.dispose()
+        return
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')

@@ -35,6 +35,11 @@ def committed(engine, sql="SELECT count(*) FROM tasks", **params):
         return conn.execute(sa.text(sql), params).scalar()
 
 
+def committed_row(engine, sql, **params):
+    with engine.connect() as conn:
+        return tuple(conn.execute(sa.text(sql), params).one())
+
+
 def on_django_connection(sql):
     from django.db import connection
 
@@ -54,12 +59,10 @@ def test_an_enqueue_in_atomic_is_written_on_djangos_connection_and_commits_with_
         assert on_django_connection("SELECT count(*) FROM tasks") == 1  # same transaction
         assert committed(other_connection) == 0  # not committed yet: no connection of its own
     assert committed(other_connection) == 1
-    row = committed(
-        other_connection,
-        "SELECT handler || ' ' || queue || ' ' || status FROM tasks WHERE id = :i",
-        i=int(result.id),
+    row = committed_row(
+        other_connection, "SELECT handler, queue, status FROM tasks WHERE id = :i", i=int(result.id)
     )
-    assert row == "shop.jobs:add default queued"
+    assert row == ("shop.jobs:add", "default", "queued")
 
 
 def test_a_rolled_back_block_leaves_no_task(other_connection):
@@ -104,8 +107,8 @@ def test_priorities_map_larger_first_onto_dbqueues_lower_first(backend, other_co
     low = add.using(priority=-100).enqueue(0, 1)
     middle = add.enqueue(0, 2)
     high = add.using(priority=100).enqueue(0, 3)
-    stored = committed(other_connection, "SELECT min(priority) || ' ' || max(priority) FROM tasks")
-    assert stored == "-100 100"
+    stored = committed_row(other_connection, "SELECT min(priority), max(priority) FROM tasks")
+    assert stored == (-100, 100)
     assert backend.get_result(high.id).task.priority == 100
     assert backend.get_result(low.id).task.priority == -100
     ran = testing.run_tasks()

@@ -1,6 +1,7 @@
 """Settings of the test project: a shop whose orders send their receipt through dbqueue.
 
-The database comes from SHOP_DATABASE_URL (sqlite:///path or postgresql://user@host:port/name),
+The database comes from SHOP_DATABASE_URL (sqlite:///path, postgresql://user@host:port/name or
+mysql://user@host:port/name),
 which tests/django/conftest.py points at a throwaway database.
 """
 
@@ -34,8 +35,9 @@ def database(url: str) -> dict[str, object]:
                 "transaction_mode": "IMMEDIATE",
             },
         }
+    engine = "mysql" if parts.scheme == "mysql" else "postgresql"
     return {
-        "ENGINE": "django.db.backends.postgresql",
+        "ENGINE": f"django.db.backends.{engine}",
         "NAME": parts.path.lstrip("/"),
         "USER": parts.username or "",
         "PASSWORD": parts.password or "",
