@@ -125,4 +125,6 @@ def test_the_guides_run():
         "guides/unique-tasks.md",
         "hooks.md",
         "operations/dashboard.md",
+        "operator-controls.md",
+        "tracing.md",
     } <= set(RUNNABLE_PAGES)
