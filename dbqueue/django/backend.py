@@ -261,6 +261,23 @@ class TaskBackend(BaseTaskBackend):
             fallback_keys=fallbacks,
         )
 
+    def check(self, **kwargs: Any) -> list[Any]:
+        """Django's system checks (`manage.py check`, every runserver and migrate): the app
+        that creates dbqueue's tables must be installed."""
+        from django.apps import apps
+        from django.core import checks
+
+        if apps.is_installed("dbqueue.django"):
+            return []
+        return [
+            checks.Error(
+                f"TASKS[{self.alias!r}] uses dbqueue, but 'dbqueue.django' is not in "
+                "INSTALLED_APPS, so `manage.py migrate` creates no tasks table",
+                hint="add 'dbqueue.django' to INSTALLED_APPS, then run `manage.py migrate`",
+                id="dbqueue.E001",
+            )
+        ]
+
     def validate_task(self, task: Task) -> None:
         super().validate_task(task)
         if not isinstance(task, DbqueueTask):

@@ -89,6 +89,9 @@ def with_dashboard(
         if not allow(user):
             await _respond(send, 403, [(b"content-type", b"text/plain")], b"staff only\n")
             return
+        if path == prefix:  # the dashboard's pages are under prefix/
+            await _respond(send, 308, [(b"location", (prefix + "/").encode())], b"")
+            return
         inner = {**scope, "root_path": scope.get("root_path", "") + prefix}
         await get_dashboard()(inner, receive, send)
 

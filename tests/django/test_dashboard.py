@@ -64,6 +64,9 @@ def test_staff_see_the_dashboard_others_do_not():
     assert status == 200, body[:500]
     assert b"shop.jobs:add" in body and b"mail" in body  # the task enqueued above
 
+    status, headers, _ = get("/dbqueue", session_cookie(staff=True))
+    assert (status, headers[b"location"]) == (308, b"/dbqueue/")
+
     status, _, body = get("/dbqueue/tasks", session_cookie(staff=False))
     assert status == 403
 
