@@ -128,6 +128,8 @@ def test_results_say_what_happened(backend):
     again = explode_twice.enqueue("bang")
     testing.run_tasks()
 
+    ok.refresh()  # Django's TaskResult.refresh reads the row again through the backend
+    assert ok.status == TaskResultStatus.SUCCESSFUL
     ok = add.get_result(ok.id)
     assert ok.status == TaskResultStatus.SUCCESSFUL
     assert ok.return_value == 42

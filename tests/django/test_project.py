@@ -82,8 +82,12 @@ def test_status_and_the_schema_agree_with_dbqueues_own_migrations():
     finally:
         engine.dispose()
     # A dbqueue revision without a Django migration pinned to it would leave Django projects
-    # behind: add dbqueue/django/migrations/NNNN_*.py with REVISION = the new head.
-    assert latest_revision() == database.head_revision()
+    # behind (their `migrate` would not run it).
+    assert latest_revision() == database.head_revision(), (
+        f"dbqueue's alembic head is {database.head_revision()}, the dbqueue.django app's last "
+        f"migration brings {latest_revision()}: add dbqueue/django/migrations/NNNN_*.py "
+        "(a RunPython of schema.upgrade_to(new head), downgrade_to(previous)) depending on it"
+    )
     again = manage("dbqueue", "migrate")  # dbqueue's own command finds nothing to do
     assert again.returncode == 0, again.stdout + again.stderr
     shown = manage("showmigrations", "dbqueue")
