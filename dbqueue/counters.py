@@ -585,6 +585,15 @@ def take(
     )
     if limit is not None:
         ids = ids.limit(limit)
+    if upsert.is_mysql(conn):
+        # MySQL deletes from no table its own subquery reads (1093), and MariaDB takes no LIMIT
+        # in an IN subquery (1235): lock the rows, then delete them by id.
+        rows = conn.execute(ids.add_columns(counter_deltas.c.delta)).all()
+        if rows:
+            conn.execute(
+                sa.delete(counter_deltas).where(counter_deltas.c.id.in_([r[0] for r in rows]))
+            )
+        return sum(int(r[1]) for r in rows), len(rows)
     stmt = (
         sa.delete(counter_deltas)
         .where(counter_deltas.c.id.in_(ids.scalar_subquery()))
