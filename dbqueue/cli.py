@@ -172,8 +172,17 @@ def _worker_options(f: Any) -> Any:
                 default=1,
                 show_default=True,
                 type=click.IntRange(1),
-                help="Tasks run at once in each process, in threads (for I/O-bound tasks; "
+                help="Tasks run at once in each process, in threads (for blocking I/O; "
                 "per-task timeouts then apply to async tasks only).",
+            ),
+            click.option(
+                "--async-concurrency",
+                "async_concurrency",
+                metavar="N",
+                default=None,
+                type=click.IntRange(1),
+                help="`async def` tasks run at once in each process, on its event loop "
+                "[default: DBQUEUE_ASYNC_CONCURRENCY or 10].",
             ),
             click.option(
                 "--sleep-delay",
@@ -248,6 +257,7 @@ def work(
     imports: tuple[str, ...],
     concurrency: int,
     threads: int,
+    async_concurrency: int | None,
     sleep_delay: float,
     rescue_after: float,
     default_timeout: float | None,
@@ -273,6 +283,8 @@ def work(
         max_tasks=max_tasks,
         max_memory_mb=max_memory,
         threads=threads,
+        async_concurrency=async_concurrency,
+        grace=grace,
     )
     if reload_dirs and not reload:
         raise click.UsageError("--reload-dir is for --reload; add --reload")
@@ -293,6 +305,7 @@ def workoff(
     imports: tuple[str, ...],
     concurrency: int,
     threads: int,
+    async_concurrency: int | None,
     sleep_delay: float,
     rescue_after: float,
     default_timeout: float | None,
@@ -315,6 +328,7 @@ def workoff(
         imports,
         burst=True,
         threads=threads,
+        async_concurrency=async_concurrency,
         sleep_delay=sleep_delay,
         rescue_after=rescue_after,
         default_timeout=default_timeout,

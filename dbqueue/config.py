@@ -26,6 +26,14 @@ from dbqueue import errors
 
 DEFAULT_DATABASE_URL = "sqlite:///dbqueue.sqlite3"
 
+#: Async tasks a worker process runs at once by default. 10, as arq and SAQ: each running
+#: task may hold a connection of the application's async engine, and SQLAlchemy's default
+#: pool gives 15 (5 + 10 overflow), so at 10 no task waits for a connection and the
+#: database sees at most 10 more sessions per worker process; a worker never claims more
+#: than it can start, so a higher value only helps when tasks mostly wait on other services
+#: (HTTP calls, mail): raise it there (docs/guides/async.md).
+DEFAULT_ASYNC_CONCURRENCY = 10
+
 #: The database URL's parameter saying how a pooler in front of PostgreSQL hands out server
 #: connections (`?dbqueue_pgbouncer=transaction`); removed before the URL reaches the driver.
 POOLER_PARAM = "dbqueue_pgbouncer"
@@ -39,7 +47,7 @@ def _env_bool(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, unit: str = "bytes") -> int:
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -48,7 +56,7 @@ def _env_int(name: str, default: int) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise errors.ConfigurationError(f"{name}={text!r} is not a positive whole number of bytes")
+        raise errors.ConfigurationError(f"{name}={text!r} is not a positive whole number of {unit}")
     return value
 
 
@@ -104,6 +112,13 @@ class Settings:
     )
     max_payload_bytes: int = dataclasses.field(
         default_factory=lambda: _env_int("DBQUEUE_MAX_PAYLOAD_BYTES", 1024 * 1024)
+    )
+    #: `async def` tasks each worker process runs at once on its event loop (see
+    #: DEFAULT_ASYNC_CONCURRENCY); `dbqueue work --async-concurrency N` wins.
+    async_concurrency: int = dataclasses.field(
+        default_factory=lambda: _env_int(
+            "DBQUEUE_ASYNC_CONCURRENCY", DEFAULT_ASYNC_CONCURRENCY, "tasks"
+        )
     )
     inline: bool = dataclasses.field(default_factory=lambda: _env_bool("DBQUEUE_INLINE"))
     notify: bool = dataclasses.field(default_factory=lambda: not _env_bool("DBQUEUE_NO_NOTIFY"))

@@ -47,6 +47,8 @@ class ChildSpec:
     max_tasks: int | None = None
     max_memory_mb: float | None = None
     threads: int = 1
+    async_concurrency: int | None = None  # None: DBQUEUE_ASYNC_CONCURRENCY or the default
+    grace: float = 30.0  # the supervisor's: coroutines are cancelled just before it ends
     log_level: str = "INFO"
     log_format: str = "text"
     sys_path: list[str] = dataclasses.field(default_factory=lambda: list(sys.path))
@@ -171,6 +173,8 @@ def child_main(spec: ChildSpec, name: str, progress: Any, supervisor_pid: int) -
         on_progress=report,
         parent_pid=supervisor_pid,
         threads=spec.threads,
+        async_concurrency=spec.async_concurrency,
+        grace=spec.grace,
     )
     w.install_signal_handlers()
     if os.getppid() != supervisor_pid:  # died while the task modules were imported

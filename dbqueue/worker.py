@@ -101,9 +101,15 @@ class Worker:
         parent_pid: int | None = None,
         threads: int = 1,
         listen: bool = True,
+        async_concurrency: int | None = None,
+        grace: float = 30.0,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
+        if async_concurrency is None:
+            async_concurrency = settings.async_concurrency
+        if async_concurrency < 1:
+            raise ValueError(f"async_concurrency must be at least 1, not {async_concurrency}")
         self.settings = settings
         self.queues = list(queues) if queues else None
         self.name = name or identity.worker_name()
@@ -138,6 +144,11 @@ class Worker:
         self._pool: futures.ThreadPoolExecutor | None = None
         self._conn: sa.Connection | None = None  # autocommit statements on PostgreSQL
         self._running: dict[futures.Future[store.Outcome], int] = {}  # --threads: future -> id
+        self.async_concurrency = async_concurrency
+        self.grace = grace  # seconds coroutines get after SIGTERM before they are cancelled
+        self._loop: Any = None  # eventloop.EventLoop, started with the first async task
+        self._async_seen = False  # the last claim held async tasks: claim for the loop
+        self._stop_at: float | None = None  # monotonic time of stop()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -171,6 +182,8 @@ class Worker:
 
     def stop(self) -> None:
         """Stop claiming; the running task finishes, the rest of its batch is released."""
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
         self.stopping.set()
         self.wakeup.set()
 
@@ -211,7 +224,11 @@ class Worker:
                 raise errors.TaskCancelled(f"task {task_id} was cancelled while running")
 
     def interrupt(self, task_id: int) -> None:
-        """Raise TaskCancelled in the thread running `task_id` (called by the heart)."""
+        """Raise TaskCancelled in the thread running `task_id`, or cancel its coroutine
+        (called by the heart)."""
+        if self._loop is not None and task_id in self._loop.running:
+            self._loop.cancel(task_id, "cancel")
+            return
         if task_id not in self._executing:
             return
         thread = self._executing[task_id][0]
@@ -223,6 +240,13 @@ class Worker:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(
             ctypes.c_ulong(thread), ctypes.py_object(errors.TaskCancelled)
         )
+
+    def running_row(self, task_id: int) -> Any:
+        """The row of `task_id` if this process runs it now (thread or coroutine), else None."""
+        if task_id in self._executing:
+            return self._executing[task_id][1]
+        running = self._loop.running.get(task_id) if self._loop is not None else None
+        return None if running is None or running.ended else running.row
 
     def cancel_candidates(self) -> list[int]:
         """Ids a cancel request could concern now: claimed in this batch or running."""
@@ -244,6 +268,7 @@ class Worker:
                     break
                 self.wakeup.wait(self.idle_wait())
             self._finish_threads()
+            self._finish_async()
         finally:
             if self.listener is not None:
                 self.listener.stop()
@@ -259,10 +284,11 @@ class Worker:
                 self.wakeup.clear()
                 if self._with_db_retry(self.run_batch, "claim"):
                     continue
-                if not self._running:
+                if not self._running and not self.async_running():
                     break
-                self.wakeup.wait(self.sleep_delay)  # a finishing thread sets it
+                self.wakeup.wait(self.sleep_delay)  # a finishing thread or coroutine sets it
             self._finish_threads()
+            self._finish_async()
         finally:
             self._close_conn()
             self.shutdown()
@@ -285,6 +311,8 @@ class Worker:
         """
         if self.threads > 1 and len(self._running) >= self.threads:
             return self.sleep_delay  # no free slot: only a finishing task matters
+        if self._async_seen and self._async_free() <= 0:
+            return self.sleep_delay  # the loop is full: only a finishing coroutine matters
         try:
             until_next: float | None = self._single_statement(
                 lambda c: store.seconds_until_next(c, self.queues)
@@ -396,32 +424,148 @@ class Worker:
 
     def in_flight(self) -> set[int]:
         """Ids of tasks this process is running right now (none between batches, except in
-        --threads mode)."""
-        return set(self._running.values())
+        --threads mode, and its coroutines)."""
+        return set(self._running.values()) | self.async_running()
 
     def run_batch(self) -> int:
         """Claim a batch, run its tasks in order, record outcomes; returns tasks claimed."""
         if self.threads > 1:
             return self.run_threaded()
-        rows = self.claim(self.batch_size())
-        self._batch = {r.id for r in rows}
+        finished = self._collect_async()
+        limit = self.claim_limit(self.batch_size())
+        if limit <= 0:
+            return finished
+        claimed = self.claim(limit)
+        self._batch = {r.id for r in claimed}
+        rows = self.dispatch(claimed, self.batch_size())
         pending: list[store.Outcome] = []
         first_pending = 0.0
-        for index, row in enumerate(rows):
+        for index, prepared in enumerate(rows):
             if self.stopping.is_set() or self.zombie:
-                self.release(rows[index:])
+                self.release([p.row for p in rows[index:]])
                 break
-            outcome = self.run_one(row)
+            outcome = self.run_one(prepared.row, prepared)
             if not pending:
                 first_pending = time.monotonic()
             pending.append(outcome)
             if time.monotonic() - first_pending > RECORD_EVERY:
                 self.record(pending)
                 pending = []
+                self._collect_async()
         if pending:
             self.record(pending)
         self._batch = set()
-        return len(rows)
+        return finished + len(claimed)
+
+    # -- async tasks: up to async_concurrency coroutines on the worker's event loop -----------
+
+    def claim_limit(self, sync_room: int) -> int:
+        """How many tasks to claim: room for the sync path, or, when the last claim held
+        async tasks, the loop's free slots (0 when it is full: a finishing coroutine wakes
+        the worker). Never more than max_tasks leaves."""
+        limit = self._async_free() if self._async_seen else sync_room
+        if self.max_tasks is not None:
+            running = len(self._running) + len(self.async_running())
+            limit = min(limit, self.max_tasks - self.summary.done - running)
+        return limit
+
+    def dispatch(self, rows: Sequence[Any], sync_room: int) -> list[executor.Prepared]:
+        """Start the async tasks among `rows` on the loop; return the sync ones to run here
+        (at most `sync_room`). What has no room is given back to the queue at once."""
+        prepared = [executor.prepare(self.settings, row) for row in rows]
+        self._async_seen = any(p.is_async for p in prepared)
+        if not self._async_seen and len(prepared) <= sync_room:
+            return prepared  # the usual sync batch: nothing else to do
+        sync: list[executor.Prepared] = []
+        extra: list[Any] = []
+        for item in prepared:
+            if item.is_async and self._async_free() > 0:
+                self._start_async(item)
+            elif not item.is_async and len(sync) < sync_room:
+                sync.append(item)
+            else:
+                extra.append(item.row)
+        if extra:
+            self.release(extra)
+        return sync
+
+    def _async_free(self) -> int:
+        if self._loop is None:
+            return self.async_concurrency
+        return int(self._loop.free())
+
+    def async_running(self) -> set[int]:
+        """Ids of the coroutines on the loop (not yet recorded)."""
+        return set() if self._loop is None else set(self._loop.ids())
+
+    def _start_async(self, prepared: executor.Prepared) -> None:
+        row = prepared.row
+        if row.id in self._cancel:  # asked to stop before it started
+            self._cancel.pop(row.id, None)
+            self.record([executor.cancelled(row, f"task {row.id} was cancelled before it started")])
+            return
+        if self._loop is None:
+            from dbqueue import eventloop
+
+            self._loop = eventloop.EventLoop(
+                self.settings, self.async_concurrency, self.name, self._async_done
+            )
+            log.info(
+                "worker %s runs async tasks on its event loop, %d at once",
+                self.name,
+                self.async_concurrency,
+                extra={"event": "event_loop_started", "worker": self.name},
+            )
+        self._loop.start(prepared, self.default_timeout)
+
+    def _async_done(self, row: Any, outcome: store.Outcome, duration: float) -> None:
+        """On the loop's thread, as a run ends: log it and wake the worker to record it."""
+        self._log_outcome(row, outcome, duration)
+        self.wakeup.set()
+
+    def _collect_async(self) -> int:
+        """Record the outcomes of the coroutines that ended; returns how many."""
+        if self._loop is None:
+            return 0
+        outcomes = self._loop.finished()
+        for outcome in outcomes:
+            self._cancel.pop(outcome.id, None)
+        if outcomes:
+            self.record(outcomes)
+        return len(outcomes)
+
+    def _finish_async(self) -> None:
+        """Stopping (or drained): let the coroutines end, recording them as they do. After
+        SIGTERM they get the grace period less a margin to record in (the supervisor kills
+        the process at the grace period); then they are cancelled and given back to the
+        queue, as the rescue of a killed sync task would."""
+        if self._loop is None:
+            return
+        margin = min(2.0, self.grace / 4)
+        while self._loop.running:
+            self.wakeup.clear()  # before collecting: a run ending meanwhile still wakes it
+            self._collect_async()
+            if not self._loop.running:
+                break
+            left = self.sleep_delay
+            if self._stop_at is not None:
+                left = self._stop_at + self.grace - margin - time.monotonic()
+                if left <= 0:
+                    break
+            self.wakeup.wait(min(left, self.sleep_delay))
+        if self._loop.running:
+            log.warning(
+                "worker %s: %d async task(s) still running after the %gs grace period: "
+                "cancelling them (they go back to the queue)",
+                self.name,
+                len(self._loop.running),
+                self.grace,
+                extra={"event": "async_cancelled_at_stop", "worker": self.name},
+            )
+            self._loop.cancel_all("stop")
+            self._loop.wait(margin / 2)
+            self._collect_async()
+        self._loop.close()
 
     def release(self, rows: Sequence[Any]) -> None:
         """Give claimed-but-unstarted tasks back to the queue (stopping mid-batch)."""
@@ -429,13 +573,13 @@ class Worker:
         with self.begin() as conn:
             store.release(conn, self.name, unstarted)
 
-    def run_one(self, row: Any) -> store.Outcome:
+    def run_one(self, row: Any, prepared: executor.Prepared | None = None) -> store.Outcome:
         """Execute one claimed task and log its outcome."""
         started = time.monotonic()
         if self._heart is not None:
             self._heart.watch(row, self.default_timeout)
         try:
-            outcome = self._execute(row)
+            outcome = self._execute(row, prepared)
         finally:
             if self._heart is not None:
                 self._heart.watch(None, None)
@@ -444,7 +588,7 @@ class Worker:
         self._log_outcome(row, outcome, duration)
         return outcome
 
-    def _execute(self, row: Any) -> store.Outcome:
+    def _execute(self, row: Any, prepared: executor.Prepared | None = None) -> store.Outcome:
         """executor.execute, stoppable by a cancel request while it runs (see interrupt)."""
         if row.id in self._cancel:  # asked to stop before it started
             return executor.cancelled(row, f"task {row.id} was cancelled before it started")
@@ -453,7 +597,9 @@ class Worker:
         try:
             self._executing[row.id] = (thread, row)
             try:
-                outcome = executor.execute(self.settings, row, self.default_timeout)
+                outcome = executor.execute(
+                    self.settings, row, self.default_timeout, prepared=prepared
+                )
             finally:
                 del self._executing[row.id]
                 if row.id in self._cancel and thread != threading.main_thread().ident:
@@ -491,13 +637,11 @@ class Worker:
         waits behind another. SIGALRM timeouts only work in the main thread: here a task's
         timeout is enforced for coroutines (asyncio) only.
         """
-        finished = self._collect_finished()
+        finished = self._collect_finished() + self._collect_async()
         free = self.threads - len(self._running)
-        if free <= 0 or self.stopping.is_set() or self.zombie:
+        if self.stopping.is_set() or self.zombie:
             return finished
-        limit = free
-        if self.max_tasks is not None:
-            limit = min(limit, self.max_tasks - self.summary.done - len(self._running))
+        limit = self.claim_limit(free)
         if limit <= 0:
             return finished
         if self._pool is None:
@@ -505,18 +649,18 @@ class Worker:
                 self.threads, thread_name_prefix=f"dbqueue-task-{self.name}"
             )
         rows = self.claim(limit)
-        for row in rows:
-            future = self._pool.submit(self._run_in_thread, row)
-            self._running[future] = row.id
+        for prepared in self.dispatch(rows, free):
+            future = self._pool.submit(self._run_in_thread, prepared.row, prepared)
+            self._running[future] = prepared.row.id
             future.add_done_callback(self._thread_done)
         return finished + len(rows)
 
     def _thread_done(self, future: futures.Future[store.Outcome]) -> None:
         self.wakeup.set()
 
-    def _run_in_thread(self, row: Any) -> store.Outcome:
+    def _run_in_thread(self, row: Any, prepared: executor.Prepared) -> store.Outcome:
         started = time.monotonic()
-        outcome = self._execute(row)
+        outcome = self._execute(row, prepared)
         self._log_outcome(row, outcome, time.monotonic() - started)
         return outcome
 
@@ -764,11 +908,12 @@ class Heart(threading.Thread):
         C code, or catching everything) is stopped at the process boundary, as timeouts are."""
         worker = self.worker
         for task_id, asked in list(worker._cancel.items()):
-            if task_id not in worker._executing or time.monotonic() - asked < CANCEL_GRACE:
+            row = worker.running_row(task_id)
+            if row is None or time.monotonic() - asked < CANCEL_GRACE:
                 continue
             outcome = store.Outcome(
                 id=task_id,
-                attempts=int(worker._executing[task_id][1].attempts),
+                attempts=int(row.attempts),
                 status=Status.CANCELLED,
                 error=f"task {task_id} was cancelled and did not stop (the process was stopped)",
             )
@@ -838,12 +983,16 @@ class Heart(threading.Thread):
 
     def check_timeout(self) -> None:
         """Hard limit: a task past timeout + grace that ignored TaskTimeout ends the process."""
-        watched = self._watched
-        if watched is None or watched[2] is None:
-            return
-        row, started, timeout = watched
-        if timeout is None or time.monotonic() - started < timeout + max(2.0, timeout * 0.1):
-            return
+        watched = [self._watched] if self._watched is not None else []
+        if self.worker._loop is not None:  # coroutines blocking the loop or ignoring cancel
+            watched += self.worker._loop.overdue()
+        for row, started, timeout in watched:
+            if timeout is not None and time.monotonic() - started >= timeout + max(
+                2.0, timeout * 0.1
+            ):
+                self._hard_timeout(row, timeout)
+
+    def _hard_timeout(self, row: Any, timeout: float) -> None:
         exc = errors.TaskTimeout(f"timed out after {timeout:g}s (the process was stopped)")
         outcome = executor.failure(self.worker.settings, row, exc)
         try:
