@@ -155,7 +155,7 @@ def test_async_tasks_run_at_the_same_time_with_concurrency(db):
     with db.engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE runs (label VARCHAR(100), pid INTEGER)"))
     tasks = [dbqueue.enqueue(jobs.async_rendezvous, (db.url, f"r{i}", 2, 30)) for i in range(2)]
-    result = db.cli("workoff", "--concurrency", "2", timeout=90)
+    result = db.cli("workoff", "--concurrency", "2", "--async-concurrency", "1", timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
     assert [t.refresh().result for t in tasks] == [2, 2]
     assert len({r.pid for r in db.rows("SELECT pid FROM runs")}) == 2
