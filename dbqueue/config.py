@@ -86,6 +86,8 @@ class Settings:
             submodules (`DBQUEUE_ALLOWED_MODULES`).
         max_payload_bytes: the largest signed payload (or result) stored
             (`DBQUEUE_MAX_PAYLOAD_BYTES`; default 1 MiB).
+        async_concurrency: `async def` tasks each worker process runs at once on its event
+            loop (`DBQUEUE_ASYNC_CONCURRENCY`; default 10; `--async-concurrency` wins).
         inline: run tasks in this process once their enqueue commits (`DBQUEUE_INLINE=1`).
         notify: send NOTIFY on enqueue (PostgreSQL); `DBQUEUE_NO_NOTIFY=1` turns it off.
         pgbouncer: `"transaction"` when the database is reached through PgBouncer in
@@ -113,8 +115,6 @@ class Settings:
     max_payload_bytes: int = dataclasses.field(
         default_factory=lambda: _env_int("DBQUEUE_MAX_PAYLOAD_BYTES", 1024 * 1024)
     )
-    #: `async def` tasks each worker process runs at once on its event loop (see
-    #: DEFAULT_ASYNC_CONCURRENCY); `dbqueue work --async-concurrency N` wins.
     async_concurrency: int = dataclasses.field(
         default_factory=lambda: _env_int(
             "DBQUEUE_ASYNC_CONCURRENCY", DEFAULT_ASYNC_CONCURRENCY, "tasks"

@@ -32,10 +32,12 @@ class EventLoop:
         capacity: int,
         name: str,
         on_done: Callable[[Any, store.Outcome, float], None],
+        wake: Callable[[], None],
     ) -> None:
         self.settings = settings
         self.capacity = capacity
         self.on_done = on_done  # (row, outcome, duration), on the loop's thread
+        self.wake = wake  # once a run's outcome is ready for `finished`
         self.running: dict[int, executor.Running] = {}
         self._futures: dict[concurrent.futures.Future[store.Outcome], int] = {}
         self._hook_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -64,6 +66,7 @@ class EventLoop:
         self.running[row.id] = running
         future = asyncio.run_coroutine_threadsafe(self._run_one(prepared, running), self.loop)
         self._futures[future] = row.id
+        future.add_done_callback(lambda _: self.wake())
 
     async def _run_one(
         self, prepared: executor.Prepared, running: executor.Running

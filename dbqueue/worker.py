@@ -431,13 +431,17 @@ class Worker:
         """Claim a batch, run its tasks in order, record outcomes; returns tasks claimed."""
         if self.threads > 1:
             return self.run_threaded()
-        finished = self._collect_async()
+        ended = self._ended_async()
         limit = self.claim_limit(self.batch_size())
         if limit <= 0:
-            return finished
-        claimed = self.claim(limit)
-        self._batch = {r.id for r in claimed}
-        rows = self.dispatch(claimed, self.batch_size())
+            self._record_async(ended)
+            return len(ended)
+        try:
+            claimed = self.claim(limit)
+            self._batch = {r.id for r in claimed}
+            rows = self.dispatch(claimed, self.batch_size())
+        finally:  # written once the new coroutines run: their first await hides this write
+            self._record_async(ended)
         pending: list[store.Outcome] = []
         first_pending = 0.0
         for index, prepared in enumerate(rows):
@@ -455,7 +459,7 @@ class Worker:
         if pending:
             self.record(pending)
         self._batch = set()
-        return finished + len(claimed)
+        return len(ended) + len(claimed)
 
     # -- async tasks: up to async_concurrency coroutines on the worker's event loop -----------
 
@@ -508,7 +512,7 @@ class Worker:
             from dbqueue import eventloop
 
             self._loop = eventloop.EventLoop(
-                self.settings, self.async_concurrency, self.name, self._async_done
+                self.settings, self.async_concurrency, self.name, self._log_outcome, self.wakeup.set
             )
             log.info(
                 "worker %s runs async tasks on its event loop, %d at once",
@@ -518,18 +522,20 @@ class Worker:
             )
         self._loop.start(prepared, self.default_timeout)
 
-    def _async_done(self, row: Any, outcome: store.Outcome, duration: float) -> None:
-        """On the loop's thread, as a run ends: log it and wake the worker to record it."""
-        self._log_outcome(row, outcome, duration)
-        self.wakeup.set()
-
     def _collect_async(self) -> int:
         """Record the outcomes of the coroutines that ended; returns how many."""
+        return self._record_async(self._ended_async())
+
+    def _ended_async(self) -> list[store.Outcome]:
+        """The outcomes of the coroutines that ended (their slots are free from now on)."""
         if self._loop is None:
-            return 0
-        outcomes = self._loop.finished()
+            return []
+        outcomes: list[store.Outcome] = self._loop.finished()
         for outcome in outcomes:
             self._cancel.pop(outcome.id, None)
+        return outcomes
+
+    def _record_async(self, outcomes: list[store.Outcome]) -> int:
         if outcomes:
             self.record(outcomes)
         return len(outcomes)
