@@ -2,12 +2,13 @@
 
 The task is inserted through the session's own connection (`AsyncSession.run_sync`), so it is
 committed with the order, or rolled back with it. The task itself is an `async def`: a worker
-awaits it in an event loop of its own. Run the worker with the same DATABASE_URL:
+awaits it on its event loop, beside other async tasks. Run the worker with the same DATABASE_URL:
 `dbqueue work --import myapp`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,9 +16,14 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel
-from sqlalchemy import orm, pool
+from sqlalchemy import orm
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 import dbqueue
 
@@ -78,14 +84,16 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+@functools.cache
+def worker_engine(url: str) -> AsyncEngine:
+    """The tasks' engine, pool included: made on first use, on the worker process's event
+    loop, which lives as long as the process, so every task of the process shares it."""
+    return create_async_engine(async_url(url))
+
+
 async def send_receipt(order_id: int) -> None:
-    """Awaited by a worker in a fresh event loop per task: hence an engine without a pool,
-    whose connections would otherwise belong to the previous task's (closed) loop."""
-    engine = create_async_engine(async_url(os.environ["DATABASE_URL"]), poolclass=pool.NullPool)
-    try:
-        async with AsyncSession(engine) as session, session.begin():
-            order = await session.get(Order, order_id)
-            assert order is not None
-            order.receipt_sent = True  # ... send the email here
-    finally:
-        await engine.dispose()
+    engine = worker_engine(os.environ["DATABASE_URL"])
+    async with AsyncSession(engine) as session, session.begin():
+        order = await session.get(Order, order_id)
+        assert order is not None
+        order.receipt_sent = True  # ... send the email here
