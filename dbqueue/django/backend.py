@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from inspect import iscoroutinefunction
 from typing import Any
 
+import sqlalchemy as sa
 from django.db import connections, transaction
 from django.tasks import TaskContext, TaskResult, TaskResultStatus
 from django.tasks.backends.base import BaseTaskBackend
@@ -342,6 +343,13 @@ class TaskBackend(BaseTaskBackend):
                 )
         except errors.EnqueueError as exc:
             raise InvalidTask(str(exc)) from exc
+        except sa.exc.DBAPIError as exc:
+            # The driver's error as Django words it (django.db.IntegrityError, ...), as any
+            # failed query on this connection would be, so callers catch what they know.
+            if exc.orig is None:
+                raise
+            with connections[self.database].wrap_database_errors:
+                raise exc.orig from exc
         object.__setattr__(result, "id", str(stored.id))
         object.__setattr__(result, "enqueued_at", timezone.now())
         if self.inline:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import sqlalchemy as sa
+from django.db import DatabaseError
 
 from dbqueue import database
 from tests.conftest import Background
@@ -130,6 +132,8 @@ def test_migrate_to_zero_and_back_removes_and_recreates_dbqueues_tables():
         with engine.connect() as conn:
             assert "tasks" not in sa.inspect(conn).get_table_names()
             assert database.current_revision(conn) is None
+        with pytest.raises(DatabaseError):  # Django's own error class, as for any query
+            add.enqueue(1, 1)
         up = manage("migrate", "dbqueue")
         assert up.returncode == 0, up.stdout + up.stderr
         with engine.connect() as conn:
