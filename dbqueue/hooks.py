@@ -55,7 +55,18 @@ active = False  # any hook registered: the worker's fast path skips all of this 
 @dataclasses.dataclass(frozen=True)
 class TaskView:
     """What a hook sees of a task: read-only, except `meta` in `on_enqueue` (a dict the hook
-    may add to; it is stored as the task's meta column)."""
+    may add to; it is stored as the task's meta column).
+
+    Attributes:
+        id: the task's id; None in `on_enqueue` (the row is not written yet).
+        handler: the callable as `module:qualname`.
+        queue: the task's queue.
+        priority: the task's priority.
+        attempts: runs so far, this one included (0 in `on_enqueue`).
+        args: the positional arguments, as the worker calls the function with them.
+        kwargs: the keyword arguments.
+        meta: the task's small JSON dict (trace context, tenant).
+    """
 
     id: int | None
     handler: str
@@ -69,7 +80,13 @@ class TaskView:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """How a run ended, for `after_task`: status is 'succeeded', 'retrying' or 'failed'."""
+    """How a run ended, for `after_task`.
+
+    Attributes:
+        status: `"succeeded"`, `"retrying"` (failed, will run again) or `"failed"` (for good).
+        result: the return value when it succeeded.
+        exception: what the run raised otherwise.
+    """
 
     status: str
     result: Any = None
