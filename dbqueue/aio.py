@@ -6,7 +6,7 @@ caller's own connection, so the task commits or rolls back with the caller's dat
 session or connection, the sync function runs in a thread so the event loop is never blocked.
 
 Requires SQLAlchemy's asyncio extra and an async driver (`pip install 'dbqueue[async]'` for
-aiosqlite; psycopg 3 is async already).
+aiosqlite; psycopg 3 is async already; aiomysql for MySQL/MariaDB).
 """
 
 from __future__ import annotations

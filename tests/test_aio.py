@@ -17,10 +17,13 @@ from tests import jobs
 
 
 def async_url(db) -> str:
-    """The test database's URL for an async engine (aiosqlite; psycopg 3 is async already)."""
+    """The test database's URL for an async engine (aiosqlite, aiomysql; psycopg 3 is async
+    already)."""
     url = sa.make_url(db.url)
     if db.kind == "sqlite":
         url = url.set(drivername="sqlite+aiosqlite")
+    elif db.kind == "mariadb":
+        url = url.set(drivername="mysql+aiomysql").update_query_dict({"charset": "utf8mb4"})
     return url.render_as_string(hide_password=False)
 
 
