@@ -100,7 +100,7 @@ def long_text_type() -> sa.types.TypeEngine[Any]:
 
 def double_type() -> sa.types.TypeEngine[Any]:
     """A double precision float: MySQL's FLOAT is single precision."""
-    return sa.Float().with_variant(mysql.DOUBLE(), *MYSQL)
+    return sa.Float().with_variant(mysql.DOUBLE(asdecimal=False), *MYSQL)  # floats, not Decimal
 
 
 def key_text_type(length: int) -> sa.types.TypeEngine[Any]:

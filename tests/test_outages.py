@@ -49,11 +49,15 @@ def start_worker(url: str, *args: str) -> Background:
     )
 
 
-def backend_id(conn: sa.Connection) -> int:
-    """The server's id for this connection: a new one after a reconnect."""
+def backend_id(conn: sa.Connection) -> str:
+    """What tells this server session from any other: a new value after a reconnect.
+
+    PostgreSQL: the backend's pid. MariaDB numbers connections from 1 again after a restart,
+    so CONNECTION_ID() may repeat: a session variable set once per session tells instead."""
     if conn.dialect.name == "postgresql":
-        return int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
-    return int(conn.execute(sa.text("SELECT CONNECTION_ID()")).scalar_one())
+        return str(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+    conn.execute(sa.text("SET @dbqueue_session = COALESCE(@dbqueue_session, UUID())"))
+    return str(conn.execute(sa.text("SELECT @dbqueue_session")).scalar_one())
 
 
 def count(engine: sa.Engine, sql: str) -> int:
