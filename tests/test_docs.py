@@ -73,6 +73,7 @@ def test_every_recipe_shown_is_the_tested_code():
         ("docs/guides/flask.md", "tests/recipes/flask_app.py"),
         ("docs/guides/fastapi.md", "tests/recipes/fastapi_app.py"),
         ("docs/operations/upgrading.md", "tests/test_alembic_side_by_side.py"),
+        ("docs/guides/django.md", "tests/django/project/shop/views.py"),
     } <= seen
 
 
