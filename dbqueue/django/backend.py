@@ -31,7 +31,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from django.db import connections, transaction
-from django.tasks import TaskContext, TaskResult, TaskResultStatus
+from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, TaskContext, TaskResult, TaskResultStatus
 from django.tasks.backends.base import BaseTaskBackend
 from django.tasks.base import TASK_MAX_PRIORITY, TASK_MIN_PRIORITY, Task, TaskError
 from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
@@ -133,8 +133,8 @@ class _Runner:
         view = _running.get()
         task = self.task
         if view is not None:
-            backend = view.meta.get("django_backend")
-            if backend and backend != task.backend:
+            backend = view.meta.get("django_backend", DEFAULT_TASK_BACKEND_ALIAS)
+            if backend != task.backend:
                 task = task.using(backend=backend)
         now = timezone.now()
         return TaskResult(
@@ -320,7 +320,9 @@ class TaskBackend(BaseTaskBackend):
         run_at = task.run_after
         if run_at is not None and timezone.is_naive(run_at):  # USE_TZ = False
             run_at = timezone.make_aware(run_at)
-        meta: dict[str, Any] = {"django_backend": self.alias}
+        meta: dict[str, Any] = {}  # only what the row's columns do not say (rarely anything)
+        if self.alias != DEFAULT_TASK_BACKEND_ALIAS:
+            meta["django_backend"] = self.alias
         if run_at is not None:
             meta["run_after"] = run_at.isoformat()
         try:
@@ -337,7 +339,7 @@ class TaskBackend(BaseTaskBackend):
                     run_at=run_at,
                     max_attempts=task.max_attempts or self.max_attempts,
                     timeout=task.timeout if task.timeout is not None else self.timeout,
-                    meta=meta,
+                    meta=meta or None,
                     connection=conn,
                     settings=self.settings,
                 )
@@ -397,7 +399,7 @@ class TaskBackend(BaseTaskBackend):
             task = runner.task.using(
                 priority=from_dbqueue_priority(row.priority),
                 queue_name=row.queue,
-                backend=meta.get("django_backend") or self.alias,
+                backend=meta.get("django_backend", DEFAULT_TASK_BACKEND_ALIAS),
                 run_after=dt.datetime.fromisoformat(run_after) if run_after else None,
             )
         except InvalidTask:  # moved by an operator to a queue this backend does not list
