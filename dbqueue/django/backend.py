@@ -34,7 +34,7 @@ from django.db import connections, transaction
 from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, TaskContext, TaskResult, TaskResultStatus
 from django.tasks.backends.base import BaseTaskBackend
 from django.tasks.base import TASK_MAX_PRIORITY, TASK_MIN_PRIORITY, Task, TaskError
-from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
+from django.tasks.exceptions import InvalidTask, InvalidTaskBackend, TaskResultDoesNotExist
 from django.tasks.signals import task_enqueued, task_finished, task_started
 from django.utils import timezone
 from django.utils.json import normalize_json
@@ -190,6 +190,14 @@ class _Runner:
         task_finished.send(type(self.task.get_backend()), task_result=result)
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def _path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -227,16 +235,26 @@ class TaskBackend(BaseTaskBackend):
 
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
+        where = f"TASKS[{alias!r}]['OPTIONS']"
         unknown = set(self.options) - OPTIONS
         if unknown:
-            raise InvalidTask(
-                f"TASKS[{alias!r}]['OPTIONS'] has unknown key(s) {', '.join(sorted(unknown))}; "
+            raise InvalidTaskBackend(
+                f"{where} has unknown key(s) {', '.join(sorted(unknown))}; "
                 f"dbqueue's are {', '.join(sorted(OPTIONS))}"
             )
         self.database: str = self.options.get("DATABASE", "default")
         self.max_attempts: int = self.options.get("MAX_ATTEMPTS", retry.DEFAULT_MAX_ATTEMPTS)
         self.timeout: float | None = self.options.get("TIMEOUT")
         self.inline: bool = bool(self.options.get("INLINE", False))
+        if not _positive_int(self.max_attempts):
+            raise InvalidTaskBackend(
+                f"{where}['MAX_ATTEMPTS'] must be a positive whole number, not "
+                f"{self.max_attempts!r}"
+            )
+        if self.timeout is not None and not _positive_number(self.timeout):
+            raise InvalidTaskBackend(
+                f"{where}['TIMEOUT'] must be a positive number of seconds, not {self.timeout!r}"
+            )
         self._settings: config.Settings | None = None
 
     @property
@@ -286,16 +304,12 @@ class TaskBackend(BaseTaskBackend):
                 f"{task.module_path} was made by another backend's @task: dbqueue's workers "
                 f"run tasks decorated with @task(backend={self.alias!r})"
             )
-        attempts = task.max_attempts
-        if attempts is not None and (
-            isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1
-        ):
-            raise InvalidTask(f"max_attempts must be a positive whole number, not {attempts!r}")
-        timeout = task.timeout
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
-        ):
-            raise InvalidTask(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if task.max_attempts is not None and not _positive_int(task.max_attempts):
+            raise InvalidTask(
+                f"max_attempts must be a positive whole number, not {task.max_attempts!r}"
+            )
+        if task.timeout is not None and not _positive_number(task.timeout):
+            raise InvalidTask(f"timeout must be a positive number of seconds, not {task.timeout!r}")
 
     def enqueue(
         self, task: Task, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]

@@ -36,3 +36,21 @@ def test_import_dbqueue_loads_nothing_of_django_where_django_is_installed():
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_bad_options_are_refused_when_the_backend_is_made():
+    from django.tasks.exceptions import InvalidTaskBackend
+
+    from dbqueue.django import TaskBackend
+
+    for options, wanted in (
+        ({"DATABSE": "default"}, "unknown key"),
+        ({"MAX_ATTEMPTS": 0}, "MAX_ATTEMPTS"),
+        ({"TIMEOUT": "30"}, "TIMEOUT"),
+    ):
+        try:
+            TaskBackend("broken", {"OPTIONS": options})
+        except InvalidTaskBackend as exc:
+            assert wanted in str(exc)
+        else:
+            raise AssertionError(f"{options} was accepted")

@@ -268,3 +268,17 @@ def test_the_enqueued_signal_is_sent():
     finally:
         task_enqueued.disconnect(receiver)
     assert seen == [result.id]
+
+
+def test_a_task_past_its_timeout_is_stopped_and_fails():
+    from django.tasks import TaskResultStatus
+    from shop.jobs import overstay
+
+    from dbqueue.django import testing
+
+    result = overstay.enqueue(30)
+    [ran] = testing.run_tasks()
+    assert ran.id == result.id
+    assert ran.status == TaskResultStatus.FAILED
+    assert ran.errors[0].exception_class_path == "dbqueue.errors.TaskTimeout"
+    assert "timed out after 0.5s" in ran.errors[0].traceback

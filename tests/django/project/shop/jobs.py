@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from django.tasks import TaskContext, task
 
@@ -48,3 +49,8 @@ def note(email: str) -> None:
 @task
 def returns_set() -> object:
     return {1, 2}
+
+
+@task(timeout=0.5, max_attempts=1)
+def overstay(seconds: float) -> None:
+    time.sleep(seconds)
