@@ -244,6 +244,8 @@ _MISCONFIGURED = (
     'role "',
     'database "',
     "no pg_hba.conf entry",
+    "access denied for user",  # MySQL/MariaDB 1045, 1044
+    "unknown database",  # MySQL/MariaDB 1049
 )
 
 
@@ -288,9 +290,7 @@ def describe_error(settings: config.Settings, exc: BaseException) -> errors.Dbqu
     if any(marker in lowered for marker in _MISCONFIGURED):
         # Waiting will not fix a typo: say so instead of retrying forever.
         return errors.ConfigurationError(f"cannot connect to {url}: {first}")
-    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or (
-        isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated
-    ):
+    if isinstance(exc, sa.exc.DBAPIError) and is_disconnect(exc):
         return errors.DatabaseUnavailable(f"database unavailable at {url}: {first}")
     return errors.DbqueueError(f"database error at {url}: {first}")
 
@@ -346,18 +346,31 @@ MYSQL_TRANSIENT = (1213, 1205)
 _MYSQL_DRIVERS = ("MySQLdb", "pymysql", "mariadb", "mysql")
 
 
+#: MySQL/MariaDB server errors that mean the connection or the server went away (the client's
+#: own, 2000-2999, are all of that kind): too many connections, shutdown in progress, the
+#: connection killed or timed out by the server. Its drivers raise OperationalError for many
+#: other errors too (a CHECK constraint, 4025), which are no outage.
+_MYSQL_GONE = frozenset({1040, 1053, 1077, 1078, 1079, 1080, 1152, 1158, 1159, 1160, 1161})
+_MYSQL_GONE_TOO = frozenset({1927, 4031})
+
+
+def _mysql_code(exc: BaseException) -> int | None:
+    """The server's error number of a MySQL driver's exception (None for other drivers)."""
+    orig = getattr(exc, "orig", None)
+    if orig is None or type(orig).__module__.split(".")[0] not in _MYSQL_DRIVERS:
+        return None
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether an exception is a lock conflict the database resolved by undoing this work
     (MySQL/MariaDB deadlock 1213, lock wait timeout 1205): safe to retry where the caller
     runs the whole transaction again (the worker's claim, outcomes and heartbeats), never
     inside a transaction of the application's."""
-    orig = getattr(exc, "orig", None)
-    if not isinstance(exc, sa.exc.DBAPIError) or orig is None or exc.connection_invalidated:
+    if not isinstance(exc, sa.exc.DBAPIError) or exc.connection_invalidated:
         return False
-    if type(orig).__module__.split(".")[0] not in _MYSQL_DRIVERS:
-        return False
-    args: tuple[Any, ...] = getattr(orig, "args", ())
-    return bool(args) and args[0] in MYSQL_TRANSIENT
+    return _mysql_code(exc) in MYSQL_TRANSIENT
 
 
 def is_disconnect(exc: BaseException) -> bool:
@@ -367,5 +380,8 @@ def is_disconnect(exc: BaseException) -> bool:
     if isinstance(exc, sa.exc.DBAPIError):
         if exc.connection_invalidated:
             return True
+        code = _mysql_code(exc)
+        if code is not None and isinstance(exc, sa.exc.OperationalError):
+            return 2000 <= code < 3000 or code in _MYSQL_GONE or code in _MYSQL_GONE_TOO
         return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
     return isinstance(exc, (ConnectionError, errors.DatabaseUnavailable))
