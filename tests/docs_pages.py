@@ -9,9 +9,9 @@ A page is a sequence of fenced blocks. Two kinds are runnable:
   already) and `export NAME=VALUE` sets a variable, which the test may substitute (a real
   database URL for the page's example one).
 
-A page holding `<!-- runnable: ... -->` is run whole, in a fresh directory on a fresh SQLite
-database, by tests/test_docs.py. `<!-- recipe: PATH -->` before a ```python``` block says the
-block is an excerpt of PATH, a file a test runs.
+A page holding `<!-- runnable: ... -->` is run from that mark to its end, in a fresh directory
+on a fresh SQLite database, by tests/test_docs.py. `<!-- recipe: PATH -->` before a
+```python``` block says the block is an excerpt of PATH, a file a test runs.
 """
 
 from __future__ import annotations
@@ -62,6 +62,19 @@ def blocks(markdown: str) -> list[Block]:
             )
         )
     return found
+
+
+def runnable_blocks(markdown: str) -> list[Block]:
+    """The blocks after the page's `<!-- runnable: ... -->` mark (none without one): what
+    comes before it (a sketch, a production command) is not run."""
+    if RUNNABLE not in markdown:
+        return []
+    before, _, after = markdown.partition(RUNNABLE)
+    section = ""
+    for line in before.splitlines():
+        if line.startswith("#"):
+            section = line.lstrip("#").strip()
+    return blocks(f"# {section}\n" + after.partition("-->")[2])
 
 
 def recipes(markdown: str) -> list[tuple[str, str]]:

@@ -106,9 +106,10 @@ RUNNABLE_PAGES = sorted(
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES)
 def test_runnable_page(page, tmp_path):
-    """A page marked `<!-- runnable: ... -->` runs as a reader would run it: its files saved,
-    its console sessions run in order in a fresh directory (SQLite, a key file of its own)."""
-    blocks = page_blocks(DOCS / page)
+    """A page marked `<!-- runnable: ... -->` runs as a reader would run it: from the mark on,
+    its files saved and its console sessions run in order in a fresh directory (SQLite, a key
+    file of its own)."""
+    blocks = docs_pages.runnable_blocks((DOCS / page).read_text())
     assert any(b.lang == "console" for b in blocks), f"{page} has nothing to run"
     docs_pages.run(blocks, tmp_path, docs_pages.reader_env(tmp_path))
 
@@ -116,6 +117,7 @@ def test_runnable_page(page, tmp_path):
 def test_the_guides_run():
     """The guides whose code is meant to run are marked so (a mark lost is a test lost)."""
     assert {
+        "guides/async.md",
         "guides/counters.md",
         "guides/event-bus.md",
         "guides/periodic.md",
