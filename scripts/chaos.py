@@ -1,17 +1,17 @@
 """The chaos run (issue 14, point 5): faults at random under a steady stream of tasks.
 
-It makes its own throwaway PostgreSQL cluster (tests/pgcluster.py: the restarts must not
-hit a shared server), migrates it, enqueues tasks at a steady rate (each enqueue commits a
-ledger row in the same transaction, so "enqueued" is what the database holds), runs two
-`dbqueue work -c 2` supervisors, and every few seconds injects one fault, dealt from a
-shuffled deck so each kind comes up once per round:
+It makes its own throwaway server, PostgreSQL (tests/pgcluster.py) or with `--db mariadb`
+MariaDB (tests/mariadbcluster.py): the restarts must not hit a shared server. It migrates it,
+enqueues tasks at a steady rate (each enqueue commits a ledger row in the same transaction, so
+"enqueued" is what the database holds), runs two `dbqueue work -c 2` supervisors, and every
+few seconds injects one fault, dealt from a shuffled deck so each kind comes up once per round:
 
     kill-worker            SIGKILL one worker process
     kill-supervisor        SIGKILL one supervisor; restarted a second later (Restart=always)
     stop-worker            SIGSTOP one worker past --rescue-after, then SIGCONT
-    terminate-connections  pg_terminate_backend of every worker connection
-    restart-fast           pg_ctl restart -m fast
-    restart-immediate      pg_ctl restart -m immediate (a crash: recovery on start)
+    terminate-connections  pg_terminate_backend (MariaDB: KILL) of every worker connection
+    restart-fast           a clean restart (pg_ctl -m fast; MariaDB: SIGTERM)
+    restart-immediate      a crash and recovery on start (pg_ctl -m immediate; MariaDB: SIGKILL)
 
 Each fault is logged with its time and the tasks running on the victim then. At the end it
 stops enqueuing, lets the workers drain, stops the supervisors with SIGTERM, and checks
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import random
@@ -38,7 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psycopg
+import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -50,7 +51,7 @@ import chaos_tasks  # noqa: E402
 
 import dbqueue  # noqa: E402
 from dbqueue import config, database  # noqa: E402
-from tests import pgcluster  # noqa: E402
+from tests import mariadbcluster, pgcluster  # noqa: E402
 
 KINDS = (
     "kill-worker",
@@ -65,12 +66,14 @@ RESTART_SEC = 1.0  # how long "systemd" waits before starting a killed superviso
 SECRET = "chaos-" + uuid.uuid4().hex + uuid.uuid4().hex
 WORKER_APP = "dbqueue-chaos-worker"  # PGAPPNAME of every worker connection (and its tasks')
 LISTENER_APP = "dbqueue-listener"
+WORKER_USER = "chaos_worker"  # MariaDB: the workers' login, which terminate-connections kills
 
 SIDE_TABLES = """
-CREATE TABLE chaos_enqueued (label text PRIMARY KEY, task_id bigint NOT NULL);
+CREATE TABLE chaos_enqueued (label varchar(100) PRIMARY KEY, task_id bigint NOT NULL);
 CREATE TABLE chaos_runs (
-    run_id text PRIMARY KEY, label text NOT NULL, task_id bigint NOT NULL, attempt int,
-    owner text, worker text NOT NULL, pid int NOT NULL, started float8 NOT NULL, ended float8
+    run_id varchar(100) PRIMARY KEY, label varchar(100) NOT NULL, task_id bigint NOT NULL,
+    attempt int, owner varchar(300), worker varchar(300) NOT NULL, pid int NOT NULL,
+    started double precision NOT NULL, ended double precision
 );
 """
 
@@ -86,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=180)
     p.add_argument("--orphan-limit", type=float, default=15, help="seconds an orphan may live")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--db", choices=["postgresql", "mariadb"], default="postgresql", help="the server to run"
+    )
     p.add_argument("--out", default=None, help="directory for logs (default: a new temp dir)")
     args = p.parse_args(argv)
     for name in ("task_seconds", "fault_every"):
@@ -102,6 +108,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 30)
     return args
+
+
+def epoch_seconds(stamp: Any) -> float:
+    """A timestamp read by plain SQL as seconds since 1970: PostgreSQL's are aware, MariaDB's
+    DATETIME(6) naive UTC."""
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=datetime.timezone.utc)
+    return float(stamp.timestamp())
 
 
 # -- the process table --------------------------------------------------------------------
@@ -148,11 +162,23 @@ class Chaos:
         self.rng = random.Random(args.seed)
         self.run_id = uuid.uuid4().hex[:12]
         self.marker = f"CHAOS_RUN={self.run_id}".encode()
-        self.cluster = pgcluster.Cluster()
-        with open(os.path.join(self.cluster.data, "postgresql.conf"), "a") as fh:
-            fh.write("max_connections = 200\n")
-        self.dsn = f"host=127.0.0.1 port={self.cluster.port} user=postgres dbname=postgres"
+        self.cluster: pgcluster.Cluster | mariadbcluster.Cluster
+        if args.db == "postgresql":
+            self.cluster = pgcluster.Cluster()
+            with open(os.path.join(self.cluster.data, "postgresql.conf"), "a") as fh:
+                fh.write("max_connections = 200\n")
+            self.worker_url = self.cluster.url
+        else:
+            self.cluster = mariadbcluster.Cluster()  # max_connections 500
+            url = sa.make_url(self.cluster.url).set(username=WORKER_USER)
+            self.worker_url = url.render_as_string(hide_password=False)
         self.settings = config.Settings(database_url=self.cluster.url, secret_key=SECRET)
+        self.admin = sa.create_engine(
+            self.cluster.url,
+            isolation_level="AUTOCOMMIT",
+            pool_size=1,
+            connect_args={"connect_timeout": 5},
+        )
         self.sups: dict[int, subprocess.Popen[bytes]] = {}
         self.generation: dict[int, int] = {}
         self.all_sup_pids: set[int] = set()
@@ -163,35 +189,42 @@ class Chaos:
         self.enqueued = self.enqueue_errors = 0
         self.stop_enqueue = threading.Event()
         self.stop_watch = threading.Event()
-        self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
         self.t0 = time.monotonic()
         self.fault_log = open(out / "faults.log", "w")
 
     # database --------------------------------------------------------------------------
 
-    def query(self, sql: str, params: Any = None, patience: float = 120) -> list[Any]:
-        """One statement on the chaos process's own connection, through restarts."""
+    def query(self, sql: str, patience: float = 120, **params: Any) -> list[Any]:
+        """One statement on the chaos process's own connection, through restarts. A list or
+        tuple parameter is expanded (`id IN :ids`)."""
+        stmt = sa.text(sql).bindparams(
+            *(
+                sa.bindparam(k, expanding=True)
+                for k, v in params.items()
+                if isinstance(v, (list, tuple))
+            )
+        )
         deadline = time.monotonic() + patience
         with self._lock:
             while True:
                 try:
-                    if self._conn is None or self._conn.closed:
-                        self._conn = psycopg.connect(
-                            self.dsn, autocommit=True, application_name="dbqueue-chaos"
-                        )
-                    cur = self._conn.execute(sql, params)
-                    return cur.fetchall() if cur.description else []
-                except psycopg.OperationalError:
-                    if self._conn is not None:
-                        self._conn.close()
-                    self._conn = None
+                    with self.admin.connect() as conn:
+                        result = conn.execute(stmt, params)
+                        return [tuple(r) for r in result] if result.returns_rows else []
+                except sa.exc.OperationalError:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.2)
 
     def setup(self) -> None:
         self.cluster.start()
+        if self.args.db == "mariadb":  # the workers' own login (terminate-connections kills it)
+            for statement in (
+                f"CREATE USER '{WORKER_USER}'@'127.0.0.1'",
+                f"GRANT ALL ON *.* TO '{WORKER_USER}'@'127.0.0.1'",
+            ):
+                self.query(statement)
         database.migrate(self.settings)
         for statement in SIDE_TABLES.split(";"):
             if statement.strip():
@@ -203,11 +236,11 @@ class Chaos:
         env = dict(os.environ)
         env.pop("DBQUEUE_INLINE", None)
         env.update(
-            DBQUEUE_DATABASE_URL=self.cluster.url,
+            DBQUEUE_DATABASE_URL=self.worker_url,
             DBQUEUE_SECRET_KEY=SECRET,
             PYTHONPATH=os.pathsep.join([str(SCRIPTS), str(ROOT), env.get("PYTHONPATH", "")]),
             PGAPPNAME=WORKER_APP,
-            CHAOS_DSN=self.dsn,
+            CHAOS_URL=self.worker_url,
             CHAOS_RUN=self.run_id,
         )
         return env
@@ -261,9 +294,11 @@ class Chaos:
         if names is None:
             rows = self.query("SELECT id FROM tasks WHERE status = 'running' ORDER BY id")
         else:
+            if not names:
+                return []
             rows = self.query(
-                "SELECT id FROM tasks WHERE status = 'running' AND locked_by = ANY(%s) ORDER BY id",
-                (names,),
+                "SELECT id FROM tasks WHERE status = 'running' AND locked_by IN :names ORDER BY id",
+                names=list(names),
             )
         return [r[0] for r in rows]
 
@@ -300,8 +335,8 @@ class Chaos:
                         connection=conn,
                         settings=self.settings,
                     )
-                    conn.exec_driver_sql(
-                        "INSERT INTO chaos_enqueued (label, task_id) VALUES (%(l)s, %(t)s)",
+                    conn.execute(
+                        sa.text("INSERT INTO chaos_enqueued (label, task_id) VALUES (:l, :t)"),
                         {"l": label, "t": task.id},
                     )
                 self.enqueued += 1
@@ -359,9 +394,10 @@ class Chaos:
             return None
         while time.monotonic() < until:
             held = self.query(
-                "SELECT count(*) FROM tasks WHERE id = ANY(%s) AND status = 'running' "
-                "AND locked_by = ANY(%s)",
-                (ids, names),
+                "SELECT count(*) FROM tasks WHERE id IN :ids AND status = 'running' "
+                "AND locked_by IN :names",
+                ids=list(ids),
+                names=list(names),
             )[0][0]
             if held == 0:
                 return time.monotonic() - t0
@@ -420,17 +456,34 @@ class Chaos:
         fault.hit = tuple(self.running_on(None))
         fault.at, t0 = time.time(), time.monotonic()
         if kind == "terminate-connections":
-            (count,) = self.query(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = ANY(%s) AND pid <> pg_backend_pid()",
-                ([WORKER_APP, LISTENER_APP],),
-            )[0]
-            fault.note = f"{count} connections terminated"
+            fault.note = f"{self.terminate_worker_connections()} connections terminated"
         else:
             self.cluster.restart(kind.removeprefix("restart-"))
             fault.outage = time.monotonic() - t0
             fault.note = f"server back after {fault.outage:.1f}s"
         return fault
+
+    def terminate_worker_connections(self) -> int:
+        """End every connection of the workers and their tasks, as an admin would."""
+        if self.args.db == "postgresql":
+            return int(
+                self.query(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name IN :apps AND pid <> pg_backend_pid()",
+                    apps=[WORKER_APP, LISTENER_APP],
+                )[0][0]
+            )
+        ids = self.query(
+            "SELECT id FROM information_schema.processlist WHERE user = :user", user=WORKER_USER
+        )
+        killed = 0
+        for (connection_id,) in ids:
+            try:
+                self.query(f"KILL CONNECTION {int(connection_id)}", patience=0)
+                killed += 1
+            except sa.exc.DBAPIError:  # it ended meanwhile
+                pass
+        return killed
 
     def log_fault(self, fault: chaos_check.Fault) -> None:
         hit = ", ".join(map(str, fault.hit)) or "none"
@@ -484,10 +537,11 @@ class Chaos:
         self.wait_no_orphans()
         log = self.collect(exits)
         verdict = chaos_check.check(log)
-        span = self.query(
-            "SELECT extract(epoch FROM max(t.finished_at) - min(t.created_at))::float8 "
+        first, last = self.query(
+            "SELECT min(t.created_at), max(t.finished_at) "
             "FROM tasks t JOIN chaos_enqueued e ON e.task_id = t.id"
-        )[0][0]
+        )[0]
+        span = (last - first).total_seconds() if first is not None and last is not None else None
         figures = chaos_report.figures(
             log,
             verdict,
@@ -565,12 +619,12 @@ class Chaos:
 
     def collect(self, exits: list[int]) -> chaos_check.RunLog:
         rows = self.query(
-            "SELECT e.label, e.task_id, t.status, t.attempts, t.locked_by, "
-            "extract(epoch FROM t.finished_at)::float8, t.error "
+            "SELECT e.label, e.task_id, t.status, t.attempts, t.locked_by, t.finished_at, t.error "
             "FROM chaos_enqueued e LEFT JOIN tasks t ON t.id = e.task_id ORDER BY e.task_id"
         )
         tasks = []
-        for label, task_id, status, attempts, locked_by, finished, error in rows:
+        for label, task_id, status, attempts, locked_by, finished_at, error in rows:
+            finished = None if finished_at is None else epoch_seconds(finished_at)
             result_run = None
             if status == "succeeded":
                 try:
@@ -618,7 +672,8 @@ class Chaos:
                 pass
         log = Path(self.cluster.log)
         if log.exists():
-            shutil.copy(log, self.out / "postgresql.log")
+            shutil.copy(log, self.out / f"{self.args.db}.log")
+        self.admin.dispose()
         self.cluster.destroy()
         self.fault_log.close()
 
@@ -636,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
         print(
-            f"scripts/chaos: cannot make a throwaway PostgreSQL cluster: {exc} {detail}".rstrip(),
+            f"scripts/chaos: cannot make a throwaway {args.db} server: {exc} {detail}".rstrip(),
             file=sys.stderr,
         )
         return 2

@@ -15,34 +15,40 @@ import time
 import uuid
 from typing import Any
 
-import psycopg
+import sqlalchemy as sa
 
 WRITE_PATIENCE = 120.0  # seconds a run-log write keeps retrying before the task raises
 
-_conn: psycopg.Connection[Any] | None = None
+_engine: sa.Engine | None = None
 
-START = """
+START = sa.text("""
 INSERT INTO chaos_runs (run_id, label, task_id, attempt, owner, worker, pid, started)
-SELECT %(run_id)s, e.label, t.id, t.attempts, t.locked_by, %(worker)s, %(pid)s, %(started)s
+SELECT :run_id, e.label, t.id, t.attempts, t.locked_by, :worker, :pid, :started
 FROM chaos_enqueued e JOIN tasks t ON t.id = e.task_id
-WHERE e.label = %(label)s
-"""
-END = "UPDATE chaos_runs SET ended = %(ended)s WHERE run_id = %(run_id)s"
+WHERE e.label = :label
+""")
+END = sa.text("UPDATE chaos_runs SET ended = :ended WHERE run_id = :run_id")
 
 
-def _write(sql: str, params: dict[str, Any]) -> int:
-    """Run one autocommit statement, reconnecting until it succeeds; returns its rowcount."""
-    global _conn
+def _write(sql: sa.TextClause, params: dict[str, Any]) -> int:
+    """Run one autocommit statement, reconnecting until it succeeds; returns its rowcount.
+
+    CHAOS_URL: the run log's database (PostgreSQL or MariaDB), reached as the workers are,
+    so a fault on the workers' connections hits these too."""
+    global _engine
+    if _engine is None:
+        _engine = sa.create_engine(
+            os.environ["CHAOS_URL"],
+            isolation_level="AUTOCOMMIT",
+            pool_size=1,
+            connect_args={"connect_timeout": 5},
+        )
     deadline = time.monotonic() + WRITE_PATIENCE
     while True:
         try:
-            if _conn is None or _conn.closed:
-                _conn = psycopg.connect(os.environ["CHAOS_DSN"], autocommit=True, connect_timeout=5)
-            return _conn.execute(sql, params).rowcount
-        except psycopg.OperationalError:
-            if _conn is not None:
-                _conn.close()
-            _conn = None
+            with _engine.connect() as conn:
+                return int(conn.execute(sql, params).rowcount)
+        except sa.exc.DBAPIError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)

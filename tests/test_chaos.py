@@ -1,8 +1,8 @@
 """The chaos run (scripts/chaos): a shortened pass of the real thing, and its checker shown
 able to fail on made-up run logs (a checker that cannot fail would prove nothing).
 
-PostgreSQL only, by design: the run restarts its own throwaway cluster, which SQLite has no
-equivalent of. The checker tests touch no database at all: they feed records.
+PostgreSQL and MariaDB, not SQLite: the run restarts its own throwaway server, which SQLite
+has no equivalent of. The checker tests touch no database at all: they feed records.
 """
 
 from __future__ import annotations
@@ -178,12 +178,14 @@ def test_the_summary_ends_with_the_verdict_the_slow_test_reads():
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_a_short_chaos_run_finds_no_violation(tmp_path):
-    """scripts/chaos for 40 s, every kind of fault at least once (two rounds of the deck)."""
+def test_a_short_chaos_run_finds_no_violation(tmp_path, server_kind):
+    """scripts/chaos for 40 s, every kind of fault at least once (two rounds of the deck), on a
+    throwaway PostgreSQL cluster and a throwaway MariaDB server."""
     env = dict(os.environ, VIRTUAL_ENV=sys.prefix)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     out = tmp_path / "chaos"
     options = ["--duration", "40", "--rescue-after", "3", "--fault-every", "1:2", "--rate", "6"]
+    options += ["--db", server_kind]
     done = subprocess.run(
         [str(ROOT / "scripts" / "chaos"), *options, "--out", str(out)],
         capture_output=True,
