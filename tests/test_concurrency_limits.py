@@ -174,7 +174,7 @@ def test_a_worker_notices_a_task_with_a_key_before_its_heart_does(db):
         w._close_conn()  # its kept PostgreSQL connection
 
 
-@pytest.mark.postgresql_only  # SQLite's claims are always BEGIN IMMEDIATE transactions
+@pytest.mark.skip_locked  # SQLite's claims are always BEGIN IMMEDIATE transactions
 def test_limited_claim_refuses_autocommit(db):
     with db.engine.connect() as conn:
         auto = conn.execution_options(isolation_level="AUTOCOMMIT")
