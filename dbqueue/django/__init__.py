@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dbqueue.django.backend import DbqueueTask, TaskBackend
+    from dbqueue.django.backend import TaskBackend
+    from dbqueue.django.runner import DbqueueTask
 
 __all__ = ["DbqueueTask", "TaskBackend"]
 

@@ -7,7 +7,7 @@ A Django task becomes a row of dbqueue's `tasks` table, written on Django's own 
 (connection.borrowed) inside the caller's `transaction.atomic()`, so it commits or rolls back
 with the block. Its handler is the task function's `module:qualname`; the module attribute there
 is the `@task` object (a `DbqueueTask`), whose `__dbqueue_func__` is what a dbqueue worker
-calls: it runs the function the way Django's own backends do (context, signals, JSON result).
+calls (runner.py). This module maps the Tasks API onto dbqueue's rows and back.
 
 Priority: Django's runs larger first (-100..100), dbqueue's runs lower first, so a Django
 priority p is stored as -p and read back as -value (clamped to Django's range when an operator
@@ -18,29 +18,24 @@ still signs and pickles them (of JSON values only). Retries are dbqueue's: OPTIO
 
 from __future__ import annotations
 
-import contextvars
 import datetime as dt
 import functools
 import json
-import os
 import pickle
-import socket
-from dataclasses import dataclass
-from inspect import iscoroutinefunction
 from typing import Any
 
 import sqlalchemy as sa
 from django.db import connections, transaction
-from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, TaskContext, TaskResult, TaskResultStatus
+from django.tasks import DEFAULT_TASK_BACKEND_ALIAS, TaskResult, TaskResultStatus
 from django.tasks.backends.base import BaseTaskBackend
 from django.tasks.base import TASK_MAX_PRIORITY, TASK_MIN_PRIORITY, Task, TaskError
 from django.tasks.exceptions import InvalidTask, InvalidTaskBackend, TaskResultDoesNotExist
-from django.tasks.signals import task_enqueued, task_finished, task_started
+from django.tasks.signals import task_enqueued
 from django.utils import timezone
-from django.utils.json import normalize_json
 
-from dbqueue import config, errors, hooks, retry, serializer, store
+from dbqueue import config, errors, retry, serializer, store
 from dbqueue.django import connection
+from dbqueue.django.runner import DbqueueTask, Runner, path_of
 from dbqueue.enqueue import enqueue as dbqueue_enqueue
 from dbqueue.schema import FINISHED, Status
 
@@ -55,24 +50,6 @@ _STATUS = {
 }
 
 
-class ResultNotJSON(TypeError):
-    """A task returned what Django's contract does not allow (not JSON): never retried, the
-    next run would return the same."""
-
-
-retry.NOT_RETRIED = (*retry.NOT_RETRIED, ResultNotJSON)
-
-
-def _json(value: Any, task: Task) -> Any:
-    try:
-        return normalize_json(value)
-    except TypeError as exc:
-        raise ResultNotJSON(
-            f"{task.module_path} returned {type(value).__name__}, which is not JSON ({exc}): "
-            "return str, int, float, bool, None, lists and dicts of them"
-        ) from exc
-
-
 def to_dbqueue_priority(priority: int) -> int:
     """Django's priority (larger runs first) as dbqueue's (lower runs first)."""
     return -int(priority)
@@ -83,123 +60,12 @@ def from_dbqueue_priority(priority: int) -> int:
     return max(TASK_MIN_PRIORITY, min(TASK_MAX_PRIORITY, -int(priority)))
 
 
-# The running task as a dbqueue hook sees it (id, attempts), for the function's TaskContext.
-_running: contextvars.ContextVar[hooks.TaskView | None] = contextvars.ContextVar(
-    "dbqueue_django_running", default=None
-)
-
-
-def _remember_view(view: hooks.TaskView, call_next: Any) -> Any:
-    """An around_task hook of every Django task: the executor passes the row's view to hooks
-    only, and the runner needs its id and attempts to build Django's TaskContext."""
-    token = _running.set(view)
-    try:
-        return call_next()
-    finally:
-        _running.reset(token)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DbqueueTask(Task):
-    """Django's Task, with dbqueue's options: `@task(max_attempts=3, timeout=60)`."""
-
-    max_attempts: int | None = None  # runs before it fails for good; OPTIONS' MAX_ATTEMPTS
-    timeout: float | None = None  # seconds per run; OPTIONS' TIMEOUT
-
-    @property
-    def __dbqueue_func__(self) -> _Runner:
-        """What a dbqueue worker calls for this task (serializer.undecorated)."""
-        return _Runner(self)
-
-
-def _close_old_connections() -> None:
-    """Django's request-boundary cleanup, for a task's boundaries in a worker: drop broken or
-    expired connections (CONN_MAX_AGE). Never one inside an atomic block: a task run in a
-    test's transaction (testing.run_tasks) must keep it."""
-    for conn in connections.all(initialized_only=True):
-        if not conn.in_atomic_block:
-            conn.close_if_unusable_or_obsolete()
-
-
-class _Runner:
-    """Runs one Django task in a worker, as Django's own backends do: its TaskContext when it
-    takes one, task_started/task_finished signals, a JSON-normalised return value."""
-
-    def __init__(self, task: DbqueueTask) -> None:
-        self.task = task
-        self.__dbqueue_hooks__ = {"around_task": _remember_view}
-
-    def _result(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskResult:
-        view = _running.get()
-        task = self.task
-        if view is not None:
-            backend = view.meta.get("django_backend", DEFAULT_TASK_BACKEND_ALIAS)
-            if backend != task.backend:
-                task = task.using(backend=backend)
-        now = timezone.now()
-        return TaskResult(
-            task=task,
-            id=str(view.id) if view is not None else "",
-            status=TaskResultStatus.RUNNING,
-            enqueued_at=None,
-            started_at=now,
-            last_attempted_at=now,
-            finished_at=None,
-            args=list(args),
-            kwargs=dict(kwargs),
-            backend=task.backend,
-            errors=[],
-            worker_ids=[f"{socket.gethostname()}:{os.getpid()}"] * (view.attempts if view else 1),
-        )
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        result = self._result(args, kwargs)
-        if self.task.takes_context:
-            args = (TaskContext(task_result=result), *args)
-        if iscoroutinefunction(self.task.func):
-            return self._acall(result, args, kwargs)
-        _close_old_connections()
-        task_started.send(type(self.task.get_backend()), task_result=result)
-        try:
-            value = _json(self.task.func(*args, **kwargs), self.task)
-        except BaseException as exc:
-            self._finished(result, exc)
-            raise
-        finally:
-            _close_old_connections()
-        self._finished(result, None)
-        return value
-
-    async def _acall(self, result: TaskResult, args: tuple[Any, ...], kwargs: Any) -> Any:
-        task_started.send(type(self.task.get_backend()), task_result=result)
-        try:
-            value = _json(await self.task.func(*args, **kwargs), self.task)
-        except BaseException as exc:
-            self._finished(result, exc)
-            raise
-        self._finished(result, None)
-        return value
-
-    def _finished(self, result: TaskResult, exc: BaseException | None) -> None:
-        object.__setattr__(result, "finished_at", timezone.now())
-        if exc is None:
-            object.__setattr__(result, "status", TaskResultStatus.SUCCESSFUL)
-        else:
-            object.__setattr__(result, "status", TaskResultStatus.FAILED)
-            result.errors.append(TaskError(exception_class_path=_path(type(exc)), traceback=""))
-        task_finished.send(type(self.task.get_backend()), task_result=result)
-
-
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _positive_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
-def _path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _exception_path(settings: config.Settings, row: Any) -> str:
@@ -209,7 +75,7 @@ def _exception_path(settings: config.Settings, row: Any) -> str:
         try:
             exc = serializer.loads(settings.keyring(), "exception", row.handler, row.exception)
             if isinstance(exc, BaseException):
-                return _path(type(exc))
+                return path_of(type(exc))
         except Exception:
             pass
     last = (row.error or "").strip().splitlines()[-1:] or ["Exception"]
@@ -399,7 +265,7 @@ class TaskBackend(BaseTaskBackend):
             raise TaskResultDoesNotExist(
                 f"task {row.id} runs {row.handler}, which does not import here: {exc}"
             ) from exc
-        if not isinstance(runner, _Runner):
+        if not isinstance(runner, Runner):
             raise TaskResultDoesNotExist(f"task {row.id} ({row.handler}) is not a Django task")
         _ref, args, kwargs = pickle.loads(
             serializer.verify(settings.keyring(), "payload", row.handler, row.payload)
