@@ -48,14 +48,32 @@ def on_django_connection(sql):
         return cursor.fetchone()[0]
 
 
+def server_connections():
+    """Connections to the test database the server counts (None on SQLite, which has no
+    server: there the visibility checks alone show the enqueue used Django's connection)."""
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        return on_django_connection(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        )
+    if connection.vendor == "mysql":
+        return on_django_connection(
+            "SELECT count(*) FROM information_schema.processlist WHERE db = DATABASE()"
+        )
+    return None
+
+
 def test_an_enqueue_in_atomic_is_written_on_djangos_connection_and_commits_with_it(
     other_connection,
 ):
     from django.db import transaction
     from shop.jobs import add
 
+    before = server_connections()
     with transaction.atomic():
         result = add.enqueue(2, 3)
+        assert server_connections() == before  # no connection of its own
         assert on_django_connection("SELECT count(*) FROM tasks") == 1  # same transaction
         assert committed(other_connection) == 0  # not committed yet: no connection of its own
     assert committed(other_connection) == 1
