@@ -372,6 +372,10 @@ def create_engine(url: str, *, pgbouncer: str | None = None, **kwargs: Any) -> s
     return _create(parsed, kwargs)
 
 
+MYSQL_OWN = "dbqueue_mysql"  # connection record info: made by _create_mysql
+MYSQL_IDLE_LIMITED = "dbqueue_idle_limited"  # ...and its session has an idle limit set
+
+
 def _create_mysql(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
     """MySQL 8.0+ / MariaDB 10.6+: READ COMMITTED (InnoDB's REPEATABLE READ takes gap locks
     that deadlock concurrent claimers), utf8mb4 on the wire, the session's time zone UTC, and
@@ -386,7 +390,7 @@ def _create_mysql(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
     engine = _create(url, kwargs)
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute("SELECT VERSION()")
@@ -395,6 +399,20 @@ def _create_mysql(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
             cursor.execute("SET time_zone = '+00:00'")
         finally:
             cursor.close()
+        record.info[MYSQL_OWN] = True
+
+    @event.listens_for(engine, "checkin")
+    def _end_idle_limit(dbapi_connection: Any, record: Any) -> None:
+        """MariaDB's idle_transaction_timeout is the session's (engines.mysql.limit_idle):
+        back to none before the connection serves anything else."""
+        if dbapi_connection is None or not record.info.pop(MYSQL_IDLE_LIMITED, False):
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET SESSION idle_transaction_timeout = 0")
+            cursor.close()
+        except Exception:  # a broken connection: the pool's ping replaces it
+            record.info[MYSQL_IDLE_LIMITED] = True
 
     if ping_when_idle:
         _ping_when_idle(engine)

@@ -6,9 +6,11 @@ server too old for SKIP LOCKED, deadlocks retried, and claims read through the c
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -213,3 +215,26 @@ def test_claim_plan_reads_the_claim_index_in_order(db, queues):
     with db.engine.begin() as conn:
         claimed = store.claim(conn, "plan-check", 100, queues)
     assert len(claimed) == 100 and {r.queue for r in claimed} <= {"mail", "bulk"}
+
+
+def test_a_worker_transaction_left_idle_is_ended_by_the_server_and_the_limit_does_not_stay(db):
+    """MariaDB's idle_transaction_timeout stands in for PostgreSQL's SET LOCAL
+    idle_in_transaction_session_timeout (store.limit_idle): a worker cut off mid-transaction
+    must not hold its row locks until TCP gives up. The setting is the session's, so the pool
+    takes it off when the connection comes back."""
+    engine = config.create_engine(db.url, pool_size=1, max_overflow=0)  # one pooled session
+    settings = dataclasses.replace(db.settings, engine=engine)
+    worker = Worker(settings, ["none"], rescue_after=3)  # a third: 1 s
+    with pytest.raises(sa.exc.DBAPIError) as ended:
+        with worker.begin() as conn:
+            assert conn.exec_driver_sql("SELECT @@idle_transaction_timeout").scalar() == 1
+            conn.exec_driver_sql("SELECT id FROM tasks FOR UPDATE").all()
+            time.sleep(3)  # silent inside the transaction: the server ends the session
+            conn.exec_driver_sql("SELECT 1").scalar()
+    assert database.is_disconnect(ended.value), ended.value
+    with worker.begin() as conn:  # a new session; the limit is set for each transaction
+        session = conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar()
+    with engine.connect() as conn:  # the same session, returned to the pool: no limit left
+        assert conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar() == session
+        assert conn.exec_driver_sql("SELECT @@idle_transaction_timeout").scalar() == 0
+    engine.dispose()

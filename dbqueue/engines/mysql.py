@@ -198,10 +198,15 @@ class MySQL(base.Engine):
         conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE} FOR UPDATE"))
 
     def limit_idle(self, conn: sa.Connection, seconds: float) -> None:
-        """MariaDB's `idle_transaction_timeout` (whole seconds, for this session's
-        transactions from now on); MySQL has no such setting."""
-        if getattr(conn.dialect, "is_mariadb", False):
+        """MariaDB's `idle_transaction_timeout` (whole seconds). It is the session's, not the
+        transaction's: only on connections of an Engine dbqueue made, whose pool sets it back
+        to none when the connection is returned (config._create_mysql). MySQL has none."""
+        from dbqueue import config
+
+        info = conn.connection.info
+        if getattr(conn.dialect, "is_mariadb", False) and info.get(config.MYSQL_OWN):
             conn.exec_driver_sql(f"SET SESSION idle_transaction_timeout = {max(1, round(seconds))}")
+            info[config.MYSQL_IDLE_LIMITED] = True
 
     def is_transient(self, exc: BaseException) -> bool:
         return _error_code(exc) in (DEADLOCK, LOCK_WAIT_TIMEOUT)
