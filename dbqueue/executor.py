@@ -293,10 +293,10 @@ class Running:
     asyncio task of its call, once started) and why (`reason`: 'cancel' for an operator's
     request, 'stop' at the end of the grace period)."""
 
-    def __init__(self, row: Any, timeout: float | None, started: float) -> None:
+    def __init__(self, row: Any, timeout: float | None) -> None:
         self.row = row
         self.timeout = timeout
-        self.started = started
+        self.started: float | None = None  # monotonic; None while it waits for a slot
         self.reason: str | None = None
         self.current: asyncio.Task[Any] | None = None
         self.ended = False  # its outcome is ready (recorded by the worker's next look)

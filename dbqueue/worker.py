@@ -481,14 +481,17 @@ class Worker:
         if not self._async_seen and len(prepared) <= sync_room:
             return prepared  # the usual sync batch: nothing else to do
         sync: list[executor.Prepared] = []
+        coroutines: list[executor.Prepared] = []
         extra: list[Any] = []
+        room = self._async_free()
         for item in prepared:
-            if item.is_async and self._async_free() > 0:
-                self._start_async(item)
+            if item.is_async and len(coroutines) < room:
+                coroutines.append(item)
             elif not item.is_async and len(sync) < sync_room:
                 sync.append(item)
             else:
                 extra.append(item.row)
+        self._start_async(coroutines)
         if extra:
             self.release(extra)
         return sync
@@ -502,11 +505,19 @@ class Worker:
         """Ids of the coroutines on the loop (not yet recorded)."""
         return set() if self._loop is None else set(self._loop.ids())
 
-    def _start_async(self, prepared: executor.Prepared) -> None:
-        row = prepared.row
-        if row.id in self._cancel:  # asked to stop before it started
-            self._cancel.pop(row.id, None)
-            self.record([executor.cancelled(row, f"task {row.id} was cancelled before it started")])
+    def _start_async(self, prepared: list[executor.Prepared]) -> None:
+        cancelled = [p.row for p in prepared if p.row.id in self._cancel]
+        if cancelled:  # asked to stop before they started
+            for row in cancelled:
+                self._cancel.pop(row.id, None)
+            self.record(
+                [
+                    executor.cancelled(r, f"task {r.id} was cancelled before it started")
+                    for r in cancelled
+                ]
+            )
+            prepared = [p for p in prepared if p.row not in cancelled]
+        if not prepared:
             return
         if self._loop is None:
             from dbqueue import eventloop
@@ -548,6 +559,10 @@ class Worker:
         if self._loop is None:
             return
         margin = min(2.0, self.grace / 4)
+        if self._stop_at is not None:  # what has not started goes back at once
+            unstarted = self._loop.give_back(margin)
+            if unstarted:
+                self.release(unstarted)
         while self._loop.running:
             self.wakeup.clear()  # before collecting: a run ending meanwhile still wakes it
             self._collect_async()

@@ -8,6 +8,7 @@ wall time.
 from __future__ import annotations
 
 import signal
+import threading
 
 import sqlalchemy as sa
 
@@ -178,3 +179,26 @@ def test_async_concurrency_comes_from_the_environment(db, monkeypatch):
         )
     else:
         raise AssertionError("a bad DBQUEUE_ASYNC_CONCURRENCY was accepted")
+
+
+def test_tasks_claimed_ahead_of_a_slot_go_back_unspent_at_stop(db):
+    # short tasks first: the worker learns they are short and claims a second set of slots
+    # ahead (claimed, not started); then four long ones: two run, two wait for a slot
+    dbqueue.enqueue_many(aio_jobs.nap, [(0,)] * 20)
+    long = dbqueue.enqueue_many(aio_jobs.stubborn, [(60,)] * 4)
+    w = Worker(db.settings, async_concurrency=2, grace=1.0, sleep_delay=0.1)
+    runner = threading.Thread(target=w.work)
+    runner.start()
+    try:
+        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 4)
+        w.stop()
+    finally:
+        runner.join(timeout=30)
+    assert not runner.is_alive()
+    tasks = [Task(i) for i in long]
+    ran = [t for t in tasks if t.attempts == 1]
+    waited = [t for t in tasks if t.attempts == 0]
+    assert len(ran) == len(waited) == 2, [(t.id, t.attempts, t.error) for t in tasks]
+    assert all(t.status is Status.QUEUED for t in tasks)
+    assert all("grace period ran out" in t.error for t in ran)
+    assert all(t.error is None for t in waited)  # never started: given back as claimed
