@@ -584,8 +584,32 @@ class Worker:
                 extra={"event": "async_cancelled_at_stop", "worker": self.name},
             )
             self._loop.cancel_all("stop")
-            self._loop.wait(margin / 2)
+            end = time.monotonic() + margin * 0.75  # a quarter of the margin to write them
+            while self._loop.running and time.monotonic() < end:
+                self.wakeup.clear()
+                self._collect_async()
+                if self._loop.running:
+                    self.wakeup.wait(min(0.1, max(0.0, end - time.monotonic())))
             self._collect_async()
+            stuck = [r.row for r in list(self._loop.running.values())]
+            if stuck:  # ignored their cancellation: given back here, as a rescue would
+                log.warning(
+                    "worker %s: async task(s) %s did not stop after their cancellation: "
+                    "giving them back to the queue",
+                    self.name,
+                    [row.id for row in stuck],
+                    extra={"event": "async_cancel_ignored", "worker": self.name},
+                )
+                self.record(
+                    [
+                        executor.interrupted(
+                            row,
+                            f"task {row.id} was cancelled: its worker stopped and the grace "
+                            "period ran out (returned to the queue; it ignored the cancellation)",
+                        )
+                        for row in stuck
+                    ]
+                )
         self._loop.close()
 
     def release(self, rows: Sequence[Any]) -> None:

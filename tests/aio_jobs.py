@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,8 +26,11 @@ async def nap_then_fail(seconds: float) -> None:
     raise ValueError("failed after a nap")
 
 
-async def stubborn(seconds: float) -> str:
-    """Await `seconds` ignoring one cancellation (as a cleanup that awaits would)."""
+async def stubborn(seconds: float, started_in: str | None = None) -> str:
+    """Await `seconds` ignoring one cancellation (as a cleanup that awaits would); leave a
+    file in the folder `started_in` once started."""
+    if started_in is not None:
+        (Path(started_in) / str(os.getpid() + time.time())).touch()
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import sqlalchemy as sa
 
@@ -114,13 +115,14 @@ def test_sigterm_lets_coroutines_finish_within_the_grace_period_then_gives_back_
     try:
         db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 5)
         proc.send_signal(signal.SIGTERM)
-        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 0)
+        time.sleep(1.0)  # the signal reaches the worker (through the supervisor) first
         waiting = dbqueue.enqueue(aio_jobs.nap, (0.1,))
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'running'") == 0, err
     assert proc.returncode == 0, err
     results(finishing)
     for task_id in too_long:
@@ -185,12 +187,17 @@ def test_tasks_claimed_ahead_of_a_slot_go_back_unspent_at_stop(db):
     # short tasks first: the worker learns they are short and claims a second set of slots
     # ahead (claimed, not started); then four long ones: two run, two wait for a slot
     dbqueue.enqueue_many(aio_jobs.nap, [(0,)] * 20)
-    long = dbqueue.enqueue_many(aio_jobs.stubborn, [(60,)] * 4)
+    started = db.tmp_path / "started"
+    started.mkdir()
+    long = dbqueue.enqueue_many(aio_jobs.stubborn, [(60, str(started))] * 4)
     w = Worker(db.settings, async_concurrency=2, grace=1.0, sleep_delay=0.1)
     runner = threading.Thread(target=w.work)
     runner.start()
     try:
         db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 4)
+        deadline = time.monotonic() + 30
+        while len(list(started.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
         w.stop()
     finally:
         runner.join(timeout=30)
