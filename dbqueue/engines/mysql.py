@@ -19,6 +19,7 @@ What differs from PostgreSQL:
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -104,11 +105,15 @@ class MySQL(base.Engine):
         found.sort(key=_ORDER)  # merged in claim order; the rest is left to others at commit
         if limited:
             found = _trimmed(found)
-        ids = [r.id for r in found[:limit]]
+        taken = found[:limit]
+        ids = [r.id for r in taken]
         if not ids:
             return []
         conn.execute(_CLAIM, {"claim_worker": worker, "claimed_ids": ids})
-        return list(conn.execute(_CLAIMED, {"claimed_ids": ids}).all())
+        if limited:  # its candidates carry the limits' columns: read the rows taken
+            return list(conn.execute(_CLAIMED, {"claimed_ids": ids}).all())
+        # the locking read returned the claim's columns; only `attempts` changed since
+        return [Claimed(*r)._replace(attempts=r.attempts + 1) for r in taken]
 
     @functools.lru_cache(maxsize=32)  # noqa: B019 (one instance per engine, never freed)
     def claim_statement(
@@ -233,7 +238,18 @@ def _candidates(queue: str | None, exclude: tuple[str, ...], limited: bool) -> A
     """`SELECT id, priority, run_at ... ORDER BY priority, run_at, id LIMIT n FOR UPDATE SKIP
     LOCKED` for one queue (or every queue): base.ready_rows, built once. (A locking read
     cannot be a derived table of the UPDATE, as PostgreSQL's CTE is.)"""
-    return base.ready_rows(queue, sa.bindparam("claim_limit", type_=sa.Integer), exclude, limited)
+    stmt = base.ready_rows(queue, sa.bindparam("claim_limit", type_=sa.Integer), exclude, limited)
+    if not limited:  # the rows' own columns, so that no read follows the UPDATE
+        stmt = stmt.with_only_columns(*CLAIM_COLUMNS)
+    return stmt
+
+
+#: A claimed row as the claim returns it (CLAIM_COLUMNS' names, read by attribute).
+Claimed = collections.namedtuple(
+    "Claimed",
+    "id queue priority run_at handler payload attempts max_attempts timeout meta",
+)
+assert Claimed._fields == tuple(c.key for c in CLAIM_COLUMNS)
 
 
 def _ORDER(row: Any) -> tuple[Any, ...]:
