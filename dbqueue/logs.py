@@ -187,7 +187,11 @@ class BatchingHandler(logging.Handler):
     def add(self, line: str) -> None:
         """Queue one line below WARNING for the writing thread."""
         self._pending.append(line)
-        if not self._ready.is_set():
+        if self._closed:
+            # Closed but still attached: logging.config.dictConfig (Django's setup(), an
+            # application's import) closes every handler. The thread is gone: write it now.
+            self.flush()
+        elif not self._ready.is_set():
             if self._thread is None:
                 self._start()
             self._ready.set()

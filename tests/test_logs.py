@@ -20,7 +20,7 @@ import pytest
 
 import dbqueue
 from dbqueue import logs
-from tests import jobs
+from tests import jobs, logging_app
 
 TASK_FIELDS = ("event", "task_id", "handler", "queue", "duration", "outcome", "attempt")
 TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
@@ -201,3 +201,16 @@ def test_pending_lines_are_written_at_exit():
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     assert [line.rsplit(" ", 1)[1] for line in lines] == [str(n) for n in range(300)]
+
+
+def test_a_task_module_that_configures_logging_leaves_the_worker_lines(db):
+    """Django's setup() (manage.py dbqueue work) and many applications call dictConfig at
+    import, which closes dbqueue's handler in the worker: its INFO lines must still be
+    written (they were held forever, so `manage.py dbqueue work` logged no task)."""
+    ids = dbqueue.enqueue_many(logging_app.double, [(i,) for i in range(5)])
+    result = db.cli("workoff", "--import", "tests.logging_app")
+    assert result.returncode == 0, result.stderr[-2000:]
+    started = [line for line in result.stderr.splitlines() if "event=worker_started" in line]
+    finished = re.findall(r" task_id=(\d+) .*outcome=succeeded", result.stderr)
+    assert len(started) == 1, result.stderr[-2000:]
+    assert sorted(map(int, finished)) == ids, result.stderr[-2000:]
