@@ -96,7 +96,16 @@ def start(
 
 def announce_polling(settings: config.Settings, sleep_delay: float) -> None:
     """Say once, at the start of `dbqueue work`, that its workers will poll because they
-    are behind a transaction pooler without DBQUEUE_LISTEN_URL."""
+    are behind a transaction pooler without DBQUEUE_LISTEN_URL, or on MySQL/MariaDB."""
+    if database.is_mysql(settings.get_engine()):
+        log.info(
+            "workers poll for new tasks every %gs (--sleep-delay): MySQL/MariaDB has no "
+            "LISTEN/NOTIFY, so an idle worker starts a new task within that delay; lower it "
+            "for less latency (docs/engines.md)",
+            sleep_delay,
+            extra={"event": "listener_polling"},
+        )
+        return
     if not settings.notify or settings.listen_url is not None:
         return
     if not settings.transaction_pooled():

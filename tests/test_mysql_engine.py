@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import signal
 import threading
 import time
 from typing import Any
@@ -238,3 +239,20 @@ def test_a_worker_transaction_left_idle_is_ended_by_the_server_and_the_limit_doe
         assert conn.exec_driver_sql("SELECT CONNECTION_ID()").scalar() == session
         assert conn.exec_driver_sql("SELECT @@idle_transaction_timeout").scalar() == 0
     engine.dispose()
+
+
+def test_workers_poll_and_say_so(db):
+    """No LISTEN/NOTIFY here: `dbqueue work` says it polls, starts no listener, and an idle
+    worker still finds a task enqueued after it went idle (at its next poll)."""
+    proc = db.popen("work", "--import", "tests.jobs", "--sleep-delay", "0.3")
+    try:
+        time.sleep(2)  # idle: nothing queued yet
+        task = dbqueue.enqueue(jobs.add, args=(2, 3))
+        task.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert task.result == 5
+    assert "MySQL/MariaDB has no LISTEN/NOTIFY" in err, err
+    assert "LISTEN connection" not in err, err
