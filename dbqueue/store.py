@@ -1,8 +1,8 @@
 """Every SQL statement on `tasks` and `workers`: one function per state transition.
 
     insert    (new)              -> queued
-    claim     queued             -> running    (SKIP LOCKED on PostgreSQL,
-                                                BEGIN IMMEDIATE on SQLite)
+    claim     queued             -> running    (SKIP LOCKED on PostgreSQL and MySQL,
+                                                BEGIN IMMEDIATE on SQLite: engines/)
     complete  running            -> succeeded
     retry     running            -> queued     (run_at = now + backoff)
     fail      running            -> failed
