@@ -122,6 +122,29 @@ def test_manage_py_dbqueue_work_runs_tasks_until_stopped():
     assert worker.returncode == 0, out + err
 
 
+def test_manage_py_dbqueue_takes_dbqueues_log_options_and_logs_each_task():
+    """`--log-format` / `--log-level` go before the command (argparse refused them there,
+    click after it), and the workers' own lines outlive django.setup()'s logging set-up."""
+    import json
+
+    from shop.jobs import add
+
+    result = add.enqueue(1, 2)
+    worker = manage("dbqueue", "--log-format", "json", "workoff")
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    events = [json.loads(line) for line in worker.stderr.splitlines() if line.startswith("{")]
+    finished = [e for e in events if e.get("event") == "task_finished"]
+    assert [(e["task_id"], e["outcome"]) for e in finished] == [(int(result.id), "succeeded")], (
+        worker.stderr
+    )
+
+    add.enqueue(3, 4)
+    quiet = manage("dbqueue", "--log-level", "WARNING", "workoff")
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    assert "1 succeeded" in quiet.stdout, quiet.stdout
+    assert "task_finished" not in quiet.stderr and "worker_started" not in quiet.stderr
+
+
 def test_migrate_to_zero_and_back_removes_and_recreates_dbqueues_tables():
     from shop.jobs import add
 

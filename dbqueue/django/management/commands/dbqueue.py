@@ -29,6 +29,21 @@ class Command(BaseCommand):
             default=DEFAULT_TASK_BACKEND_ALIAS,
             help="The TASKS alias whose database and key to use (default: %(default)s).",
         )
+        # dbqueue's own options that come before its command: argparse would refuse them
+        # there, and after the command click would.
+        parser.add_argument(
+            "--log-level",
+            choices=["debug", "info", "warning", "error"],
+            type=str.lower,
+            default="info",
+            help="dbqueue's log lines at this level and above (default: %(default)s).",
+        )
+        parser.add_argument(
+            "--log-format",
+            choices=["text", "json"],
+            default="text",
+            help="dbqueue's log lines as text or JSON objects (default: %(default)s).",
+        )
         parser.add_argument("dbqueue_args", nargs=argparse.REMAINDER, metavar="COMMAND ...")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -50,4 +65,10 @@ class Command(BaseCommand):
         argv = list(options["dbqueue_args"])
         if argv and argv[0] in _WORKERS:
             argv[1:1] = ["--import", "dbqueue.django.boot"]
-        cli.main(["--database-url", settings.database_url, *argv])
+        cli.main(
+            [
+                *("--database-url", settings.database_url),
+                *("--log-level", options["log_level"], "--log-format", options["log_format"]),
+                *argv,
+            ]
+        )
