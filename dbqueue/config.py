@@ -388,10 +388,11 @@ def _create_mysql(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
     # own transaction when it closes, so the reset only repeated what was already done.
     kwargs.setdefault("pool_reset_on_return", None)
     ping_when_idle = "pool_pre_ping" not in kwargs
+    given = url
     if "charset" not in url.query:
         url = url.update_query_dict({"charset": "utf8mb4"})
     kwargs.setdefault("connect_args", {}).setdefault("connect_timeout", 10)
-    engine = _create(url, kwargs)
+    engine = _create(url, kwargs, given)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: Any) -> None:
@@ -399,7 +400,7 @@ def _create_mysql(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
         try:
             cursor.execute("SELECT VERSION()")
             (version,) = cursor.fetchone()
-            database.check_mysql_version(str(version), redact(engine.url))
+            database.check_mysql_version(str(version), redact(given))
             cursor.execute("SET time_zone = '+00:00'")
         finally:
             cursor.close()
@@ -468,17 +469,20 @@ def _ping_when_idle(engine: sa.Engine) -> None:
             raise sa.exc.DisconnectionError(f"pooled connection is gone: {exc}") from exc
 
 
-def _create(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
+def _create(url: sa.URL, kwargs: dict[str, Any], given: sa.URL | None = None) -> sa.Engine:
+    """The Engine; `given` is the URL as the user wrote it, for messages (`url` may carry
+    query parameters dbqueue added, such as MySQL's charset)."""
+    shown = redact(given if given is not None else url)
     try:
         return sa.create_engine(url, **kwargs)
     except ModuleNotFoundError as exc:
         raise errors.ConfigurationError(
-            f"the driver for {redact(url)} is not installed (no module {exc.name!r}): dbqueue "
-            "supports sqlite:///path, postgresql+psycopg://user@host/db (psycopg 3) and "
-            "mysql://user@host/db (pip install 'dbqueue[mysql]')"
+            f"the driver for {shown} is not installed (no module {exc.name!r}): install it, or "
+            "use a driver dbqueue installs: sqlite:///path, postgresql://user@host/db (psycopg "
+            "3) or mysql://user@host/db (mysqlclient: pip install 'dbqueue[mysql]')"
         ) from None
     except Exception as exc:
-        raise errors.ConfigurationError(f"cannot use database URL {redact(url)}: {exc}") from None
+        raise errors.ConfigurationError(f"cannot use database URL {shown}: {exc}") from None
 
 
 def _setup_sqlite(engine: sa.Engine) -> None:

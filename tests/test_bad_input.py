@@ -430,6 +430,15 @@ PG_HOST = f"{PG.host}:{PG.port or 5432}"
             ["works with SQLite, PostgreSQL and MySQL/MariaDB, not oracle"],
         ),
         ("workoff", "mysql://me:s3cret@127.0.0.1:1/db", 1, ["database unavailable at"]),
+        (  # the URL as written (no charset added), what to do when the extra is installed
+            "status",
+            "mysql+mysqlconnector://me:s3cret@127.0.0.1/db",
+            2,
+            [
+                "driver for mysql+mysqlconnector://me:***@127.0.0.1/db is not installed (",
+                "install it",
+            ],
+        ),
         ("work", "mysql://nosuchuser:s3cret@127.0.0.1:3306/db", 2, ["Access denied for user"]),
         ("workoff", "postgresql://me:s3cret@127.0.0.1:1/db", 1, ["database unavailable at"]),
         (

@@ -115,6 +115,7 @@ def test_an_older_server_is_refused_at_connect(db, monkeypatch):
         engine.dispose()
     assert f"runs MariaDB {version}" in str(refused.value)
     assert "needs MariaDB 99.0 or later" in str(refused.value)
+    assert f"{db.url} runs" in str(refused.value)  # the URL as given: no charset added
 
 
 def _deadlock(db) -> sa.exc.DBAPIError:
