@@ -26,7 +26,7 @@ from dbqueue import errors
 
 DEFAULT_DATABASE_URL = "sqlite:///dbqueue.sqlite3"
 
-#: Async tasks a worker process runs at once by default. 10, as arq and SAQ: each running
+#: Async tasks a worker process runs at once by default. 10, as arq's max_jobs: each running
 #: task may hold a connection of the application's async engine, and SQLAlchemy's default
 #: pool gives 15 (5 + 10 overflow), so at 10 no task waits for a connection and the
 #: database sees at most 10 more sessions per worker process; a worker never claims more
