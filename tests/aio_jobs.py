@@ -57,7 +57,7 @@ _engines: dict[str, Any] = {}
 async def pooled_query(url: str) -> Any:
     """Run a query through one async engine with a normal pool, kept across tasks (the
     worker's event loop lives as long as the process). Returns the server session's id on
-    PostgreSQL (so the test can count connections), 1 on SQLite."""
+    PostgreSQL and MariaDB (so the test can count connections), 1 on SQLite."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = _engines.get(url)
@@ -67,6 +67,8 @@ async def pooled_query(url: str) -> Any:
         await asyncio.sleep(0.05)  # hold the connection while others want one
         if engine.dialect.name == "postgresql":
             return (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+        if engine.dialect.name in {"mysql", "mariadb"}:
+            return (await conn.execute(sa.text("SELECT CONNECTION_ID()"))).scalar_one()
         return (await conn.execute(sa.text("SELECT 1"))).scalar_one()
 
 
