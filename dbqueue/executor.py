@@ -16,6 +16,7 @@ import contextvars
 import dataclasses
 import inspect
 import logging
+import os
 import pickle
 import signal
 import threading
@@ -114,8 +115,17 @@ def _import(name: str, what: str) -> Any:
     try:
         return serializer.import_handler(name)
     except (ImportError, AttributeError) as exc:
+        module = name.partition(":")[0]
+        missing = getattr(exc, "name", None) or ""
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and f"{module}.".startswith(f"{missing}."):
+            # The task's own module, not one it imports: usually a worker started elsewhere.
+            hint = (
+                f": not on this worker's path (working directory {os.getcwd()}); start the "
+                "worker where the application's code is, or set PYTHONPATH"
+            )
         raise HandlerImportError(
-            f"cannot import {what} {name!r} ({type(exc).__name__}: {exc})"
+            f"cannot import {what} {name!r} ({type(exc).__name__}: {exc}){hint}"
         ) from exc
 
 

@@ -626,6 +626,10 @@ def test_callable_that_no_longer_imports_is_retried_then_failed(db, handler, cau
     task.refresh()
     assert task.status is dbqueue.Status.QUEUED
     assert f"cannot import handler '{handler}' ({cause}: " in task.error
+    # a missing module of the task's own says where the worker looked, and what to do
+    assert ("start the worker where the application's code is" in task.error) == (
+        cause == "ModuleNotFoundError"
+    ), task.error
     assert after.refresh().result == 10
     with db.engine.begin() as conn:
         conn.execute(sa.update(schema.tasks).values(run_at=_due_now()))
