@@ -257,3 +257,32 @@ def test_workers_poll_and_say_so(db):
     assert task.result == 5
     assert "MySQL/MariaDB has no LISTEN/NOTIFY" in err, err
     assert "LISTEN connection" not in err, err
+
+
+def test_concurrent_enqueues_of_one_unique_key_make_one_task(db):
+    """Duplicate-key checks take locks on InnoDB: enqueuers racing on one key wait for each
+    other and meet error 1062 on `unique_live`'s index, and every one of them gets the single
+    task's id."""
+    ids: list[int] = []
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def enqueuer() -> None:
+        try:
+            start.wait(10)
+            for _ in range(10):
+                task = dbqueue.enqueue(jobs.noop, unique_key="race")
+                with lock:
+                    ids.append(task.id)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=enqueuer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    assert len(ids) == 80 and len(set(ids)) == 1
+    assert db.scalar("SELECT count(*) FROM tasks") == 1
