@@ -7,6 +7,7 @@ wall time.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -209,3 +210,35 @@ def test_tasks_claimed_ahead_of_a_slot_go_back_unspent_at_stop(db):
     assert all(t.status is Status.QUEUED for t in tasks)
     assert all("grace period ran out" in t.error for t in ran)
     assert all(t.error is None for t in waited)  # never started: given back as claimed
+
+
+def test_coroutines_of_a_killed_worker_are_rescued_and_run_again(db):
+    ids = dbqueue.enqueue_many(aio_jobs.nap, [(2,)] * 3)
+    proc = db.popen("work", "--import", "tests.aio_jobs", "--sleep-delay", "0.2")
+    try:
+        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 3)
+        (pid,) = {r.pid for r in db.rows("SELECT pid FROM workers")}
+        os.kill(pid, signal.SIGKILL)  # the supervisor rescues its tasks and starts another
+        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'succeeded'", 3, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    for task in results(ids):
+        assert task.attempts == 2  # the killed run, then the rescued one
+        assert task.result[2] != pid
+
+
+def test_async_tasks_beside_threads(db):
+    first = dbqueue.enqueue_many(aio_jobs.nap, [(0.5,)] * 3)
+    blocking = dbqueue.enqueue_many(aio_jobs.blocking_nap, [(0.5,)] * 2)
+    later = dbqueue.enqueue_many(aio_jobs.nap, [(0.5,)] * 3)
+    summary = Worker(db.settings, threads=2).work_off()
+    assert summary.succeeded == 8
+    sync = [t.result for t in results(blocking)]
+    naps = [t.result for t in results(first + later)]
+    assert most_at_once([(s, e) for s, e, _ in sync]) == 2  # the two threads at once
+    assert most_at_once([(s, e) for s, e, _ in naps + sync]) >= 4  # and the loop beside them
