@@ -249,6 +249,28 @@ _MISCONFIGURED = (
 )
 
 
+_MISSING_TABLE = (
+    re.compile(r"no such table: (?:\w+\.)?(\w+)"),  # SQLite (main.x when qualified)
+    re.compile(r'relation "(?:[^".]+\.)?([^"]+)" does not exist'),  # PostgreSQL
+    re.compile(r"Table '(?:[^'.]+\.)?([^']+)' doesn't exist"),  # MySQL 1146: 'db.table'
+)
+
+
+def _missing_table(message: str) -> str | None:
+    """The table a driver's "no such table" message names, if it names one."""
+    for pattern in _MISSING_TABLE:
+        found = pattern.search(message)
+        if found:
+            return found.group(1)
+    return None
+
+
+def _dbqueue_tables() -> set[str]:
+    from dbqueue import schema
+
+    return {*schema.metadata.tables, VERSION_TABLE}
+
+
 def describe_error(settings: config.Settings, exc: BaseException) -> errors.DbqueueError:
     """A DbqueueError with a one-line message for a driver exception, password hidden."""
     url = config.redact(settings.database_url)
@@ -269,6 +291,14 @@ def describe_error(settings: config.Settings, exc: BaseException) -> errors.Dbqu
         or ("relation" in lowered and "does not exist" in lowered)
         or ("table" in lowered and "doesn't exist" in lowered)  # MySQL 1146
     ):
+        missing = _missing_table(first)
+        if missing is not None and missing not in _dbqueue_tables():
+            # The application's table (a counter cache's model, say), not dbqueue's: `dbqueue
+            # migrate` would not create it.
+            return errors.SchemaError(
+                f"{url} has no table {missing!r} ({first}): it is not one of dbqueue's tables; "
+                "create your application's tables there"
+            )
         return errors.SchemaError(
             f"{url} has no dbqueue tables ({first}): run `dbqueue migrate` with "
             "DBQUEUE_DATABASE_URL (or --database-url) pointing at it"

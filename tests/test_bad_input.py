@@ -522,6 +522,16 @@ def test_enqueue_into_a_never_migrated_database(db):
         dbqueue.enqueue(jobs.noop)
 
 
+def test_a_missing_table_of_the_application_is_not_called_dbqueues(db):
+    """A missing table that is not dbqueue's (a counter cache's model not created yet) is
+    named as the application's: `dbqueue migrate` would not create it."""
+    with pytest.raises(sa.exc.DBAPIError) as caught, db.engine.connect() as conn:
+        conn.execute(sa.text("SELECT id FROM shop_orders"))
+    message = str(database.describe_error(db.settings, caught.value))
+    assert "has no table 'shop_orders'" in message, message
+    assert "not one of dbqueue's tables" in message and "dbqueue migrate" not in message
+
+
 NEWER_CODE = """
 import shutil, sys
 from pathlib import Path
