@@ -16,7 +16,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import BaseModel
-from sqlalchemy import orm
+from sqlalchemy import String, orm
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -35,7 +35,7 @@ class Base(orm.DeclarativeBase):
 class Order(Base):
     __tablename__ = "orders"
     id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
-    email: orm.Mapped[str]
+    email: orm.Mapped[str] = orm.mapped_column(String(254))  # MySQL needs a length
     receipt_sent: orm.Mapped[bool] = orm.mapped_column(default=False)
 
 
@@ -44,10 +44,13 @@ class NewOrder(BaseModel):
 
 
 def async_url(url: str) -> str:
-    """sqlite:/// -> sqlite+aiosqlite:///; postgresql+psycopg:// is async already."""
+    """sqlite:/// -> sqlite+aiosqlite:///, mysql:// -> mysql+aiomysql://; postgresql+psycopg://
+    is async already."""
     parsed = make_url(url)
     if parsed.drivername == "sqlite":
         parsed = parsed.set(drivername="sqlite+aiosqlite")
+    elif parsed.get_backend_name() in {"mysql", "mariadb"}:
+        parsed = parsed.set(drivername="mysql+aiomysql").update_query_dict({"charset": "utf8mb4"})
     return parsed.render_as_string(hide_password=False)
 
 

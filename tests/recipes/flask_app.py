@@ -11,7 +11,7 @@ import os
 
 from flask import Flask, request
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import orm
+from sqlalchemy import String, orm
 
 import dbqueue
 
@@ -26,7 +26,7 @@ db = SQLAlchemy(model_class=Base)
 class Order(db.Model):
     __tablename__ = "orders"
     id: orm.Mapped[int] = orm.mapped_column(primary_key=True)
-    email: orm.Mapped[str]
+    email: orm.Mapped[str] = orm.mapped_column(String(254))  # MySQL needs a length
     receipt_sent: orm.Mapped[bool] = orm.mapped_column(default=False)
 
 
