@@ -286,3 +286,33 @@ def test_concurrent_enqueues_of_one_unique_key_make_one_task(db):
     assert not failures, failures
     assert len(ids) == 80 and len(set(ids)) == 1
     assert db.scalar("SELECT count(*) FROM tasks") == 1
+
+
+def test_a_batch_of_outcomes_with_different_attempts_and_errors_is_written_at_once(db):
+    """MySQL's batch completion (one UPDATE, CASE id): rows on different attempts, results and
+    notes per row, and a row another worker holds now, left as it is."""
+    ids = dbqueue.enqueue_many(jobs.noop, [()] * 4)
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE tasks SET attempts = 2 WHERE id = {ids[1]}")
+        rows = store.claim(conn, "w1", 4)
+    assert sorted(r.attempts for r in rows) == [1, 1, 1, 3]
+    with db.engine.begin() as conn:  # rescued and claimed again elsewhere meanwhile
+        conn.exec_driver_sql(f"UPDATE tasks SET locked_by = 'w2' WHERE id = {ids[3]}")
+    outcomes = [
+        store.Outcome(
+            id=r.id,
+            attempts=r.attempts,
+            status=store.Status.SUCCEEDED,
+            result=None if r.id == ids[0] else bytes([r.id]) * 3,
+            error=f"note {r.id} 😀",
+        )
+        for r in rows
+    ]
+    with db.engine.begin() as conn:
+        assert engines.of(conn).complete_many(conn, "w1", outcomes) == set(ids[:3])
+    stored = {r.id: r for r in db.rows("SELECT id, status, result, error, locked_by FROM tasks")}
+    assert stored[ids[0]].result is None and stored[ids[0]].error == f"note {ids[0]} 😀"
+    for task_id in ids[1:3]:
+        assert stored[task_id].status == "succeeded" and stored[task_id].locked_by is None
+        assert stored[task_id].result == bytes([task_id]) * 3
+    assert stored[ids[3]].status == "running" and stored[ids[3]].locked_by == "w2"

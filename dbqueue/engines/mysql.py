@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from dbqueue.engines import base
 from dbqueue.engines.base import CLAIM_COLUMNS, NewTask, Outcome
-from dbqueue.schema import UNIQUE_LIVE, Status, db_now, status_is, tasks
+from dbqueue.schema import UNIQUE_LIVE, Status, status_is, tasks
 
 DEADLOCK = 1213
 LOCK_WAIT_TIMEOUT = 1205
@@ -130,43 +130,47 @@ class MySQL(base.Engine):
         self, conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]
     ) -> set[int] | None:
         """One UPDATE for the batch, each row's values picked by `CASE id`, fenced on the
-        worker and each row's attempt; the ids written, read back only when some were not."""
+        worker and each row's attempt; the ids written, read back only when some were not.
+
+        Its text is written here with the driver's placeholders, not built from SQLAlchemy
+        constructs: a CASE of n literals was n expression objects per batch (measured: an
+        eighth of a MariaDB drain's client time). The primary key is named (FORCE INDEX):
+        MariaDB otherwise walked a status-led index of every running row."""
         ids = [o.id for o in outcomes]
-        attempts = sa.case({o.id: o.attempts for o in outcomes}, value=tasks.c.id)
-        values: dict[str, Any] = {
-            "status": Status.SUCCEEDED.value,
-            "locked_by": None,
-            "locked_at": None,
-            "finished_at": db_now(),
-        }
-        if any(o.result is not None for o in outcomes):
-            values["result"] = sa.case(
-                {o.id: sa.literal(o.result, sa.LargeBinary) for o in outcomes}, value=tasks.c.id
-            )
+        marks = ", ".join(["%s"] * len(ids))
+        params: list[Any] = []
+        assignments = []
+        for column, values in (
+            ("result", [o.result for o in outcomes]),
+            ("error", [o.error for o in outcomes]),
+        ):
+            if all(v is None for v in values):
+                assignments.append(f"{column} = NULL")
+                continue
+            assignments.append(f"{column} = CASE id{' WHEN %s THEN %s' * len(ids)} END")
+            for task_id, value in zip(ids, values, strict=True):
+                params += (task_id, value)
+        attempts = {o.attempts for o in outcomes}
+        if len(attempts) == 1:
+            attempt_fence = "attempts = %s"
+            fence_params: list[Any] = [attempts.pop()]
         else:
-            values["result"] = None
-        if any(o.error is not None for o in outcomes):
-            values["error"] = sa.case(
-                {o.id: sa.literal(o.error, sa.Text) for o in outcomes}, value=tasks.c.id
-            )
-        else:
-            values["error"] = None
-        fence = sa.and_(
-            tasks.c.id.in_(ids),
-            status_is(Status.RUNNING),
-            tasks.c.locked_by == worker,
-            tasks.c.attempts == attempts,
+            attempt_fence = f"attempts = CASE id{' WHEN %s THEN %s' * len(ids)} END"
+            fence_params = [x for o in outcomes for x in (o.id, o.attempts)]
+        sql = (
+            "UPDATE tasks FORCE INDEX (PRIMARY) SET status = 'succeeded', "
+            f"{', '.join(assignments)}, locked_by = NULL, locked_at = NULL, "
+            f"finished_at = UTC_TIMESTAMP(6) WHERE id IN ({marks}) AND status = 'running' "
+            f"AND locked_by = %s AND {attempt_fence}"
         )
-        count = conn.execute(sa.update(tasks).where(fence).values(values)).rowcount
+        count = conn.exec_driver_sql(sql, (*params, *ids, worker, *fence_params)).rowcount
         if count == len(outcomes):
             return set(ids)
-        held = sa.select(tasks.c.id).where(
-            tasks.c.id.in_(ids),
-            status_is(Status.SUCCEEDED),
-            tasks.c.locked_by.is_(None),
-            tasks.c.attempts == attempts,
+        held = sa.select(tasks.c.id, tasks.c.attempts).where(
+            tasks.c.id.in_(ids), status_is(Status.SUCCEEDED), tasks.c.locked_by.is_(None)
         )
-        return set(conn.execute(held).scalars())
+        mine = {(o.id, o.attempts) for o in outcomes}
+        return {r.id for r in conn.execute(held) if (r.id, r.attempts) in mine}
 
     def update_returning(
         self,
