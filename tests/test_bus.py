@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import event, orm
 
 import dbqueue
@@ -237,6 +238,31 @@ def test_concurrent_syncs_of_one_app_converge(db, app):
         t.join()
     assert errors == []
     assert len(subscription_rows(db)) == 2
+
+
+@pytest.mark.skip_locked  # SQLite serialises every writer anyway
+def test_a_sync_waits_while_another_sync_of_the_same_app_holds_its_lock(db, app):
+    """Syncs of one application run one after the other (the last one's subscriptions win, and
+    two stale-row deletes never deadlock): PostgreSQL's advisory lock, MySQL's GET_LOCK."""
+    bus.subscribe("user_created")(got_user)
+    name = "dbqueue.bus:app_t"
+    with db.engine.connect() as holder:
+        if db.kind == "postgresql":
+            holder.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(name))))
+        else:
+            assert holder.execute(sa.select(sa.func.get_lock(name, 5))).scalar() == 1
+        syncing = threading.Thread(target=bus.sync)
+        syncing.start()
+        syncing.join(1.5)
+        waited = syncing.is_alive()
+        rows_meanwhile = subscription_rows(db)
+        if db.kind == "postgresql":
+            holder.rollback()
+        else:
+            holder.execute(sa.select(sa.func.release_lock(name)))
+    syncing.join(30)
+    assert waited and rows_meanwhile == []
+    assert [r[2] for r in subscription_rows(db)] == ["user_created"]
 
 
 def test_regex_flags_are_stored_and_matched(db, app):
