@@ -558,7 +558,7 @@ class Worker:
         queue, as the rescue of a killed sync task would."""
         if self._loop is None:
             return
-        margin = min(2.0, self.grace / 4)
+        margin = min(3.0, self.grace / 2)  # to cancel, record and exit before the kill
         if self._stop_at is not None:  # what has not started goes back at once
             unstarted = self._loop.give_back(margin)
             if unstarted:
@@ -576,15 +576,17 @@ class Worker:
             self.wakeup.wait(min(left, self.sleep_delay))
         if self._loop.running:
             log.warning(
-                "worker %s: %d async task(s) still running after the %gs grace period: "
-                "cancelling them (they go back to the queue)",
+                "worker %s: %d async task(s) still running %gs before the end of the %gs "
+                "grace period: cancelling them (they go back to the queue; raise --grace to "
+                "let them finish)",
                 self.name,
                 len(self._loop.running),
+                margin,
                 self.grace,
                 extra={"event": "async_cancelled_at_stop", "worker": self.name},
             )
             self._loop.cancel_all("stop")
-            end = time.monotonic() + margin * 0.75  # a quarter of the margin to write them
+            end = time.monotonic() + margin / 2  # the other half: record them, exit
             while self._loop.running and time.monotonic() < end:
                 self.wakeup.clear()
                 self._collect_async()
