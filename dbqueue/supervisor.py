@@ -17,6 +17,7 @@ import multiprocessing.process
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -126,8 +127,13 @@ def child_main(spec: ChildSpec, name: str, progress: Any, supervisor_pid: int) -
     settings = config.Settings(database_url=spec.database_url)
     config.configure(database_url=spec.database_url)
     last = worker.Summary()
+    reporting = threading.Lock()  # the heart thread reports the task that ends the process
 
     def report(summary: worker.Summary) -> None:
+        with reporting:
+            _report(summary)
+
+    def _report(summary: worker.Summary) -> None:
         if progress is not None and not w.stopping.is_set():
             try:
                 progress.send(

@@ -965,8 +965,7 @@ class Heart(threading.Thread):
                 error=f"task {task_id} was cancelled and did not stop (the process was stopped)",
             )
             try:
-                with worker.engine.begin() as conn:
-                    store.record(conn, worker.name, [outcome])
+                self._record_before_exit(outcome)
             finally:
                 log.error(
                     "task %s was cancelled and did not stop within %gs: exiting the process",
@@ -1039,12 +1038,22 @@ class Heart(threading.Thread):
             ):
                 self._hard_timeout(row, timeout)
 
+    def _record_before_exit(self, outcome: store.Outcome) -> None:
+        """Write the outcome of the task that ends the process, and count it in the worker's
+        summary: `dbqueue workoff` reported '0 failed' and exited 0 after such a task."""
+        worker = self.worker
+        with worker.begin() as conn:
+            written = store.record(conn, worker.name, [outcome])
+        if written:
+            worker.summary.count(outcome)
+            if worker.on_progress is not None:
+                worker.on_progress(worker.summary)
+
     def _hard_timeout(self, row: Any, timeout: float) -> None:
         exc = errors.TaskTimeout(f"timed out after {timeout:g}s (the process was stopped)")
         outcome = executor.failure(self.worker.settings, row, exc)
         try:
-            with self.worker.begin() as conn:
-                store.record(conn, self.worker.name, [outcome])
+            self._record_before_exit(outcome)
         finally:
             log.error(
                 "task %s %s timed out after %gs and did not stop: exiting the process",

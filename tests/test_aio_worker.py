@@ -85,6 +85,8 @@ def test_a_coroutine_blocking_the_loop_past_its_timeout_ends_the_process(db):
     assert stuck.status is Status.FAILED, stuck.error
     assert "timed out after 0.5s (the process was stopped)" in stuck.error
     assert "hard_timeout" in done.stderr or "did not stop" in done.stderr
+    assert done.returncode == 1, done.stdout + done.stderr  # counted as failed, not lost
+    assert "0 succeeded, 0 retried, 1 failed" in done.stdout, done.stdout
 
 
 def test_cancelling_a_running_coroutine_leaves_the_others_running(db):
