@@ -61,10 +61,17 @@ def current_revision(conn: sa.Connection) -> str | None:
 
 
 def migrate(settings: config.Settings, revision: str = "head") -> None:
-    """Upgrade the schema (alembic upgrade, with dbqueue's own version table)."""
+    """Upgrade the schema (alembic upgrade, with dbqueue's own version table).
+
+    On MySQL/MariaDB, under a named lock: DDL commits at once there, so two deploys migrating
+    together (one init container per pod) both created the first table and one failed with
+    "Table ... already exists"; the second now waits, then finds the schema at head.
+    """
     from alembic import command
 
-    with errors_translated(settings):
+    from dbqueue import upsert
+
+    with errors_translated(settings), upsert.named_lock(settings.get_engine(), "migrate"):
         command.upgrade(alembic_config(settings), revision)
 
 

@@ -40,6 +40,21 @@ def test_downgrade_base_removes_everything_and_upgrade_restores(db):
     )
 
 
+@pytest.mark.mysql_only
+def test_deploys_migrating_at_once_all_succeed(db):
+    """Three `dbqueue migrate` at once on an empty database (pods' init containers): MySQL's
+    DDL commits at once, so without the lock one created a table another then failed on."""
+    database.downgrade(db.settings, "base")
+    with db.engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE {database.VERSION_TABLE}"))
+    db.engine.dispose()
+    runs = [db.popen("migrate") for _ in range(3)]
+    done = [(run.wait(timeout=120), *run.communicate()) for run in runs]
+    assert [code for code, _, _ in done] == [0, 0, 0], done
+    with db.engine.connect() as conn:
+        assert database.current_revision(conn) == database.head_revision()
+
+
 def test_alembic_command_line_from_checkout(db):
     from tests.conftest import ROOT
 
