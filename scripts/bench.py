@@ -72,7 +72,9 @@ from dbqueue.schema import tasks  # noqa: E402
 
 enqueue_module = importlib.import_module("dbqueue.enqueue")  # the name `enqueue` is the function
 
-from bench_setup import (  # noqa: E402
+# vacuum, scalar, workoff, worker_env, dbqueue_command and pg_settings are also read as
+# bench.<name> by scripts/bench_queues.py and bench_limits.py
+from bench_setup import (  # noqa: E402, F401
     SECRET,
     Figures,
     dbqueue_command,
@@ -80,6 +82,7 @@ from bench_setup import (  # noqa: E402
     pg_settings,
     scalar,
     sqlite_settings,
+    vacuum,
     worker_env,
     workoff,
 )
