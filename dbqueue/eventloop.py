@@ -14,6 +14,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -201,6 +202,21 @@ class EventLoop:
             for r in list(self.running.values())
             if r.timeout is not None and r.started is not None and not r.ended
         ]
+
+    def blocking(self) -> Any | None:
+        """The row of the run whose code holds the loop's thread now (a coroutine running
+        blocking code: time.sleep, a sync driver), if one does: the watchdog names it, since
+        the runs it holds up are not the culprits."""
+        frame = sys._current_frames().get(self.thread.ident or -1)
+        chain = set()
+        while frame is not None:
+            chain.add(frame)
+            frame = frame.f_back
+        for run in list(self.running.values()):
+            coro = run.current.get_coro() if run.current is not None else None
+            if getattr(coro, "cr_frame", None) in chain:
+                return run.row
+        return None
 
     def close(self) -> None:
         """Stop the loop (its remaining runs are abandoned: the worker has recorded or given

@@ -1050,16 +1050,22 @@ class Heart(threading.Thread):
                 worker.on_progress(worker.summary)
 
     def _hard_timeout(self, row: Any, timeout: float) -> None:
-        exc = errors.TaskTimeout(f"timed out after {timeout:g}s (the process was stopped)")
+        loop = self.worker._loop
+        blocker = loop.blocking() if loop is not None else None
+        why = ""
+        if blocker is not None and blocker.id != row.id:
+            why = f": the event loop is blocked by task {blocker.id} {blocker.handler}"
+        exc = errors.TaskTimeout(f"timed out after {timeout:g}s (the process was stopped{why})")
         outcome = executor.failure(self.worker.settings, row, exc)
         try:
             self._record_before_exit(outcome)
         finally:
             log.error(
-                "task %s %s timed out after %gs and did not stop: exiting the process",
+                "task %s %s timed out after %gs and did not stop%s: exiting the process",
                 row.id,
                 row.handler,
                 timeout,
+                why,
                 extra={"event": "hard_timeout"},
             )
             os._exit(70)

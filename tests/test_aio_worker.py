@@ -89,6 +89,19 @@ def test_a_coroutine_blocking_the_loop_past_its_timeout_ends_the_process(db):
     assert "0 succeeded, 0 retried, 1 failed" in done.stdout, done.stdout
 
 
+def test_the_watchdog_names_the_coroutine_that_blocks_the_loop(db):
+    """A well-behaved coroutine past its timeout cannot be cancelled while another blocks the
+    loop: the process is stopped, and the error and the log name the blocking task."""
+    waiting = dbqueue.enqueue(aio_jobs.nap, (60,), timeout=0.5, max_attempts=1)
+    blocker = dbqueue.enqueue(aio_jobs.blocking_coroutine, (30,), max_attempts=1)
+    done = db.cli("workoff", "--import", "tests.aio_jobs", timeout=90)
+    waiting.refresh()
+    assert waiting.status is Status.FAILED, waiting.error
+    named = f"the event loop is blocked by task {blocker.id} tests.aio_jobs:blocking_coroutine"
+    assert named in waiting.error, waiting.error
+    assert named in done.stderr, done.stderr
+
+
 def test_cancelling_a_running_coroutine_leaves_the_others_running(db):
     doomed = dbqueue.enqueue(aio_jobs.nap, (60,))
     other = dbqueue.enqueue(aio_jobs.nap, (3,))
