@@ -5,7 +5,7 @@ JSON format writes them as keys, the text format appends them as key=value.
 
 Why not logging's StreamHandler and Formatter as they come: a worker logs one INFO line per
 task, and at thousands of tasks a second that line cost more than the task's database work
-(profiled in the README's Performance section). The time went to one write() and flush per
+(profiled in docs/performance.md). The time went to one write() and flush per
 line (each waking the process that reads stderr, which on a busy machine takes the CPU from
 the worker), to building a LogRecord (the caller's frame, file name, thread and process
 names) and to logging's generic formatting (a strftime per line). So, in the CLI (`setup()`):

@@ -1,5 +1,5 @@
 """Cold start (issue 21): what `import dbqueue`, the common imports and the CLI load, checked
-in fresh interpreters (the time itself is scripts/bench's and the README's business).
+in fresh interpreters (the time itself is scripts/bench's and docs/performance.md's business).
 
 `import dbqueue` loads the exceptions only; alembic, the bus, the counter caches, the
 dashboard and croniter load when something uses them. Every public name still resolves, to
