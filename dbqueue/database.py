@@ -8,10 +8,13 @@ exceptions into one-line messages that say what to do. No statements on `tasks` 
 from __future__ import annotations
 
 import contextlib
+import logging
+import random
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -321,7 +324,7 @@ def describe_error(settings: config.Settings, exc: BaseException) -> errors.Dbqu
             "?dbqueue_pgbouncer=transaction to the URL)"
         )
     if is_transient(exc):
-        return errors.DbqueueError(
+        return errors.LockConflict(
             f"lock conflict at {url} (the database undid the transaction): {first}"
         )
     if any(marker in lowered for marker in _MISCONFIGURED):
@@ -342,6 +345,61 @@ def errors_translated(settings: config.Settings) -> Iterator[None]:
     except sa.exc.ArgumentError as exc:
         raise errors.ConfigurationError(
             f"cannot use database URL {config.redact(settings.database_url)}: {exc}"
+        ) from exc
+
+
+T = TypeVar("T")
+log = logging.getLogger("dbqueue.database")
+
+#: How many times dbqueue runs a transaction of its own (an enqueue) that MySQL/MariaDB ended
+#: over a lock conflict before raising LockConflict.
+OWN_TRANSACTION_ATTEMPTS = 5
+
+
+def in_own_transaction(settings: config.Settings, work: Callable[[sa.Connection], T]) -> T:
+    """`work(conn)` in a transaction of dbqueue's own, run again when MySQL/MariaDB ends it
+    over a lock conflict (`is_transient`: the server undid the work, or the statement and
+    then our rollback the rest), so running it again stores everything once. Driver errors
+    come out as DbqueueErrors (`errors_translated`; LockConflict once the attempts run out)."""
+    with errors_translated(settings):
+        for attempt in range(1, OWN_TRANSACTION_ATTEMPTS):
+            try:
+                with settings.get_engine().begin() as conn:
+                    return work(conn)
+            except sa.exc.DBAPIError as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning(
+                    "%s; running the transaction again (attempt %d of %d)",
+                    describe_error(settings, exc),
+                    attempt + 1,
+                    OWN_TRANSACTION_ATTEMPTS,
+                    extra={"event": "lock_conflict_retried"},
+                )
+                time.sleep(random.uniform(0, 0.02 * attempt))  # the other side goes first
+        with settings.get_engine().begin() as conn:
+            return work(conn)
+
+
+@contextlib.contextmanager
+def conflicts_named(what: str) -> Iterator[None]:
+    """Inside the application's transaction: a lock conflict (`is_transient`) comes out as
+    LockConflict saying what the server undid and that the application must roll back and run
+    its whole transaction again; dbqueue cannot, the transaction is not its own."""
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        if not is_transient(exc):
+            raise
+        code = _mysql_code(exc)
+        happened = (
+            "a deadlock (1213): the server rolled back the whole transaction"
+            if code == 1213
+            else f"a lock wait timeout ({code}): the server undid that statement"
+        )
+        raise errors.LockConflict(
+            f"{what} inside the caller's transaction met {happened}; roll the transaction back "
+            "and run all of it again (dbqueue retries only transactions of its own)"
         ) from exc
 
 

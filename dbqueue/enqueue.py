@@ -334,6 +334,26 @@ def _connection(
         )
 
 
+def _stored(
+    settings: config.Settings,
+    session: Bind,
+    connection: Bind,
+    new: list[store.NewTask],
+    replace: bool,
+) -> list[int]:
+    """store.insert in the caller's transaction, or in our own, which is run again when
+    MySQL/MariaDB ends it over a lock conflict (a deadlock or lock wait on a unique key);
+    in the caller's, such a conflict is a LockConflict telling them to run theirs again."""
+
+    def insert(conn: sa.Connection) -> list[int]:
+        return store.insert(conn, new, replace=replace, notify=settings.notify)
+
+    if session is None and connection is None:
+        return database.in_own_transaction(settings, insert)
+    with _connection(settings, session, connection) as conn, database.conflicts_named("enqueue"):
+        return insert(conn)
+
+
 def enqueue(
     func: Callable[..., Any],
     args: Sequence[Any] = (),
@@ -446,8 +466,7 @@ def enqueue(
         with database.errors_translated(settings):
             task_id = store.insert_one_autocommit(engine, new, notify=settings.notify)
         return task_module.Task(task_id, settings=settings)
-    with _connection(settings, session, connection) as conn:
-        (task_id,) = store.insert(conn, [new], replace=replace, notify=settings.notify)
+    (task_id,) = _stored(settings, session, connection, [new], replace)
     if settings.inline:
         inline_mode.after_commit(settings, caller_bind(session, connection), [task_id])
     return task_module.Task(task_id, settings=settings)
@@ -495,8 +514,7 @@ def enqueue_many(
             new.append(recipe.task((), item))
         else:
             new.append(recipe.task((item,), None))
-    with _connection(settings, session, connection) as conn:
-        ids = store.insert(conn, new, replace=replace, notify=settings.notify)
+    ids = _stored(settings, session, connection, new, replace)
     if settings.inline:
         inline_mode.after_commit(settings, caller_bind(session, connection), ids)
     return ids

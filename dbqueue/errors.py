@@ -30,6 +30,13 @@ class DatabaseUnavailable(DbqueueError):
     Workers retry on their own; an application enqueueing gets this error and decides."""
 
 
+class LockConflict(DbqueueError):
+    """MySQL/MariaDB ended a statement or transaction over a lock conflict (deadlock 1213,
+    lock wait timeout 1205). dbqueue runs its own transactions again a few times before
+    raising this; inside the application's transaction it raises it at once, because only the
+    application can run its whole transaction again (after rolling it back)."""
+
+
 class SignatureError(DbqueueError):
     """A stored envelope whose signature did not verify (another key, a forged or damaged
     row): it is never unpickled. Users see it as a failed task or a `ResultNotStored`."""

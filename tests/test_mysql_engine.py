@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import signal
 import threading
 import time
@@ -316,3 +317,70 @@ def test_a_batch_of_outcomes_with_different_attempts_and_errors_is_written_at_on
         assert stored[task_id].status == "succeeded" and stored[task_id].locked_by is None
         assert stored[task_id].result == bytes([task_id]) * 3
     assert stored[ids[3]].status == "running" and stored[ids[3]].locked_by == "w2"
+
+
+def _short_lock_waits(engine: sa.Engine) -> None:
+    """Every new connection of `engine` gives up a row lock wait after 1 s (error 1205)."""
+    engine.dispose()
+
+    @sa.event.listens_for(engine, "connect")
+    def _short(dbapi_connection: Any, record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
+        cursor.close()
+
+
+def test_an_enqueue_in_its_own_transaction_that_meets_a_lock_conflict_runs_again(db, caplog):
+    """A unique key held by another uncommitted transaction: the enqueue's duplicate check
+    waits on its lock and the server gives up (1205). dbqueue owns that transaction, so it
+    runs it again; once the holder commits, the enqueue returns the holder's task."""
+    _short_lock_waits(db.engine)
+    retried = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "event", None) == "lock_conflict_retried":
+                retried.set()
+
+    seen = Seen()
+    logging.getLogger("dbqueue.database").addHandler(seen)
+    holder = db.engine.connect()
+    try:
+        transaction = holder.begin()
+        held = dbqueue.enqueue(jobs.noop, unique_key="k", connection=holder)
+        got: list[Any] = []
+        thread = threading.Thread(
+            target=lambda: got.append(_outcome(lambda: dbqueue.enqueue(jobs.noop, unique_key="k")))
+        )
+        thread.start()
+        while thread.is_alive() and not retried.wait(0.05):
+            pass
+        transaction.commit()
+        thread.join(60)
+    finally:
+        holder.close()
+        logging.getLogger("dbqueue.database").removeHandler(seen)
+    assert len(got) == 1 and not isinstance(got[0], BaseException), got
+    assert got[0].id == held.id
+    assert db.scalar("SELECT count(*) FROM tasks") == 1
+
+
+def _outcome(call: Any) -> Any:
+    try:
+        return call()
+    except BaseException as exc:
+        return exc
+
+
+def test_a_lock_conflict_inside_the_callers_transaction_says_to_run_it_again(db):
+    """dbqueue cannot run the application's transaction again: it says so, naming the error."""
+    _short_lock_waits(db.engine)
+    with db.engine.connect() as holder, holder.begin():
+        dbqueue.enqueue(jobs.noop, unique_key="k", connection=holder)
+        with db.engine.connect() as conn, conn.begin():
+            with pytest.raises(errors.LockConflict) as conflict:
+                dbqueue.enqueue_many(jobs.noop, [1], unique_key="k", connection=conn)
+    message = str(conflict.value)
+    assert "enqueue inside the caller's transaction met a lock wait timeout (1205)" in message
+    assert "roll the transaction back and run all of it again" in message
+    assert isinstance(conflict.value.__cause__, sa.exc.OperationalError)
