@@ -37,7 +37,7 @@ from dbqueue.enqueue import (  # `dbqueue.enqueue` is the function
     build,
     caller_bind,
 )
-from dbqueue.schema import bus_subscriptions, db_now
+from dbqueue.schema import BUS_TEXT_LENGTH, bus_subscriptions, db_now, too_long
 
 log = logging.getLogger("dbqueue.bus")
 
@@ -243,12 +243,14 @@ def subscribe(
 
     Raises:
         ConfigurationError: an event that is neither a non-empty name nor a str regex, regex
-            flags that cannot be stored, a bad queue name, or the same handler subscribed to
-            the same event on two queues.
+            flags that cannot be stored, an event or a handler's `module:qualname` over 300
+            characters, a bad queue name, or the same handler subscribed to the same event on
+            two queues.
         EnqueueError: (at decoration) a handler workers could not import (a lambda, a local
             function).
     """
     matcher, is_regex = _matcher(event)
+    _check_length("event", matcher)
     if not isinstance(queue, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,35}", queue):
         raise errors.ConfigurationError(
             f"bus.subscribe queue {queue!r} must be 1-35 letters, digits, '_', '.' or '-'"
@@ -256,6 +258,7 @@ def subscribe(
 
     def decorate(func: F) -> F:
         handler = serializer.handler_name(func)
+        _check_length("handler", handler)
         sub = Subscription(matcher, is_regex, queue, handler, sync)
         for other in _state.registry:
             if (other.matcher, other.is_regex, other.handler) == (matcher, is_regex, handler):
@@ -269,6 +272,18 @@ def subscribe(
         return func
 
     return decorate
+
+
+def _check_length(what: str, text: str) -> None:
+    """Refuse at subscribe time what `bus_subscriptions` could not store whole (MySQL/MariaDB:
+    VARCHAR(300) columns in the unique key), on every engine, so that code that subscribes on
+    one database subscribes on all of them."""
+    problem = too_long(text, BUS_TEXT_LENGTH)
+    if problem:
+        raise errors.ConfigurationError(
+            f"bus.subscribe: the {what} {text[:60]!r}... is {problem} "
+            f"(bus_subscriptions.{'matcher' if what == 'event' else what})"
+        )
 
 
 def subscriptions() -> list[Subscription]:

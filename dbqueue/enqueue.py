@@ -22,7 +22,18 @@ from typing import Any, Final, ParamSpec, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from dbqueue import config, database, errors, hooks, inline_mode, limits, retry, serializer, store
+from dbqueue import (
+    config,
+    database,
+    errors,
+    hooks,
+    inline_mode,
+    limits,
+    retry,
+    schema,
+    serializer,
+    store,
+)
 from dbqueue import task as task_module
 
 P = ParamSpec("P")
@@ -267,6 +278,10 @@ def _recipe(
     _check_options(priority, queue, max_attempts, timeout)
     if unique_key is not None and not isinstance(unique_key, str):
         raise errors.EnqueueError(f"unique_key must be a string, not {unique_key!r}")
+    if unique_key is not None and (
+        problem := schema.too_long(unique_key, schema.UNIQUE_KEY_BYTES, "bytes")
+    ):
+        raise errors.EnqueueError(f"unique_key {unique_key[:60]!r}... is {problem} (UTF-8)")
     handler, ref = reference(func)
     limits.check(concurrency_key, max_concurrency, handler)
     absolute, delay = _run_at(run_at)
@@ -416,8 +431,8 @@ def enqueue(
         EnqueueError: the task cannot be stored: an argument that does not pickle (named), a
             payload over `DBQUEUE_MAX_PAYLOAD_BYTES`, a callable workers could not import, a
             naive datetime or bad `run_at`, an option of the wrong type or out of range, a
-            concurrency key without a limit (or the reverse), a `session` that is not a
-            Session. Nothing was stored.
+            unique key over 64 KiB of UTF-8, a concurrency key without a limit (or the
+            reverse), a `session` that is not a Session. Nothing was stored.
         DatabaseUnavailable: dbqueue's own transaction could not reach the database.
         SchemaError: the database has no dbqueue tables, or older ones (run `dbqueue migrate`).
     """

@@ -34,7 +34,7 @@ from dbqueue import config, errors, retry, serializer, upsert
 
 # Names, not the module: `dbqueue.enqueue` is the function once the package is imported.
 from dbqueue.enqueue import build, enqueue
-from dbqueue.schema import db_now, periodic_slots
+from dbqueue.schema import PERIODIC_NAME_LENGTH, db_now, periodic_slots, too_long
 
 log = logging.getLogger("dbqueue.periodic")
 
@@ -151,7 +151,8 @@ def periodic(
 
     Raises:
         ConfigurationError: neither or both of `cron` and `every`, an invalid cron
-            expression, an unknown time zone, or `every` under a second.
+            expression, an unknown time zone, `every` under a second, or a function whose
+            `module:qualname` is over 300 characters.
         EnqueueError: (at decoration) arguments that do not pickle, a bad option, or a
             function workers could not import.
     """
@@ -185,6 +186,9 @@ def periodic(
     def decorate(func: F) -> F:
         target = getattr(func, "__dbqueue_func__", func)  # also on top of @handle_asynchronously
         name = serializer.handler_name(target)
+        problem = too_long(name, PERIODIC_NAME_LENGTH)
+        if problem:  # periodic_slots.name could not hold it
+            raise errors.ConfigurationError(f"@periodic: the name {name[:60]!r}... is {problem}")
         entry = Periodic(
             func=target,
             name=name,

@@ -103,6 +103,20 @@ def double_type() -> sa.types.TypeEngine[Any]:
     return sa.Float().with_variant(mysql.DOUBLE(asdecimal=False), *MYSQL)  # floats, not Decimal
 
 
+#: Lengths that bind every engine, because MySQL/MariaDB's column (or an index's key size
+#: there) cannot hold more: checked where the value is given, so that a longer one is refused
+#: naming the limit instead of failing later with a driver error, or worse truncated.
+BUS_TEXT_LENGTH = 300  # bus_subscriptions.matcher and .handler: VARCHAR in a unique key
+PERIODIC_NAME_LENGTH = 300  # periodic_slots.name, the periodic function's handler
+UNIQUE_KEY_BYTES = 65535  # tasks.unique_key: TEXT on MySQL/MariaDB, 64 KiB of UTF-8
+
+
+def too_long(value: str, limit: int, unit: str = "characters") -> str | None:
+    """'N characters, limit is L' when `value` is over `limit` (bytes: its UTF-8), else None."""
+    size = len(value.encode()) if unit == "bytes" else len(value)
+    return f"{size} {unit}, limit is {limit}" if size > limit else None
+
+
 def key_text_type(length: int) -> sa.types.TypeEngine[Any]:
     """`text`, but `VARCHAR(length)` on MySQL/MariaDB for a column in a unique key (TEXT
     cannot be a key there without a prefix, and a prefix is not uniqueness)."""
@@ -442,10 +456,13 @@ bus_subscriptions = sa.Table(
     sa.Column("app_key", sa.String(100), nullable=False),
     sa.Column("queue", sa.String(100), nullable=False),
     sa.Column(
-        "matcher", key_text_type(300), nullable=False, comment="event name, or a regex pattern"
+        "matcher",
+        key_text_type(BUS_TEXT_LENGTH),
+        nullable=False,
+        comment="event name, or a regex pattern",
     ),
     sa.Column("is_regex", sa.Boolean, nullable=False),
-    sa.Column("handler", key_text_type(300), nullable=False, comment="module:qualname"),
+    sa.Column("handler", key_text_type(BUS_TEXT_LENGTH), nullable=False, comment="module:qualname"),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
     sa.UniqueConstraint("app_key", "matcher", "is_regex", "handler"),
     **MYSQL_TABLE,
@@ -454,7 +471,12 @@ bus_subscriptions = sa.Table(
 periodic_slots = sa.Table(
     "periodic_slots",
     metadata,
-    sa.Column("name", sa.String(300), primary_key=True, comment="the periodic task's handler"),
+    sa.Column(
+        "name",
+        sa.String(PERIODIC_NAME_LENGTH),
+        primary_key=True,
+        comment="the periodic task's handler",
+    ),
     sa.Column(
         "last_slot",
         UTCDateTime(),

@@ -7,19 +7,23 @@ from __future__ import annotations
 import datetime as dt
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import orm
 
 import dbqueue
-from dbqueue import config, database, errors, schema, serializer, worker
+from dbqueue import bus, config, database, errors, schema, serializer, worker
+from dbqueue.periodic import enqueue_due, periodic, registry
 from tests import jobs
 from tests.conftest import PG_ADMIN_URL, ROOT, SECRET
 
@@ -655,3 +659,74 @@ def test_enqueue_into_an_older_table_says_to_migrate(db):
     with pytest.raises(dbqueue.SchemaError, match=r"run `dbqueue migrate`") as info:
         dbqueue.enqueue(jobs.noop)
     assert "timeout" in str(info.value)
+
+
+def _named(qualname: str) -> Any:
+    """jobs.noop under another qualname: its handler is `tests.jobs:<qualname>`."""
+    func = types.FunctionType(jobs.noop.__code__, jobs.noop.__globals__, "noop")
+    func.__qualname__ = qualname
+    return func
+
+
+def test_bus_text_over_300_characters_is_refused_at_subscribe_and_300_fit(db, monkeypatch):
+    """`bus_subscriptions.matcher`/`.handler` are VARCHAR(300) on MySQL/MariaDB (in a unique
+    key): a longer event or handler path is refused when subscribing, on every engine, naming
+    the limit; 300 characters are stored whole, and a refusal loses nothing stored."""
+    monkeypatch.setattr(bus, "_state", bus._State(app_key="app_t"))
+    event = "é" * 300  # characters, not bytes: 600 bytes of UTF-8
+    handler = _named("q" * (300 - len("tests.jobs:")))
+    bus.subscribe(event)(handler)
+    bus.subscribe(re.compile("^" + "x" * 299))(handler)
+    bus.sync()
+    stored = {(r.matcher, r.handler) for r in db.rows("SELECT * FROM bus_subscriptions")}
+    assert stored == {
+        (event, "tests.jobs:" + "q" * 289),
+        ("^" + "x" * 299, "tests.jobs:" + "q" * 289),
+    }
+    with pytest.raises(errors.ConfigurationError) as refused:
+        bus.subscribe("e" * 301)
+    assert "event 'eeee" in str(refused.value)
+    assert "is 301 characters, limit is 300 (bus_subscriptions.matcher)" in str(refused.value)
+    with pytest.raises(errors.ConfigurationError) as refused:
+        bus.subscribe(re.compile("x" * 297, re.IGNORECASE))  # stored as (?i)xxx...: 301
+    assert "is 301 characters, limit is 300" in str(refused.value)
+    with pytest.raises(errors.ConfigurationError) as refused:
+        bus.subscribe("ok")(_named("q" * 290))
+    assert "handler 'tests.jobs:qqq" in str(refused.value)
+    assert "is 301 characters, limit is 300 (bus_subscriptions.handler)" in str(refused.value)
+    bus.sync()
+    assert {(r.matcher, r.handler) for r in db.rows("SELECT * FROM bus_subscriptions")} == stored
+
+
+def test_periodic_name_over_300_characters_is_refused_at_decoration_and_300_fit(db):
+    """`periodic_slots.name` (the function's handler) is VARCHAR(300) on MySQL/MariaDB and
+    PostgreSQL: a longer one is refused at decoration, not by the scheduler at run time."""
+    before = dict(registry)
+    registry.clear()
+    try:
+        fits = _named("p" * (300 - len("tests.jobs:")))
+        periodic(every=dt.timedelta(hours=1))(fits)
+        with db.engine.begin() as conn:
+            enqueue_due(conn)
+        assert db.scalar("SELECT name FROM periodic_slots") == "tests.jobs:" + "p" * 289
+        with pytest.raises(errors.ConfigurationError) as refused:
+            periodic(every=dt.timedelta(hours=1))(_named("p" * 290))
+        assert "@periodic: the name 'tests.jobs:ppp" in str(refused.value)
+        assert "is 301 characters, limit is 300" in str(refused.value)
+        assert list(registry) == ["tests.jobs:" + "p" * 289]
+    finally:
+        registry.clear()
+        registry.update(before)
+
+
+def test_unique_key_over_64_kib_is_refused_before_anything_is_stored(db):
+    """`tasks.unique_key` is TEXT on MySQL/MariaDB (64 KiB): a longer key is refused by
+    enqueue on every engine, naming the limit (it was the server's 'Data too long' there)."""
+    largest = "é" * (65535 // 2) + "k"  # 65,535 bytes of UTF-8
+    task = dbqueue.enqueue(jobs.noop, unique_key=largest)
+    assert db.scalar("SELECT unique_key FROM tasks WHERE id = :i", i=task.id) == largest
+    assert dbqueue.enqueue(jobs.noop, unique_key=largest).id == task.id
+    with pytest.raises(errors.EnqueueError) as refused:
+        dbqueue.enqueue_many(jobs.noop, [1], unique_key=largest + "k")
+    assert "is 65536 bytes, limit is 65535 (UTF-8)" in str(refused.value)
+    assert task_count(db) == 1
