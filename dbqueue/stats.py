@@ -25,7 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dbqueue import store
+from dbqueue import loose_scan, store
 from dbqueue.schema import FINISHED, Status, UTCDateTime, db_now, status_is, tasks
 
 EXACT_QUEUED_UP_TO = 100_000  # per queue
@@ -101,18 +101,16 @@ def queued(conn: sa.Connection, now: dt.datetime | None = None) -> list[Queued]:
             sa.literal(queue).label("queue"),
             capped(queue).label("total"),
             capped(queue, tasks.c.run_at <= current).label("ready"),
-            store.earliest_run_at(queue, i).label("earliest"),
         )
-        for i, queue in enumerate(names)
+        for queue in names
     ]
     rows = conn.execute(per_queue[0] if len(per_queue) == 1 else sa.union_all(*per_queue)).all()
+    earliest_of, _ = store.earliest_run_at(conn, names)
     large = [row.queue for row in rows if row.total > EXACT_QUEUED_UP_TO]
     sampled = _sampled(conn, status_is(Status.QUEUED), tasks.c.run_at <= current) if large else {}
     out = []
     for row in sorted(rows, key=lambda r: r.queue):
-        earliest = row.earliest
-        if isinstance(earliest, str):  # SQLite, inside a UNION
-            earliest = UTCDateTime().process_result_value(earliest, conn.dialect)
+        earliest = earliest_of[row.queue]
         oldest_ready = earliest if earliest is not None and earliest <= now else None
         if row.queue in large:
             ready = sampled.get((row.queue, True), 0)
@@ -153,7 +151,8 @@ def _sampled(conn: sa.Connection, where: Any, by: Any) -> dict[tuple[str, Any], 
 
 def waiting_queues(conn: sa.Connection) -> list[str]:
     """The queues that have queued tasks: one index lookup per queue (a recursive CTE that
-    skips from one queue name to the next in `ix_tasks_queue_claimable`), not one per row."""
+    skips from one queue name to the next in `ix_tasks_queue_claimable`, loose_scan), not one
+    per row."""
 
     def first_after(previous: Any) -> Any:
         stmt = sa.select(tasks.c.queue).where(status_is(Status.QUEUED))
@@ -162,9 +161,7 @@ def waiting_queues(conn: sa.Connection) -> list[str]:
         stmt = stmt.with_hint(tasks, "INDEXED BY ix_tasks_queue_claimable", "sqlite")
         return stmt.order_by(tasks.c.queue).limit(1).scalar_subquery()
 
-    names = sa.select(first_after(None).label("queue")).cte("names", recursive=True)
-    names = names.union_all(sa.select(first_after(names.c.queue)).where(names.c.queue.is_not(None)))
-    return [r[0] for r in conn.execute(sa.select(names.c.queue).where(names.c.queue.is_not(None)))]
+    return loose_scan.values(conn, first_after, "names")
 
 
 def running(conn: sa.Connection) -> dict[str, int]:

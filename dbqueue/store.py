@@ -21,6 +21,7 @@ Every time comes from the database clock (`schema.db_now`). Callers own the tran
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import operator
@@ -30,7 +31,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dbqueue import engines
+from dbqueue import engines, loose_scan
 from dbqueue.engines import base
 from dbqueue.engines import postgresql as _postgresql
 from dbqueue.engines import sqlite as _sqlite  # noqa: F401 (its INDEXED BY compiles for stats.py)
@@ -538,57 +539,77 @@ def seconds_until_next(conn: sa.Connection, queues: Sequence[str] | None = None)
     The idle worker's sleep, asked after every empty claim. `min(run_at)` over the queued
     rows read all of them (300 ms beside 1,000,000 queued rows, on every idle poll): the
     claim indexes are ordered by priority first. So this reads, per queue, the earliest
-    run_at of each priority present: one index lookup per distinct priority (a recursive
-    CTE that skips from one priority to the next), however many rows each holds.
+    run_at of each priority present (`earliest_run_at`).
     """
-    earliest_of = [earliest_run_at(q, i) for i, q in enumerate(queues or [None])]
-    earliest_sql = (
-        earliest_of[0]
-        if len(earliest_of) == 1
-        else sa.func.min(
-            sa.union_all(*(sa.select(e.label("run_at")) for e in earliest_of)).subquery().c.run_at
-        )
-    )
-    earliest, now = conn.execute(sa.select(earliest_sql, db_now())).one()
-    if earliest is None:
+    named: list[str | None] = list(queues) if queues else [None]
+    earliest, now = earliest_run_at(conn, named)
+    found = [e for e in earliest.values() if e is not None]
+    if not found:
         return None
-    if isinstance(earliest, str):
-        earliest = UTCDateTime().process_result_value(earliest, conn.dialect)
-    return max(0.0, float((earliest - now).total_seconds()))
+    return max(0.0, float((min(found) - now).total_seconds()))
 
 
-def earliest_run_at(queue: str | None, n: int) -> Any:
-    """A scalar subquery: the earliest run_at of `queue`'s queued rows (None: every queue),
-    by a loose index scan over the claim index's priorities (seconds_until_next)."""
+def earliest_run_at(
+    conn: sa.Connection, queues: Sequence[str | None]
+) -> tuple[dict[str | None, dt.datetime | None], dt.datetime]:
+    """The earliest run_at of each queue's queued rows (None: of every queue's), and the
+    database clock. A loose index scan over the claim index's priorities: one index lookup per
+    distinct priority, however many rows each holds, `loose_scan.WALK` priorities per queue
+    in one statement (one statement in all, unless a queue has more priorities than that)."""
+    earliest: dict[str | None, dt.datetime | None] = dict.fromkeys(queues)
+    pending: dict[str | None, Any] = dict.fromkeys(queues)  # walk on after this priority
+    now: dt.datetime | None = None
+    while pending:
+        columns = []
+        for i, (queue, after) in enumerate(pending.items()):
+            levels = loose_scan.walk(functools.partial(_next_priority, queue), f"prio_{i}", after)
+            columns += [_earliest_at(queue, levels), loose_scan.resume_after(levels)]
+        row = conn.execute(sa.select(db_now(), *columns)).one()
+        now = now or row[0]
+        resumed = {}
+        for i, queue in enumerate(pending):
+            found, resume = row[1 + 2 * i], row[2 + 2 * i]
+            if isinstance(found, str):  # SQLite, through a scalar subquery
+                found = UTCDateTime().process_result_value(found, conn.dialect)
+            current = earliest[queue]
+            if found is not None and (current is None or found < current):
+                earliest[queue] = found
+            if resume is not None:
+                resumed[queue] = resume
+        pending = resumed
+    assert now is not None
+    return earliest, now
+
+
+def _queued(queue: str | None) -> sa.Select[Any]:
+    """Queued rows' priorities (of `queue`, or every queue), through its claim index."""
     index = "ix_tasks_claimable" if queue is None else "ix_tasks_queue_claimable"
+    stmt = sa.select(tasks.c.priority).where(status_is(Status.QUEUED))
+    if queue is not None:
+        stmt = stmt.where(tasks.c.queue == sa.literal(queue))
+    return stmt.with_hint(tasks, f"INDEXED BY {index}", "sqlite")
 
-    def queued() -> sa.Select[Any]:
-        stmt = sa.select(tasks.c.priority).where(status_is(Status.QUEUED))
-        if queue is not None:
-            stmt = stmt.where(tasks.c.queue == sa.literal(queue))
-        return stmt.with_hint(tasks, f"INDEXED BY {index}", "sqlite")
 
-    first = queued().order_by(tasks.c.priority).limit(1).scalar_subquery()
-    levels = sa.select(first.label("priority")).cte(f"priorities_{n}", recursive=True)
-    following = (
-        queued()
-        .where(tasks.c.priority > levels.c.priority)
-        .order_by(tasks.c.priority)
-        .limit(1)
-        .scalar_subquery()
-    )
-    levels = levels.union_all(sa.select(following).where(levels.c.priority.is_not(None)))
-    earliest = (
-        queued()
+def _next_priority(queue: str | None, previous: Any) -> Any:
+    stmt = _queued(queue)
+    if previous is not None:
+        stmt = stmt.where(tasks.c.priority > previous)
+    return stmt.order_by(tasks.c.priority).limit(1).scalar_subquery()
+
+
+def _earliest_at(queue: str | None, levels: sa.CTE) -> Any:
+    """The earliest run_at over a walk's priorities: the first entry of each in run_at order."""
+    first_at_level = (
+        _queued(queue)
         .with_only_columns(tasks.c.run_at)
-        .where(tasks.c.priority == levels.c.priority)
+        .where(tasks.c.priority == levels.c.value)
         .order_by(tasks.c.run_at)
         .limit(1)
         .scalar_subquery()
     )
     return (
-        sa.select(sa.type_coerce(sa.func.min(earliest), UTCDateTime()))
-        .where(levels.c.priority.is_not(None))
+        sa.select(sa.type_coerce(sa.func.min(first_at_level), UTCDateTime()))
+        .where(levels.c.value.is_not(None))
         .scalar_subquery()
     )
 

@@ -294,3 +294,43 @@ def test_dashboard_and_metrics_reads_run_without_jit(db):
         sa.event.remove(db.engine, "after_cursor_execute", check)
     assert seen, "no statement about tasks was seen"
     assert [s for s in seen if s[0] != "off"] == []
+
+
+def test_the_next_run_at_is_found_past_a_thousand_distinct_priorities(db):
+    """The walk over priorities is a recursive query, which MariaDB stops silently after
+    max_recursive_iterations (1000) and MySQL fails after cte_max_recursion_depth (1000): with
+    1,200 distinct priorities, the earliest run_at sits behind the 1,000th."""
+    with db.engine.begin() as conn:
+        for priority in range(1199):
+            dbqueue.enqueue(
+                jobs.noop,
+                priority=priority,
+                queue="q",
+                run_at=dt.timedelta(hours=1),
+                connection=conn,
+            )
+        dbqueue.enqueue(
+            jobs.noop, priority=5000, queue="q", run_at=dt.timedelta(minutes=1), connection=conn
+        )
+    assert db.scalar("SELECT count(DISTINCT priority) FROM tasks") == 1200
+    with db.engine.connect() as conn:
+        for queues in (None, ["q"], ["other", "q"]):
+            wait = store.seconds_until_next(conn, queues)
+            assert wait is not None and 0 < wait <= 60, (queues, wait)
+        assert store.seconds_until_next(conn, ["other"]) is None
+    dbqueue.enqueue(jobs.noop, priority=6000, queue="q", run_at=dt.timedelta(seconds=-5))
+    with db.engine.connect() as conn:
+        assert store.seconds_until_next(conn, ["q"]) == 0
+        (counted,) = stats.queued(conn)
+    assert (counted.queue, counted.ready, counted.scheduled) == ("q", 1, 1200)
+    assert counted.oldest_ready is not None
+
+
+def test_every_waiting_queue_is_listed_past_a_thousand_queues(db):
+    """The walk over queue names (status, dashboard, /metrics) is bounded the same way."""
+    names = [f"q{i:04d}" for i in range(1100)]
+    with db.engine.begin() as conn:
+        for name in names:
+            dbqueue.enqueue(jobs.noop, queue=name, connection=conn)
+    with db.engine.connect() as conn:
+        assert stats.waiting_queues(conn) == names
