@@ -374,6 +374,7 @@ def create_engine(url: str, *, pgbouncer: str | None = None, **kwargs: Any) -> s
 
 MYSQL_OWN = "dbqueue_mysql"  # connection record info: made by _create_mysql
 MYSQL_IDLE_LIMITED = "dbqueue_idle_limited"  # ...and its session has an idle limit set
+MYSQL_AUTOCOMMIT_LEFT = "dbqueue_autocommit_left"  # ...and a lone enqueue left it autocommit
 
 
 def _create_mysql(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
@@ -418,6 +419,17 @@ def _create_mysql(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
             cursor.close()
         except Exception:  # a broken connection: the pool's ping replaces it
             record.info[MYSQL_IDLE_LIMITED] = True
+
+    @event.listens_for(engine, "begin")
+    def _end_autocommit(conn: sa.Connection) -> None:
+        """A lone enqueue leaves its connection in autocommit (engines.mysql._insert_alone):
+        off again before anything else runs on it, unless the Connection asked for
+        AUTOCOMMIT itself (SQLAlchemy turns it off when the Connection is released)."""
+        info = conn.connection.info
+        if not info.pop(MYSQL_AUTOCOMMIT_LEFT, False):
+            return
+        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            conn.connection.dbapi_connection.autocommit(False)  # type: ignore[union-attr]
 
     if ping_when_idle:
         _ping_when_idle(engine)

@@ -333,7 +333,7 @@ def _connection(
 ) -> Iterator[sa.Connection]:
     """The caller's connection (their transaction), or a transaction of our own.
 
-    (A lone task of our own on PostgreSQL skips this: store.insert_one_autocommit.)
+    (A lone task of our own on PostgreSQL and MySQL skips this: store.insert_alone.)
     """
     bind = caller_bind(session, connection)
     if isinstance(bind, orm.Session):
@@ -477,10 +477,11 @@ def enqueue(
     )
     one_statement = new.unique_key is None and not settings.inline
     own = session is None and connection is None
-    if one_statement and own and database.is_psycopg(engine := settings.get_engine()):
+    if one_statement and own:
         with database.errors_translated(settings):
-            task_id = store.insert_one_autocommit(engine, new, notify=settings.notify)
-        return task_module.Task(task_id, settings=settings)
+            alone = store.insert_alone(settings.get_engine(), new, notify=settings.notify)
+        if alone is not None:
+            return task_module.Task(alone, settings=settings)
     (task_id,) = _stored(settings, session, connection, [new], replace)
     if settings.inline:
         inline_mode.after_commit(settings, caller_bind(session, connection), [task_id])

@@ -43,7 +43,12 @@ __all__ = ["CLAIM_COLUMNS", "NewTask", "Outcome"]
 log = logging.getLogger("dbqueue.store")
 
 NOTIFY_CHANNEL = _postgresql.NOTIFY_CHANNEL
-insert_one_autocommit = _postgresql.insert_one_autocommit  # PostgreSQL's lone-enqueue path
+
+
+def insert_alone(engine: sa.Engine, task: NewTask, *, notify: bool = True) -> int | None:
+    """A lone task of our own in one self-committing statement where the engine has that
+    path (engines' `insert_alone`); None where it has not."""
+    return engines.of(engine).insert_alone(engine, task, notify)
 
 
 def insert(

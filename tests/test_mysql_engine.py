@@ -384,3 +384,38 @@ def test_a_lock_conflict_inside_the_callers_transaction_says_to_run_it_again(db)
     assert "enqueue inside the caller's transaction met a lock wait timeout (1205)" in message
     assert "roll the transaction back and run all of it again" in message
     assert isinstance(conflict.value.__cause__, sa.exc.OperationalError)
+
+
+def test_a_lone_enqueue_is_one_self_committing_insert_and_the_next_transaction_is_one(db):
+    """enqueue() outside the caller's transaction sends one INSERT in autocommit (no COMMIT
+    round trip, as a hand-written single-row INSERT); the pooled session it leaves in
+    autocommit is a transaction again for whatever uses it next."""
+    engine = config.create_engine(db.url, pool_size=1, max_overflow=0)  # one pooled session
+    settings = dataclasses.replace(db.settings, engine=engine)
+
+    def counts() -> dict[str, int]:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SHOW SESSION STATUS WHERE Variable_name IN ('Com_insert', 'Com_commit')"
+            ).all()
+        return {name: int(value) for name, value in rows}
+
+    before = counts()
+    first = dbqueue.enqueue(jobs.add, (1, 2), settings=settings)
+    second = dbqueue.enqueue(jobs.add, (3, 4), settings=settings)
+    after = counts()
+    assert after["Com_insert"] - before["Com_insert"] == 2
+    assert after["Com_commit"] == before["Com_commit"]  # each INSERT committed itself
+    assert db.scalar("SELECT count(*) FROM tasks") == 2  # seen by another session at once
+    with engine.connect() as conn:  # the same session: a transaction again
+        assert conn.exec_driver_sql("SELECT @@autocommit").scalar() == 0
+        conn.exec_driver_sql(f"DELETE FROM tasks WHERE id = {first.id}")
+        conn.rollback()
+    third = dbqueue.enqueue(jobs.add, (5, 6), settings=settings)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        assert conn.exec_driver_sql("SELECT @@autocommit").scalar() == 1  # as it asked
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT @@autocommit").scalar() == 0
+    ids = sorted(r[0] for r in db.rows("SELECT id FROM tasks"))
+    assert ids == [first.id, second.id, third.id]
+    engine.dispose()

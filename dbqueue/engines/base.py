@@ -263,6 +263,13 @@ class Engine:
         its own wake-up where it can (no separate `notify` follows it)."""
         return int(conn.execute(insert_one_statement(), insert_values(task)).scalar_one())
 
+    def insert_alone(self, engine: sa.Engine, task: NewTask, notify: bool = True) -> int | None:
+        """Store one task without a unique key in a statement of its own that commits itself
+        (autocommit), on a pooled connection of `engine` taken here; its id. None: this
+        engine (or this Engine's driver) has no such path, and the caller inserts the task in
+        a transaction of its own (INSERT, then COMMIT: one round trip more)."""
+        return None
+
     def insert_many(self, conn: sa.Connection, new: Sequence[NewTask]) -> list[int]:
         """Insert several tasks without unique keys; their ids in order."""
         rows = conn.execute(insert_many_statement(), [insert_values(t) for t in new])
@@ -360,3 +367,19 @@ class Engine:
         """Whether `exc` is a conflict the database resolved by aborting this statement or
         transaction (a deadlock, a lock wait timeout): the same work may simply be retried."""
         return False
+
+
+def driver_error(
+    dialect: sa.Dialect, sql: str, params: Any, exc: Exception, invalidated: bool
+) -> sa.exc.StatementError:
+    """A driver error of a statement sent to the driver's cursor, wrapped as SQLAlchemy
+    would have wrapped it (database.errors_translated and database.is_disconnect read
+    those)."""
+    return sa.exc.DBAPIError.instance(
+        sql,
+        params,
+        exc,
+        dialect.loaded_dbapi.Error,
+        connection_invalidated=invalidated,
+        dialect=dialect,
+    )

@@ -45,20 +45,67 @@ _ROW = (
 )
 
 
+_INSERT = (
+    "INSERT INTO tasks (queue, priority, run_at, status, handler, payload, attempts, "
+    "max_attempts, timeout, created_at) VALUES "
+)
+_INSERT_ONE = _INSERT + _ROW
+
+
+def _row_params(t: NewTask) -> tuple[Any, ...]:
+    """The parameters of one `_ROW` (a task without meta or concurrency key)."""
+    run_at = t.run_at.astimezone(dt.timezone.utc).replace(tzinfo=None) if t.run_at else None
+    return (t.queue, t.priority, run_at, float(t.delay), t.handler, t.payload, t.max_attempts,
+            t.timeout)  # fmt: skip
+
+
 def _insert_rows(conn: sa.Connection, new: Sequence[NewTask]) -> list[int]:
     """One multi-row INSERT ... RETURNING id (MariaDB); the ids in the tasks' order (drawn
     in VALUES order within the statement, so sorted they are in order)."""
-    utc = dt.timezone.utc
-    params: list[Any] = []
-    for t in new:
-        run_at = t.run_at.astimezone(utc).replace(tzinfo=None) if t.run_at else None
-        params += (t.queue, t.priority, run_at, float(t.delay), t.handler, t.payload)
-        params += (t.max_attempts, t.timeout)
-    sql = (
-        "INSERT INTO tasks (queue, priority, run_at, status, handler, payload, attempts, "
-        f"max_attempts, timeout, created_at) VALUES {', '.join([_ROW] * len(new))} RETURNING id"
-    )
-    return sorted(int(r[0]) for r in conn.exec_driver_sql(sql, tuple(params)))
+    params = tuple(p for t in new for p in _row_params(t))
+    sql = f"{_INSERT}{', '.join([_ROW] * len(new))} RETURNING id"
+    return sorted(int(r[0]) for r in conn.exec_driver_sql(sql, params))
+
+
+def _insert_alone(engine: sa.Engine, task: NewTask) -> int | None:
+    """The INSERT sent to mysqlclient's cursor of a pooled connection in autocommit: one
+    round trip, as a hand-written single-row INSERT. (In a transaction it is INSERT, then
+    COMMIT; SQLAlchemy's execution path around it cost as much client time again.)
+
+    Turning autocommit on is a round trip of its own, so the connection is left in it and
+    only the next transaction's begin turns it off (config._create_mysql's "begin" hook,
+    which reads AUTOCOMMIT_LEFT): enqueue after enqueue pays it once. Only on connections
+    of an Engine dbqueue made (where that hook is) and through mysqlclient."""
+    from dbqueue import config
+
+    if engine.dialect.driver != "mysqldb":
+        return None
+    params = _row_params(task)
+    error = engine.dialect.loaded_dbapi.Error
+    try:
+        pooled = engine.raw_connection()
+    except error as exc:  # the pool hands out the driver's own connect error
+        raise base.driver_error(engine.dialect, _INSERT_ONE, params, exc, True) from exc
+    try:
+        if not pooled.info.get(config.MYSQL_OWN):
+            return None
+        driver: Any = pooled.dbapi_connection  # a MySQLdb connection
+        if not driver.get_autocommit():  # the session's flag as last reported: no round trip
+            driver.autocommit(True)
+            pooled.info[config.MYSQL_AUTOCOMMIT_LEFT] = True
+        cursor = driver.cursor()
+        try:
+            cursor.execute(_INSERT_ONE, params)
+            return int(cursor.lastrowid)
+        finally:
+            cursor.close()
+    except error as exc:
+        invalidated = engine.dialect.is_disconnect(exc, pooled.dbapi_connection, None)
+        if invalidated:
+            pooled.invalidate(exc)
+        raise base.driver_error(engine.dialect, _INSERT_ONE, params, exc, invalidated) from exc
+    finally:
+        pooled.close()
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,6 +131,11 @@ class MySQL(base.Engine):
     def insert_one(self, conn: sa.Connection, task: NewTask, notify: bool = False) -> int:
         result = conn.execute(_insert_statement(), base.insert_values(task))
         return int(result.lastrowid)
+
+    def insert_alone(self, engine: sa.Engine, task: NewTask, notify: bool = False) -> int | None:
+        if task.meta is not None or task.concurrency_key is not None:
+            return None  # SQLAlchemy's INSERT, in a transaction (JSON, the key's columns)
+        return _insert_alone(engine, task)
 
     def insert_many(self, conn: sa.Connection, new: Sequence[NewTask]) -> list[int]:
         """MariaDB (INSERT ... RETURNING): multi-row INSERTs written here with the driver's

@@ -61,21 +61,6 @@ def driver_params(
     return sql, params
 
 
-def driver_error(
-    dialect: sa.Dialect, sql: str, params: dict[str, Any], exc: Exception, invalidated: bool
-) -> sa.exc.StatementError:
-    """A driver error as SQLAlchemy would have wrapped it (database.errors_translated and
-    database.is_disconnect read those)."""
-    return sa.exc.DBAPIError.instance(
-        sql,
-        params,
-        exc,
-        dialect.loaded_dbapi.Error,
-        connection_invalidated=invalidated,
-        dialect=dialect,
-    )
-
-
 # -- NOTIFY ------------------------------------------------------------------------------------
 
 
@@ -142,7 +127,7 @@ def insert_one_autocommit(engine: sa.Engine, task: NewTask, *, notify: bool = Tr
     try:
         pooled = engine.raw_connection()
     except error as exc:  # the pool hands out the driver's own connect error
-        raise driver_error(engine.dialect, sql, params, exc, invalidated=True) from exc
+        raise base.driver_error(engine.dialect, sql, params, exc, invalidated=True) from exc
     try:
         driver: Any = pooled.dbapi_connection  # a psycopg.Connection
         transactional = not driver.autocommit  # an Engine made with AUTOCOMMIT stays so
@@ -158,7 +143,7 @@ def insert_one_autocommit(engine: sa.Engine, task: NewTask, *, notify: bool = Tr
         invalidated = engine.dialect.is_disconnect(exc, driver, None)
         if invalidated:
             pooled.invalidate(exc)
-        raise driver_error(engine.dialect, sql, params, exc, invalidated) from exc
+        raise base.driver_error(engine.dialect, sql, params, exc, invalidated) from exc
     finally:
         pooled.close()
     assert row is not None
@@ -332,6 +317,11 @@ class PostgreSQL(base.Engine):
         stmt = insert_one_statement(task.queue if inline else None)
         return int(conn.execute(stmt, base.insert_values(task)).scalar_one())
 
+    def insert_alone(self, engine: sa.Engine, task: NewTask, notify: bool = True) -> int | None:
+        if not database.is_psycopg(engine):
+            return None
+        return insert_one_autocommit(engine, task, notify=notify)
+
     def insert_many(self, conn: sa.Connection, new: Sequence[NewTask]) -> list[int]:
         if all(t.meta is None and t.concurrency_key is None for t in new):
             return _insert_unnest(conn, new)
@@ -477,7 +467,7 @@ def _claim_on_driver(conn: sa.Connection, stmt: Any, values: dict[str, Any]) -> 
         invalidated = conn.dialect.is_disconnect(exc, driver, None)
         if invalidated:
             conn.invalidate(exc)
-        raise driver_error(conn.dialect, sql, params, exc, invalidated) from exc
+        raise base.driver_error(conn.dialect, sql, params, exc, invalidated) from exc
 
 
 ENGINE = PostgreSQL()
