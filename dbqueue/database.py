@@ -357,15 +357,25 @@ OWN_TRANSACTION_ATTEMPTS = 5
 
 
 def in_own_transaction(settings: config.Settings, work: Callable[[sa.Connection], T]) -> T:
-    """`work(conn)` in a transaction of dbqueue's own, run again when MySQL/MariaDB ends it
-    over a lock conflict (`is_transient`: the server undid the work, or the statement and
-    then our rollback the rest), so running it again stores everything once. Driver errors
-    come out as DbqueueErrors (`errors_translated`; LockConflict once the attempts run out)."""
+    """`work(conn)` in a transaction of dbqueue's own, run again on a lock conflict (`retried`)."""
+
+    def run() -> T:
+        with settings.get_engine().begin() as conn:
+            return work(conn)
+
+    return retried(settings, run)
+
+
+def retried(settings: config.Settings, action: Callable[[], T]) -> T:
+    """`action()`, a transaction (or autocommit statement) of dbqueue's own, run again when
+    MySQL/MariaDB ends it over a lock conflict (`is_transient`: the server undid the work, or
+    the statement and then our rollback the rest), so running it again stores everything once.
+    Driver errors come out as DbqueueErrors (`errors_translated`; LockConflict once the
+    attempts run out)."""
     with errors_translated(settings):
         for attempt in range(1, OWN_TRANSACTION_ATTEMPTS):
             try:
-                with settings.get_engine().begin() as conn:
-                    return work(conn)
+                return action()
             except sa.exc.DBAPIError as exc:
                 if not is_transient(exc):
                     raise
@@ -377,8 +387,7 @@ def in_own_transaction(settings: config.Settings, work: Callable[[sa.Connection]
                     extra={"event": "lock_conflict_retried"},
                 )
                 time.sleep(random.uniform(0, 0.02 * attempt))  # the other side goes first
-        with settings.get_engine().begin() as conn:
-            return work(conn)
+        return action()
 
 
 @contextlib.contextmanager

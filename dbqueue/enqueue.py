@@ -478,8 +478,9 @@ def enqueue(
     one_statement = new.unique_key is None and not settings.inline
     own = session is None and connection is None
     if one_statement and own:
-        with database.errors_translated(settings):
-            alone = store.insert_alone(settings.get_engine(), new, notify=settings.notify)
+        alone = database.retried(
+            settings, lambda: store.insert_alone(settings.get_engine(), new, notify=settings.notify)
+        )
         if alone is not None:
             return task_module.Task(alone, settings=settings)
     (task_id,) = _stored(settings, session, connection, [new], replace)

@@ -6,6 +6,7 @@ server too old for SKIP LOCKED, deadlocks retried, and claims read through the c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -320,21 +321,19 @@ def test_a_batch_of_outcomes_with_different_attempts_and_errors_is_written_at_on
 
 
 def _short_lock_waits(engine: sa.Engine) -> None:
-    """Every new connection of `engine` gives up a row lock wait after 1 s (error 1205)."""
+    """Every new connection of `engine` gives up a row or table lock wait after 1 s (1205)."""
     engine.dispose()
 
     @sa.event.listens_for(engine, "connect")
     def _short(dbapi_connection: Any, record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
+        cursor.execute("SET SESSION innodb_lock_wait_timeout = 1, lock_wait_timeout = 1")
         cursor.close()
 
 
-def test_an_enqueue_in_its_own_transaction_that_meets_a_lock_conflict_runs_again(db, caplog):
-    """A unique key held by another uncommitted transaction: the enqueue's duplicate check
-    waits on its lock and the server gives up (1205). dbqueue owns that transaction, so it
-    runs it again; once the holder commits, the enqueue returns the holder's task."""
-    _short_lock_waits(db.engine)
+@contextlib.contextmanager
+def _retry_seen() -> Any:
+    """An Event set when dbqueue logs that it runs a transaction of its own again."""
     retried = threading.Event()
 
     class Seen(logging.Handler):
@@ -344,25 +343,51 @@ def test_an_enqueue_in_its_own_transaction_that_meets_a_lock_conflict_runs_again
 
     seen = Seen()
     logging.getLogger("dbqueue.database").addHandler(seen)
-    holder = db.engine.connect()
     try:
-        transaction = holder.begin()
-        held = dbqueue.enqueue(jobs.noop, unique_key="k", connection=holder)
-        got: list[Any] = []
-        thread = threading.Thread(
-            target=lambda: got.append(_outcome(lambda: dbqueue.enqueue(jobs.noop, unique_key="k")))
-        )
+        yield retried
+    finally:
+        logging.getLogger("dbqueue.database").removeHandler(seen)
+
+
+def _enqueue_while_held(enqueue: Any, release: Any) -> Any:
+    """`enqueue()` on a thread; once it was retried (or failed), `release()`; its outcome."""
+    got: list[Any] = []
+    with _retry_seen() as retried:
+        thread = threading.Thread(target=lambda: got.append(_outcome(enqueue)))
         thread.start()
         while thread.is_alive() and not retried.wait(0.05):
             pass
-        transaction.commit()
+        release()
         thread.join(60)
-    finally:
-        holder.close()
-        logging.getLogger("dbqueue.database").removeHandler(seen)
     assert len(got) == 1 and not isinstance(got[0], BaseException), got
-    assert got[0].id == held.id
+    return got[0]
+
+
+def test_an_enqueue_in_its_own_transaction_that_meets_a_lock_conflict_runs_again(db):
+    """A unique key held by another uncommitted transaction: the enqueue's duplicate check
+    waits on its lock and the server gives up (1205). dbqueue owns that transaction, so it
+    runs it again; once the holder commits, the enqueue returns the holder's task."""
+    _short_lock_waits(db.engine)
+    with db.engine.connect() as holder:
+        transaction = holder.begin()
+        held = dbqueue.enqueue(jobs.noop, unique_key="k", connection=holder)
+        task = _enqueue_while_held(
+            lambda: dbqueue.enqueue(jobs.noop, unique_key="k"), transaction.commit
+        )
+    assert task.id == held.id
     assert db.scalar("SELECT count(*) FROM tasks") == 1
+
+
+def test_a_lone_enqueue_in_autocommit_that_meets_a_lock_wait_timeout_runs_again(db):
+    """The lone enqueue's single autocommit INSERT (insert_alone) waits on a table locked by
+    another session and the server gives up (1205): dbqueue sends it again."""
+    _short_lock_waits(db.engine)
+    with db.engine.connect() as holder:
+        holder.exec_driver_sql("LOCK TABLES tasks WRITE")
+        task = _enqueue_while_held(
+            lambda: dbqueue.enqueue(jobs.noop), lambda: holder.exec_driver_sql("UNLOCK TABLES")
+        )
+    assert db.scalar("SELECT id FROM tasks") == task.id
 
 
 def _outcome(call: Any) -> Any:
