@@ -390,8 +390,15 @@ def _create_mysql(url: sa.URL, kwargs: dict[str, Any]) -> sa.Engine:
     kwargs.setdefault("pool_reset_on_return", None)
     ping_when_idle = "pool_pre_ping" not in kwargs
     given = url
-    if "charset" not in url.query:
-        url = url.update_query_dict({"charset": "utf8mb4"})
+    if str(url.query.get("charset", "utf8mb4")).lower() == "utf8mb4":
+        url = url.update_query_dict({"charset": "utf8mb4"})  # mysqlclient knows no UTF8MB4
+    else:
+        raise errors.ConfigurationError(
+            f"{redact(given)}: charset={url.query['charset']} cannot carry every character "
+            "dbqueue's utf8mb4 tables hold (an emoji in a queue name, a key or an error "
+            "message): remove charset= from the URL (dbqueue sets utf8mb4) or set "
+            "charset=utf8mb4"
+        )
     kwargs.setdefault("connect_args", {}).setdefault("connect_timeout", 10)
     engine = _create(url, kwargs, given)
 

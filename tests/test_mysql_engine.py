@@ -444,3 +444,18 @@ def test_a_lone_enqueue_is_one_self_committing_insert_and_the_next_transaction_i
     ids = sorted(r[0] for r in db.rows("SELECT id FROM tasks"))
     assert ids == [first.id, second.id, third.id]
     engine.dispose()
+
+
+@pytest.mark.parametrize("charset", ["utf8", "latin1"])
+def test_a_url_asking_for_a_narrower_charset_than_utf8mb4_is_refused(db, charset):
+    """On a utf8 (3-byte) connection a 4-byte character is an error (strict mode) or a '?'
+    (not strict): a traceback with an emoji could not be stored. Refused, saying what to do."""
+    url = f"{db.url}?charset={charset}"
+    with pytest.raises(errors.ConfigurationError) as refused:
+        config.Settings(database_url=url).get_engine()
+    assert f"charset={charset} cannot carry every character" in str(refused.value)
+    assert "remove charset= from the URL" in str(refused.value)
+    engine = config.Settings(database_url=f"{db.url}?charset=UTF8MB4").get_engine()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT @@character_set_client").scalar() == "utf8mb4"
+    engine.dispose()
