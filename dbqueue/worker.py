@@ -48,6 +48,7 @@ log = logging.getLogger("dbqueue.worker")
 
 MAX_BATCH = 100
 BATCH_WINDOW = 0.05  # seconds of expected work claimed at once
+BATCH_GROWTH = 8  # a claim asks for at most this many times the last one's limit
 RECORD_EVERY = 0.5  # seconds a finished outcome may wait for its batch
 PROBE_INTERVAL = 1.0  # seconds between checks of local pids, paused queues, cancel requests
 CANCEL_GRACE = 2.0  # seconds a task asked to stop gets before its process is ended
@@ -127,7 +128,12 @@ class Worker:
         self.zombie = False
         self.recycle = False
         self._claim_uncertain = False
-        self._avg_duration = 1.0  # seconds; pessimistic until measured, so the first claim is 1
+        # Seconds per task: pessimistic until measured, so the first claim is of one task;
+        # the first measured task replaces the guess, and each claim may ask for at most
+        # BATCH_GROWTH times the last one (batch_size).
+        self._avg_duration = 1.0
+        self._measured = False
+        self._last_limit = 1
         self._heart: Heart | None = None
         self.registered = False  # has had a row in `workers`: then claims only while it has
         self.paused: frozenset[str] = frozenset()  # read every second by the heart
@@ -342,8 +348,18 @@ class Worker:
     # -- one batch ----------------------------------------------------------------------------
 
     def batch_size(self) -> int:
-        """Claim about BATCH_WINDOW seconds of work: many no-ops, one long task."""
+        """Claim about BATCH_WINDOW seconds of work: many no-ops, one long task.
+
+        A new worker claims one task, then BATCH_GROWTH times more each claim until the
+        window is full (1, 8, 64, 100 for no-ops). Blending the first measurement into the
+        1-second guess instead took about 20 claims of one or two tasks before batches
+        reached 100: with 32 processes draining a burst on 2 cores that was 640 claims and
+        as many outcome writes of a task or two, and the drain ran at a third of its rate
+        with 2 processes. The bounded growth keeps one fast first task from making the
+        worker take 100 tasks that turn out to be slow, which other workers would then
+        wait for."""
         size = int(BATCH_WINDOW / max(self._avg_duration, 1e-6))
+        size = min(size, self._last_limit * BATCH_GROWTH)
         if self.max_tasks is not None:
             size = min(size, self.max_tasks - self.summary.done)
         return max(1, min(self.max_batch, size))
@@ -432,14 +448,15 @@ class Worker:
         if self.threads > 1:
             return self.run_threaded()
         ended = self._ended_async()
-        limit = self.claim_limit(self.batch_size())
+        size = self._last_limit = self.batch_size()
+        limit = self.claim_limit(size)
         if limit <= 0:
             self._record_async(ended)
             return len(ended)
         try:
             claimed = self.claim(limit)
             self._batch = {r.id for r in claimed}
-            rows = self.dispatch(claimed, self.batch_size())
+            rows = self.dispatch(claimed, size)
         finally:  # written once the new coroutines run: their first await hides this write
             self._record_async(ended)
         pending: list[store.Outcome] = []
@@ -631,7 +648,10 @@ class Worker:
             if self._heart is not None:
                 self._heart.watch(None, None)
         duration = time.monotonic() - started
-        self._avg_duration = 0.8 * self._avg_duration + 0.2 * duration
+        if self._measured:
+            self._avg_duration = 0.8 * self._avg_duration + 0.2 * duration
+        else:
+            self._avg_duration, self._measured = duration, True
         self._log_outcome(row, outcome, duration)
         return outcome
 

@@ -225,3 +225,39 @@ def test_batch_completion_generic_plan_walks_an_index_once(db, statement):
     print("DONEPLAN", statement, summary)
     assert not [n for n in nodes if n["Node Type"] in ("Function Scan", "Seq Scan")], summary
     assert any("Index" in n["Node Type"] for n in nodes), summary
+
+
+def _rows_fetched(db) -> int:
+    """Rows of `tasks` fetched through any index so far (flushed statistics)."""
+    return int(
+        db.scalar("SELECT idx_tup_fetch FROM pg_stat_user_tables WHERE relname = 'tasks'") or 0
+    )
+
+
+@pytest.mark.parametrize("history", [0, 100_000], ids=["analyzed-empty", "analyzed-history"])
+def test_all_queues_claim_reads_only_its_batch_after_a_burst(db, history):
+    """A burst of 20,000 tasks into a table PostgreSQL analyzed while it was empty (a new
+    install; the VACUUM ANALYZE before a burst) or while all its rows were finished (a long
+    history: `queued` is then not among the status column's common values, and autovacuum
+    waits for a tenth of the table to change). With those statistics the planner took the
+    all-queues claim as a bitmap scan of every queued row plus a sort, reading 20,000 rows
+    for each claim of 100. The claim, sent as the worker sends it (autocommit), must read
+    about its batch, whatever the statistics say."""
+    if history:
+        _fill(db, history, "succeeded")
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE tasks")
+    _fill(db, 20_000, "queued")
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("SELECT pg_stat_force_next_flush()")
+        before = _rows_fetched(db)
+        claimed = store.claim(conn, "burst", 100)
+        conn.exec_driver_sql("SELECT pg_stat_force_next_flush()")
+        conn.exec_driver_sql("SELECT 1")  # idle again: the forced flush happens
+        sort = conn.exec_driver_sql("SHOW enable_sort").scalar()
+    after = _rows_fetched(db)
+    print(f"BURSTCLAIM history={history} fetched={after - before}")
+    assert len(claimed) == 100
+    assert [r.priority for r in claimed] == sorted(r.priority for r in claimed)
+    assert after - before < 1_000  # the batch and the rows it updated, not the 20,000
+    assert sort == "on"  # the setting ended with the claim's own transaction

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import sqlalchemy as sa
 
@@ -100,6 +102,42 @@ def test_batch_claims_grow_for_fast_tasks(db):
     summary = w.work_off()
     assert summary.succeeded == 300
     assert w.batch_size() > 1
+
+
+def _record_claim_limits(w: worker.Worker) -> list[int]:
+    """The limit of each claim `w` makes from now on (a real claim, only watched)."""
+    limits: list[int] = []
+    claim = w.claim
+
+    def counted(limit: int) -> list[Any]:
+        limits.append(limit)
+        return claim(limit)
+
+    w.claim = counted  # type: ignore[method-assign]
+    return limits
+
+
+def test_batch_claims_reach_full_size_in_few_claims(db):
+    """A new worker's first claim is one task; the next ones grow by BATCH_GROWTH up to the
+    batch window. Blending the first measurement into the pessimistic 1-second guess took
+    about 20 claims of a task or two first: 32 processes draining a burst made 640 of them."""
+    dbqueue.enqueue_many(jobs.noop, [()] * 300)
+    w = worker.Worker(db.settings)
+    limits = _record_claim_limits(w)
+    assert w.work_off().succeeded == 300
+    print("CLAIMLIMITS", limits)
+    assert limits[:3] == [1, worker.BATCH_GROWTH, worker.BATCH_GROWTH**2]
+    assert len(limits) <= 8
+
+
+def test_slow_tasks_are_claimed_one_at_a_time(db):
+    """The bounded growth does not outrun the measurement: tasks longer than the batch
+    window stay one per claim, so other workers can take the rest."""
+    dbqueue.enqueue_many(jobs.sleep, [(0.06,)] * 4)
+    w = worker.Worker(db.settings)
+    limits = _record_claim_limits(w)
+    assert w.work_off().succeeded == 4
+    assert limits[:4] == [1, 1, 1, 1]
 
 
 def test_worker_registers_and_unregisters(db):
