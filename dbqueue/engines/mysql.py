@@ -189,8 +189,6 @@ class MySQL(base.Engine):
         _in_transaction(conn, "a claim")
         if limited:
             self.lock_limited_claims(conn)
-        if registered and conn.execute(_OWN_ROW, {"claim_worker": worker}).first() is None:
-            return []  # presumed dead: its row is gone (a rescue holding it waits for us)
         values = {"claim_limit": limit}
         found: list[Any] = []
         for queue in queues or (None,):
@@ -202,11 +200,14 @@ class MySQL(base.Engine):
         ids = [r.id for r in taken]
         if not ids:
             return []
-        conn.execute(_CLAIM, {"claim_worker": worker, "claimed_ids": ids})
+        claim = _CLAIM_REGISTERED if registered else _CLAIM
+        if not conn.execute(claim, {"claim_worker": worker, "claimed_ids": ids}).rowcount:
+            return []  # presumed dead: its row is gone (a rescue deleting it waited for us)
         if limited:  # its candidates carry the limits' columns: read the rows taken
             return list(conn.execute(_CLAIMED, {"claimed_ids": ids}).all())
         # the locking read returned the claim's columns; only `attempts` changed since
-        return [Claimed(*r)._replace(attempts=r.attempts + 1) for r in taken]
+        a = _ATTEMPTS  # (a namedtuple's _replace per row cost more than the rest here)
+        return [Claimed._make((*r[:a], r[a] + 1, *r[a + 1 :])) for r in taken]
 
     @functools.lru_cache(maxsize=32)  # noqa: B019 (one instance per engine, never freed)
     def claim_statement(
@@ -325,6 +326,12 @@ _CLAIM = (
     .values(base.claimed_values())
 )
 
+#: A registered worker claims only while its row in `workers` exists: the UPDATE reads it
+#: `LOCK IN SHARE MODE`, so a rescue deleting the row waits for the claim's commit, or the
+#: claim for the rescue's (and then takes nothing). In the UPDATE rather than a statement of
+#: its own: one round trip less per claim.
+_CLAIM_REGISTERED = _CLAIM.where(sa.exists(_OWN_ROW))
+
 _CLAIMED = sa.select(*CLAIM_COLUMNS).where(
     tasks.c.id.in_(sa.bindparam("claimed_ids", expanding=True))
 )
@@ -347,6 +354,7 @@ Claimed = collections.namedtuple(
     "id queue priority run_at handler payload attempts max_attempts timeout meta",
 )
 assert Claimed._fields == tuple(c.key for c in CLAIM_COLUMNS)
+_ATTEMPTS = Claimed._fields.index("attempts")
 
 
 def _ORDER(row: Any) -> tuple[Any, ...]:
