@@ -3,10 +3,12 @@
 What differs from PostgreSQL:
 - No UPDATE ... RETURNING (MariaDB has it for INSERT and DELETE only, MySQL for nothing), and
   MySQL cannot UPDATE a table from a subquery that reads it with LIMIT. So the claim is a
-  transaction of three statements: a locking read of the candidates (`FOR UPDATE SKIP
-  LOCKED`, one read per queue through `ix_tasks_queue_claimable (status, queue, priority,
-  run_at, id)`, as on PostgreSQL), the UPDATE of the ids taken, and a read of their columns.
-  The worker's claim is therefore a transaction, never autocommit.
+  transaction of two statements: a locking read of the candidates and their columns (`FOR
+  UPDATE SKIP LOCKED`, one read per queue through `ix_tasks_queue_claimable (status, queue,
+  priority, run_at, id)`, as on PostgreSQL), then the UPDATE of the ids taken, which also
+  checks the worker's row (the limited claim reads the rows it took in a third). The
+  worker's claim is therefore a transaction, never autocommit.
+- A lone enqueue is one INSERT in autocommit (`_insert_alone`).
 - No partial unique index: `unique_live`, a stored generated column (the key's hash while the
   task is queued or running, NULL after), carries the unique index; a duplicate key is the
   server's error 1062 on that index, which ends that statement only.
