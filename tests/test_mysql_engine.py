@@ -459,3 +459,37 @@ def test_a_url_asking_for_a_narrower_charset_than_utf8mb4_is_refused(db, charset
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT @@character_set_client").scalar() == "utf8mb4"
     engine.dispose()
+
+
+def test_an_enqueue_in_its_own_transaction_chosen_as_a_deadlock_victim_runs_again(db):
+    """A real deadlock (1213): the enqueue replacing a queued task's arguments holds the
+    duplicate check's lock on the key and waits for the task's row, which the application's
+    transaction has updated (with 50 other rows) and now finishes (its key leaves the unique
+    index). InnoDB rolls back the enqueue, the lighter transaction; dbqueue runs it again
+    and, the key free by then, stores a new task."""
+    held = dbqueue.enqueue(jobs.noop, unique_key="k")
+    dbqueue.enqueue_many(jobs.noop, range(50))  # the application's transaction updates these
+    got: list[Any] = []
+    with db.engine.connect() as app, _retry_seen() as retried:
+        transaction = app.begin()
+        app.execute(sa.text("UPDATE tasks SET max_attempts = 3"))  # the heavier transaction
+        thread = threading.Thread(
+            target=lambda: got.append(
+                _outcome(lambda: dbqueue.enqueue(jobs.noop, unique_key="k", on_conflict="replace"))
+            )
+        )
+        thread.start()
+        db.wait_for(  # the enqueue's UPDATE of the held task, waiting for its row
+            "SELECT count(*) FROM information_schema.processlist "
+            "WHERE db = DATABASE() AND info LIKE 'UPDATE tasks SET queue=%%'",
+            1,
+        )
+        app.execute(sa.text("UPDATE tasks SET status = 'succeeded' WHERE id = :i"), {"i": held.id})
+        transaction.commit()
+        thread.join(60)
+        assert retried.is_set()
+    assert len(got) == 1 and not isinstance(got[0], BaseException), got
+    assert db.rows("SELECT id, status FROM tasks WHERE unique_key = 'k' ORDER BY id") == [
+        (held.id, "succeeded"),
+        (got[0].id, "queued"),
+    ]
