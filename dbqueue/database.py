@@ -447,7 +447,7 @@ def is_psycopg(bind: sa.Engine | sa.Connection) -> bool:
 #: ER_LOCK_DEADLOCK) or the statement's (ER_LOCK_WAIT_TIMEOUT, whose transaction the caller's
 #: `with engine.begin()` then rolls back): the whole transaction may simply run again.
 MYSQL_TRANSIENT = (1213, 1205)
-_MYSQL_DRIVERS = ("MySQLdb", "pymysql", "mariadb", "mysql")
+_MYSQL_DRIVERS = ("MySQLdb", "pymysql", "mariadb", "mysql", "asyncmy")  # aiomysql: pymysql's
 
 
 #: MySQL/MariaDB server errors that mean the connection or the server went away (the client's

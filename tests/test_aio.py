@@ -162,3 +162,30 @@ def test_async_tasks_run_at_the_same_time_with_concurrency(db):
     assert result.returncode == 0, result.stdout + result.stderr
     assert [t.refresh().result for t in tasks] == [2, 2]
     assert len({r.pid for r in db.rows("SELECT pid FROM runs")}) == 2
+
+
+@pytest.mark.mysql_only
+@pytest.mark.parametrize("driver", ["aiomysql", "asyncmy"])
+def test_a_lock_conflict_in_the_callers_async_session_is_named(db, driver):
+    """Through either async MySQL driver, a lock wait timeout inside the application's
+    AsyncSession is dbqueue's LockConflict (asyncmy's errors were not recognised as MySQL's:
+    a raw driver error, and a lost connection was not told from a conflict)."""
+    url = sa.make_url(async_url(db)).set(drivername=f"mysql+{driver}")
+
+    async def main():
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as holder, holder.begin():
+                await dbqueue.enqueue_async(jobs.noop, unique_key="k", connection=holder)
+                async with AsyncSession(engine) as session, session.begin():
+                    await session.execute(sa.text("SET SESSION innodb_lock_wait_timeout = 1"))
+                    with pytest.raises(dbqueue.LockConflict) as conflict:
+                        await dbqueue.enqueue_async(jobs.noop, unique_key="k", session=session)
+                    await session.rollback()
+            return conflict.value
+        finally:
+            await engine.dispose()
+
+    refused = asyncio.run(main())
+    assert "met a lock wait timeout (1205)" in str(refused)
+    assert count_tasks(db) == 1
