@@ -177,6 +177,10 @@ class Worker:
         )
         self.registered = True
         self.read_controls(conn)  # before the first claim
+        # Tasks of workers that died are queued again before this one's first claim: they
+        # keep their place in the queue instead of waiting for the first heartbeat, after
+        # the newer tasks claimed meanwhile (or for the next worker: `workoff` had exited).
+        rescue(conn, self.rescue_after)
 
     def read_controls(self, conn: sa.Connection) -> None:
         """Paused and capped queues, and whether tasks with a key wait in this worker's

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 import dbqueue
-from dbqueue import database, retry, store, worker
+from dbqueue import database, identity, retry, store, worker
 from tests import jobs
 
 
@@ -196,3 +199,26 @@ def test_claim_on_a_plain_connection_commits_with_it(db):
     assert row.id == task.id
     assert db.scalar(f"SELECT status FROM tasks WHERE id = {task.id}") == "running"
     assert db.scalar(f"SELECT locked_by FROM tasks WHERE id = {task.id}") == "plain-connection"
+
+
+def test_a_worker_starting_after_a_crash_rescues_before_its_first_claim(db):
+    """A worker of this host whose process is gone holds a task: the next worker to start
+    queues it again before claiming anything, so it runs first, in its place in the queue
+    (the rescue waited for the first heartbeat, after the newer task was claimed; `workoff`
+    could exit before that, leaving the task running under the dead worker)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    crashed = dbqueue.enqueue(jobs.noop)
+    with db.engine.begin() as conn:
+        store.register_worker(
+            conn, "crashed:1:aa", socket.gethostname(), gone.pid, None, identity.host_id()
+        )
+        (claimed,) = store.claim(conn, "crashed:1:aa", 1)
+    newer = dbqueue.enqueue(jobs.noop)
+    summary = worker.Worker(db.settings).work_off()
+    assert claimed.id == crashed.id and summary.succeeded == 2
+    crashed.refresh()
+    newer.refresh()
+    assert crashed.status == newer.status == "succeeded"
+    assert crashed.started_at <= newer.started_at
+    assert (crashed.attempts, newer.attempts) == (2, 1)  # the dead worker's run, then this one
