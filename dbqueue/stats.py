@@ -72,6 +72,10 @@ def count_if(condition: Any) -> Any:
     return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
 
 
+#: Queues counted per statement: SQLite takes at most 500 SELECTs in a UNION.
+QUEUES_PER_UNION = 100
+
+
 def queued(conn: sa.Connection, now: dt.datetime | None = None) -> list[Queued]:
     """Queued tasks per queue: exact up to `EXACT_QUEUED_UP_TO` in a queue, read from
     `ix_tasks_queue_claimable` alone (PostgreSQL: index-only); a larger backlog is estimated
@@ -104,7 +108,10 @@ def queued(conn: sa.Connection, now: dt.datetime | None = None) -> list[Queued]:
         )
         for queue in names
     ]
-    rows = conn.execute(per_queue[0] if len(per_queue) == 1 else sa.union_all(*per_queue)).all()
+    rows: list[sa.Row[Any]] = []
+    for start in range(0, len(per_queue), QUEUES_PER_UNION):
+        some = per_queue[start : start + QUEUES_PER_UNION]
+        rows += conn.execute(some[0] if len(some) == 1 else sa.union_all(*some)).all()
     earliest_of, _ = store.earliest_run_at(conn, names)
     large = [row.queue for row in rows if row.total > EXACT_QUEUED_UP_TO]
     sampled = _sampled(conn, status_is(Status.QUEUED), tasks.c.run_at <= current) if large else {}
