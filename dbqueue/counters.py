@@ -45,7 +45,7 @@ from sqlalchemy import event, orm
 
 from dbqueue import config, errors, serializer, store, upsert
 from dbqueue.enqueue import enqueue as enqueue_task  # the package's `enqueue` is the function
-from dbqueue.schema import counter_deltas, db_now
+from dbqueue.schema import ROW_ID_LENGTH, counter_deltas, db_now, too_long
 
 log = logging.getLogger("dbqueue.counters")
 
@@ -335,7 +335,13 @@ def row_id_text(value: Any) -> str:
     """A parent's primary key as stored in `counter_deltas.row_id` (`flush` converts back)."""
     if isinstance(value, bool) or value is None:
         raise CounterCacheError(f"{value!r} is not a usable primary key value")
-    return str(value)
+    text = str(value)
+    problem = too_long(text, ROW_ID_LENGTH)
+    if problem:  # the driver's "value too long" (PostgreSQL, MySQL) inside the writer's flush
+        raise CounterCacheError(
+            f"primary key {text[:60]!r}... is {problem} (counter_deltas.row_id)"
+        )
+    return text
 
 
 def write(conn: sa.Connection, deltas: Sequence[Delta]) -> None:

@@ -109,6 +109,7 @@ def double_type() -> sa.types.TypeEngine[Any]:
 BUS_TEXT_LENGTH = 300  # bus_subscriptions.matcher and .handler: VARCHAR in a unique key
 PERIODIC_NAME_LENGTH = 300  # periodic_slots.name, the periodic function's handler
 UNIQUE_KEY_BYTES = 65535  # tasks.unique_key: TEXT on MySQL/MariaDB, 64 KiB of UTF-8
+ROW_ID_LENGTH = 200  # counter_deltas.row_id, a counted parent's primary key as text
 
 
 def too_long(value: str, limit: int, unit: str = "characters") -> str | None:
@@ -431,7 +432,9 @@ counter_deltas = sa.Table(
         primary_key=True,
     ),
     sa.Column("table_name", sa.String(200), nullable=False),
-    sa.Column("row_id", sa.String(200), nullable=False, comment="parent primary key, as text"),
+    sa.Column(
+        "row_id", sa.String(ROW_ID_LENGTH), nullable=False, comment="parent primary key, as text"
+    ),
     sa.Column("column_name", sa.String(200), nullable=False),
     sa.Column("delta", sa.BigInteger, nullable=False),
     sa.Column("created_at", UTCDateTime(), nullable=False),

@@ -177,6 +177,20 @@ def test_string_and_uuid_primary_keys(models):
     assert db.scalar("SELECT tracks_count FROM albums") == 2
 
 
+def test_a_primary_key_over_200_characters_is_refused_naming_the_limit(models):
+    """`counter_deltas.row_id` is VARCHAR(200) (text on SQLite): a longer key is refused on
+    every engine, naming the limit, instead of the driver's "value too long" (or, on SQLite,
+    a delta no other engine could store); nothing is written. 200 characters fit."""
+    db = models
+    counters.increment(m.Author, "h" * 200, "books_count")
+    assert db.scalar("SELECT row_id FROM counter_deltas") == "h" * 200
+    with pytest.raises(counters.CounterCacheError) as refused:
+        counters.increment(m.Author, "é" * 201, "books_count")
+    assert "is 201 characters, limit is 200 (counter_deltas.row_id)" in str(refused.value)
+    assert db.scalar("SELECT count(*) FROM counter_deltas") == 1
+    assert db.scalar(FLUSHES) == 1
+
+
 def test_flush_without_the_model_reflects_the_table(models):
     db = models
     post_id = new_post(db)
