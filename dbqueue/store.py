@@ -556,9 +556,10 @@ def seconds_until_next(conn: sa.Connection, queues: Sequence[str] | None = None)
 
 
 #: Queues whose walks one statement carries (each a recursive CTE): on MySQL/MariaDB one.
-#: MariaDB's memory for a statement grows exponentially with its recursive CTEs (measured, 10.11:
-#: 4 walks 5 MB, 8 walks 1.9 GB, 10 walks killed by the OOM killer at 24 GB), and it takes at
-#: most 64 in a WITH clause (error 4003).
+#: MariaDB's memory for a statement selecting several walks' results side by side grows
+#: exponentially with them (measured, 10.11: 4 walks 5 MB, 8 walks 1.9 GB, 10 walks killed by
+#: the OOM killer at 24 GB; as a UNION of one walk per member, 12 took 3 MB), and it takes at
+#: most 64 CTEs in a WITH clause (error 4003).
 QUEUES_PER_STATEMENT = 50
 
 
