@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -446,12 +447,40 @@ class PostgreSQL(base.Engine):
 #: burst into a long history: `queued` is not among the status column's common values, and
 #: autovacuum waits for a tenth of the table to change) makes it bitmap-scan every queued
 #: row and sort them all for each claim: 15 ms instead of 1.5 ms per claim of 100 over
-#: 20,000 queued rows, and 2,000/s instead of 7,500/s for 32 processes draining a burst.
-#: With sorts disabled the only plan left is the ordered index walk, whatever the
-#: statistics say. Local to the claim's own transaction; the per-queue and limited claims
-#: keep the planner's choice (their plans hold without statistics, and forbidding sorts
-#: there made the planner pick plans hundreds of times slower: tests/test_claim_plan.py).
-SORT_OFF = "SELECT set_config('enable_sort', 'off', true)"
+#: 20,000 queued rows. With sorts disabled the only plan left is the ordered index walk,
+#: whatever the statistics say. So each connection looks at the claim's plan (EXPLAIN, no
+#: run) at most every PLAN_CHECK_SECONDS; while it sorts over a backlog of STALE_BACKLOG
+#: rows or more, the claim goes out as one simple query behind this set_config: one message,
+#: one implicit transaction, and the setting ends with it. Not always: that query is planned
+#: each time (no prepared statement), and a psycopg pipeline, tried first, flushed the claim
+#: before its Sync, so a process descheduled in between held the claimed rows' transaction
+#: open. Per-queue and limited claims keep the planner's choice (their plans hold without
+#: statistics; forbidding sorts there made plans hundreds of times slower).
+SORT_OFF = "SELECT set_config('enable_sort', 'off', true); "
+PLAN_CHECK_SECONDS = 5.0
+STALE_BACKLOG = 1000
+_BACKLOG = (
+    f"SELECT count(*) FROM (SELECT 1 FROM tasks WHERE status = 'queued' LIMIT {STALE_BACKLOG}) s"
+)
+_PLAN_CHECKED = "dbqueue_claim_plan_sorts"  # key in the DBAPI connection's info: (when, sorts)
+
+
+def _claim_sorts(conn: sa.Connection, cursor: Any, sql: str, params: dict[str, Any]) -> bool:
+    """Whether the all-queues claim is now planned with a sort over a backlog worth the
+    concern (SORT_OFF); asked of the server at most every PLAN_CHECK_SECONDS per connection."""
+    info = conn.connection.info
+    now = time.monotonic()
+    checked_at, cached = info.get(_PLAN_CHECKED, (None, False))
+    if checked_at is not None and now - checked_at < PLAN_CHECK_SECONDS:
+        return bool(cached)
+    cursor.execute("EXPLAIN (FORMAT JSON) " + sql, params)
+    plan = cursor.fetchone()[0]
+    sorts: bool = '"Node Type": "Sort"' in json.dumps(plan)
+    if sorts:
+        cursor.execute(_BACKLOG)
+        sorts = int(cursor.fetchone()[0]) >= STALE_BACKLOG
+    info[_PLAN_CHECKED] = (now, sorts)
+    return sorts
 
 
 def _claim_on_driver(
@@ -468,6 +497,7 @@ def _claim_on_driver(
     broken connection. Rows are psycopg named tuples with CLAIM_COLUMNS' names, read by
     attribute; their run_at is in the session's time zone (only sorted here). Cursor-level
     events do not see the claim."""
+    import psycopg
     from psycopg.rows import namedtuple_row
 
     if not conn.in_transaction():
@@ -476,16 +506,14 @@ def _claim_on_driver(
     driver: Any = conn.connection.driver_connection
     error = conn.dialect.loaded_dbapi.Error
     try:
-        if not sort_free:
-            with driver.cursor(row_factory=namedtuple_row) as cursor:
+        with driver.cursor(row_factory=namedtuple_row) as cursor:
+            if not (sort_free and _claim_sorts(conn, cursor, sql, params)):
                 cursor.execute(sql, params)
                 rows: list[Any] = cursor.fetchall()
                 return rows
-        # One round trip: in a pipeline the two statements reach the server before one Sync,
-        # so in autocommit they are one transaction, and the setting ends with it.
-        with driver.pipeline(), driver.cursor(row_factory=namedtuple_row) as cursor:
-            cursor.execute(SORT_OFF)
-            cursor.execute(sql, params)
+        with psycopg.ClientCursor(driver, row_factory=namedtuple_row) as cursor:
+            cursor.execute(SORT_OFF + sql, params)
+            cursor.nextset()
             rows = cursor.fetchall()
         return rows
     except error as exc:
