@@ -234,22 +234,28 @@ def _rows_fetched(db) -> int:
     )
 
 
+@pytest.mark.parametrize("idle_first", [False, True], ids=["new-worker", "idle-worker"])
 @pytest.mark.parametrize("history", [0, 100_000], ids=["analyzed-empty", "analyzed-history"])
-def test_all_queues_claim_reads_only_its_batch_after_a_burst(db, history):
+def test_all_queues_claim_reads_only_its_batch_after_a_burst(db, history, idle_first):
     """A burst of 20,000 tasks into a table PostgreSQL analyzed while it was empty (a new
     install; the VACUUM ANALYZE before a burst) or while all its rows were finished (a long
     history: `queued` is then not among the status column's common values, and autovacuum
     waits for a tenth of the table to change). With those statistics the planner took the
     all-queues claim as a bitmap scan of every queued row plus a sort, reading 20,000 rows
     for each claim of 100. The claims, sent as the worker sends them (autocommit), must
-    read about their batch, whatever the statistics say."""
+    read about their batch, whatever the statistics say; also on the connection of a worker
+    that was claiming from the empty backlog just before (it had looked at the plan then)."""
     if history:
         _fill(db, history, "succeeded")
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.exec_driver_sql("VACUUM ANALYZE tasks")
-    _fill(db, 20_000, "queued")
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        store.claim(conn, "burst", 100)  # the first also looks at the plan, every 5 s
+        if idle_first:
+            assert store.claim(conn, "burst", 100) == []
+        _fill(db, 20_000, "queued")
+        # the first claim of a burst fills its batch: the plan is looked at before the next
+        for _ in range(2):
+            store.claim(conn, "burst", 100)
         conn.exec_driver_sql("SELECT pg_stat_force_next_flush()")
         conn.exec_driver_sql("SELECT 1")
         before = _rows_fetched(db)

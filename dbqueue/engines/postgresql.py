@@ -463,6 +463,7 @@ _BACKLOG = (
     f"SELECT count(*) FROM (SELECT 1 FROM tasks WHERE status = 'queued' LIMIT {STALE_BACKLOG}) s"
 )
 _PLAN_CHECKED = "dbqueue_claim_plan_sorts"  # key in the DBAPI connection's info: (when, sorts)
+_LAST_FULL = "dbqueue_claim_was_full"  # whether the connection's last plain claim filled its batch
 
 
 def _claim_sorts(conn: sa.Connection, cursor: Any, sql: str, params: dict[str, Any]) -> bool:
@@ -481,6 +482,17 @@ def _claim_sorts(conn: sa.Connection, cursor: Any, sql: str, params: dict[str, A
         sorts = int(cursor.fetchone()[0]) >= STALE_BACKLOG
     info[_PLAN_CHECKED] = (now, sorts)
     return sorts
+
+
+def _note_plain_claim(conn: sa.Connection, full: bool) -> None:
+    """A claim that filled its batch after one that did not is the start of a burst, which
+    may have landed in a table whose statistics predate it (the worker looked at the plan
+    while idle, over an empty backlog): look at the plan again before the next claim rather
+    than up to PLAN_CHECK_SECONDS later."""
+    info = conn.connection.info
+    if full and not info.get(_LAST_FULL, False):
+        info.pop(_PLAN_CHECKED, None)
+    info[_LAST_FULL] = full
 
 
 def _claim_on_driver(
@@ -510,6 +522,8 @@ def _claim_on_driver(
             if not (sort_free and _claim_sorts(conn, cursor, sql, params)):
                 cursor.execute(sql, params)
                 rows: list[Any] = cursor.fetchall()
+                if sort_free:
+                    _note_plain_claim(conn, full=len(rows) >= values["claim_limit"])
                 return rows
         with psycopg.ClientCursor(driver, row_factory=namedtuple_row) as cursor:
             cursor.execute(SORT_OFF + sql, params)
