@@ -128,11 +128,9 @@ class Worker:
         self.zombie = False
         self.recycle = False
         self._claim_uncertain = False
-        # Seconds per task: pessimistic until measured, so the first claim is of one task;
-        # the first measured task replaces the guess, and each claim may ask for at most
-        # BATCH_GROWTH times the last one (batch_size).
-        self._avg_duration = 1.0
-        self._measured = False
+        # Seconds per task, None until a task has run (then the first claim is of one task);
+        # each claim may ask for at most BATCH_GROWTH times the last one (batch_size).
+        self._avg_duration: float | None = None
         self._last_limit = 1
         self._heart: Heart | None = None
         self.registered = False  # has had a row in `workers`: then claims only while it has
@@ -362,6 +360,8 @@ class Worker:
         with 2 processes. The bounded growth keeps one fast first task from making the
         worker take 100 tasks that turn out to be slow, which other workers would then
         wait for."""
+        if self._avg_duration is None:
+            return 1
         size = int(BATCH_WINDOW / max(self._avg_duration, 1e-6))
         size = min(size, self._last_limit * BATCH_GROWTH)
         if self.max_tasks is not None:
@@ -652,10 +652,8 @@ class Worker:
             if self._heart is not None:
                 self._heart.watch(None, None)
         duration = time.monotonic() - started
-        if self._measured:
-            self._avg_duration = 0.8 * self._avg_duration + 0.2 * duration
-        else:
-            self._avg_duration, self._measured = duration, True
+        previous = self._avg_duration
+        self._avg_duration = duration if previous is None else 0.8 * previous + 0.2 * duration
         self._log_outcome(row, outcome, duration)
         return outcome
 

@@ -9,10 +9,11 @@ plain SQLAlchemy Core that any engine with RETURNING runs (SQLite uses them as t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -383,3 +384,25 @@ def driver_error(
         connection_invalidated=invalidated,
         dialect=dialect,
     )
+
+
+@contextlib.contextmanager
+def pooled_driver(engine: sa.Engine, sql: str, params: Any) -> Iterator[Any]:
+    """A pooled connection of `engine` for `sql` sent to the driver's cursor directly (the
+    lone enqueue's fast paths): the driver's errors come out as SQLAlchemy would have wrapped
+    them (driver_error), a broken connection is invalidated, and the connection goes back to
+    the pool after."""
+    error = engine.dialect.loaded_dbapi.Error
+    try:
+        pooled = engine.raw_connection()
+    except error as exc:  # the pool hands out the driver's own connect error
+        raise driver_error(engine.dialect, sql, params, exc, invalidated=True) from exc
+    try:
+        yield pooled
+    except error as exc:
+        invalidated = engine.dialect.is_disconnect(exc, pooled.dbapi_connection, None)
+        if invalidated:
+            pooled.invalidate(exc)
+        raise driver_error(engine.dialect, sql, params, exc, invalidated) from exc
+    finally:
+        pooled.close()

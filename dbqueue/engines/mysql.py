@@ -83,12 +83,7 @@ def _insert_alone(engine: sa.Engine, task: NewTask) -> int | None:
     if engine.dialect.driver != "mysqldb":
         return None
     params = _row_params(task)
-    error = engine.dialect.loaded_dbapi.Error
-    try:
-        pooled = engine.raw_connection()
-    except error as exc:  # the pool hands out the driver's own connect error
-        raise base.driver_error(engine.dialect, _INSERT_ONE, params, exc, True) from exc
-    try:
+    with base.pooled_driver(engine, _INSERT_ONE, params) as pooled:
         if not pooled.info.get(config.MYSQL_OWN):
             return None
         driver: Any = pooled.dbapi_connection  # a MySQLdb connection
@@ -101,13 +96,6 @@ def _insert_alone(engine: sa.Engine, task: NewTask) -> int | None:
             return int(cursor.lastrowid)
         finally:
             cursor.close()
-    except error as exc:
-        invalidated = engine.dialect.is_disconnect(exc, pooled.dbapi_connection, None)
-        if invalidated:
-            pooled.invalidate(exc)
-        raise base.driver_error(engine.dialect, _INSERT_ONE, params, exc, invalidated) from exc
-    finally:
-        pooled.close()
 
 
 @functools.lru_cache(maxsize=1)

@@ -124,12 +124,7 @@ def insert_one_autocommit(engine: sa.Engine, task: NewTask, *, notify: bool = Tr
     inline = notify and notify_inline(task)
     statement = insert_one_statement(task.queue if inline else None)
     sql, params = driver_params(statement, engine.dialect, base.insert_values(task))
-    error = engine.dialect.loaded_dbapi.Error
-    try:
-        pooled = engine.raw_connection()
-    except error as exc:  # the pool hands out the driver's own connect error
-        raise base.driver_error(engine.dialect, sql, params, exc, invalidated=True) from exc
-    try:
+    with base.pooled_driver(engine, sql, params) as pooled:
         driver: Any = pooled.dbapi_connection  # a psycopg.Connection
         transactional = not driver.autocommit  # an Engine made with AUTOCOMMIT stays so
         driver.autocommit = True
@@ -140,13 +135,6 @@ def insert_one_autocommit(engine: sa.Engine, task: NewTask, *, notify: bool = Tr
         finally:
             if transactional:
                 driver.autocommit = False
-    except error as exc:
-        invalidated = engine.dialect.is_disconnect(exc, driver, None)
-        if invalidated:
-            pooled.invalidate(exc)
-        raise base.driver_error(engine.dialect, sql, params, exc, invalidated) from exc
-    finally:
-        pooled.close()
     assert row is not None
     return int(row[0])
 
