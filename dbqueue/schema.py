@@ -383,6 +383,8 @@ for _index in _PARTIAL:
 # MySQL and MariaDB have no partial indexes: the same names, with `status` leading, so that a
 # claim reads the queued rows of its queue in claim order and no other (tests/
 # test_mysql_engine.py reads the plan). Finished rows do enter them, one entry each.
+# ix_tasks_concurrency_running is not among them (migration 0009): there it would be the
+# leading columns of ix_tasks_concurrency_queued, which serves its lookups as well.
 # At most one queued-or-running task per unique_key: `unique_live`, a stored generated column
 # that is the key's SHA-256 while the task is unfinished and NULL after (NULLs never collide),
 # is made by the migrations on MySQL only and is not in this metadata (engines/mysql.py).
@@ -393,7 +395,6 @@ MYSQL_INDEXES = {
     "ix_tasks_claimable": ["status", "priority", "run_at", "id"],
     "ix_tasks_queue_claimable": ["status", "queue", "priority", "run_at", "id"],
     "ix_tasks_running": ["status", "locked_by"],
-    "ix_tasks_concurrency_running": ["status", "concurrency_key"],
     "ix_tasks_concurrency_queued": ["status", "concurrency_key", "queue"],
     "ix_tasks_finished": ["status", "finished_at"],
 }

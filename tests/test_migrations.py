@@ -178,3 +178,34 @@ def test_0005_rebuilds_an_index_left_invalid_by_an_interrupted_build(db):
     database.migrate(db.settings)
     ((_name, valid, definition),) = _queue_index(db)
     assert valid and "UNIQUE" not in definition and "priority" in definition
+
+
+def _index_columns(db, name: str) -> list[str] | None:
+    """The columns of index `name` on tasks, None when it does not exist."""
+    for index in sa.inspect(db.engine).get_indexes("tasks"):
+        if index["name"] == name:
+            return list(index["column_names"])
+    return None
+
+
+def test_0009_drops_mysqls_redundant_concurrency_index_only_there(db):
+    """MySQL/MariaDB: ix_tasks_concurrency_running (status, concurrency_key) is gone after
+    0009 and back after a downgrade; ix_tasks_concurrency_queued, whose leading columns those
+    are, stays. PostgreSQL and SQLite keep both partial indexes either way. (That claims and
+    limits still read an index: tests/test_mysql_engine.py's plan tests.)"""
+    running, queued = "ix_tasks_concurrency_running", "ix_tasks_concurrency_queued"
+    task = dbqueue.enqueue(jobs.noop, concurrency_key="k", max_concurrency=1)
+    mysql = db.kind == "mariadb"
+    assert _index_columns(db, running) == (None if mysql else ["concurrency_key"])
+    assert _index_columns(db, queued) == (
+        ["status", "concurrency_key", "queue"] if mysql else ["queue"]
+    )
+    database.downgrade(db.settings, "0008")
+    assert _index_columns(db, running) == (
+        ["status", "concurrency_key"] if mysql else ["concurrency_key"]
+    )
+    database.migrate(db.settings)
+    assert _index_columns(db, running) == (None if mysql else ["concurrency_key"])
+    assert _index_columns(db, queued) is not None
+    with db.engine.begin() as conn:  # the task is there and its limit is honoured
+        assert [r.id for r in store.claim(conn, "w", 10, limited=True)] == [task.id]

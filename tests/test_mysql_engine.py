@@ -20,7 +20,8 @@ import pytest
 import sqlalchemy as sa
 
 import dbqueue
-from dbqueue import config, database, engines, errors, store
+from dbqueue import config, database, engines, errors, limits, store
+from dbqueue.schema import Status, status_is, tasks
 from dbqueue.worker import Worker
 from tests import jobs
 
@@ -219,6 +220,45 @@ def test_claim_plan_reads_the_claim_index_in_order(db, queues):
     with db.engine.begin() as conn:
         claimed = store.claim(conn, "plan-check", 100, queues)
     assert len(claimed) == 100 and {r.queue for r in claimed} <= {"mail", "bulk"}
+
+
+def test_concurrency_limits_read_the_one_concurrency_index(db):
+    """Migration 0009 leaves one concurrency index here, (status, concurrency_key, queue): a
+    key's running rows (the limited claim's count per candidate), the saturated keys and the
+    heart's probe for queued rows with a key are all read through it, never a scan."""
+    with db.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO tasks (queue, priority, run_at, status, handler, payload, attempts, "
+            "max_attempts, created_at, concurrency_key, max_concurrency, locked_by) "
+            "WITH RECURSIVE d(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM d WHERE i < 99) "
+            "SELECT IF(MOD(a.i, 2), 'bulk', 'mail'), 0, UTC_TIMESTAMP(6), "
+            "ELT(1 + MOD(b.i, 10), 'succeeded', 'succeeded', 'succeeded', 'succeeded', "
+            "'succeeded', 'succeeded', 'succeeded', 'queued', 'queued', 'running'), "
+            "'tests.jobs:noop', x'00', 1, 25, UTC_TIMESTAMP(6), "
+            "IF(MOD(a.i, 3) = 0, CONCAT('key-', MOD(a.i, 20)), NULL), 2, 'w' FROM d a, d b"
+        )
+        conn.exec_driver_sql("ANALYZE TABLE tasks")
+    indexes = {i["name"] for i in sa.inspect(db.engine).get_indexes("tasks")}
+    assert "ix_tasks_concurrency_queued" in indexes
+    assert "ix_tasks_concurrency_running" not in indexes
+    probe = (
+        sa.select(tasks.c.id)
+        .where(status_is(Status.QUEUED), tasks.c.concurrency_key.is_not(None))
+        .limit(1)
+    )
+    limited_claim = engines.of(db.engine).claim_statement(None, limited=True)
+    for statement, alias in [
+        (limits.saturated_keys(), "running_keys"),
+        (probe, "tasks"),
+        (limited_claim.params(claim_limit=100), "running_of_key"),
+        (limited_claim.params(claim_limit=100), "running_keys"),
+    ]:
+        (read,) = [t for t in _tables(_explain(db, statement)) if t["table_name"] == alias]
+        assert read["key"] == "ix_tasks_concurrency_queued", read
+        assert read["access_type"] in ("ref", "range"), read
+        assert read["used_key_parts"][:2] == ["status", "concurrency_key"], read
+    with db.engine.begin() as conn:  # every key is at its limit: the rows without one
+        assert len(store.claim(conn, "plan-check", 100, None, limited=True)) == 100
 
 
 def test_a_worker_transaction_left_idle_is_ended_by_the_server_and_the_limit_does_not_stay(db):
