@@ -486,6 +486,33 @@ def test_a_lone_enqueue_is_one_self_committing_insert_and_the_next_transaction_i
     engine.dispose()
 
 
+def test_lone_enqueues_store_what_was_given_now_later_and_at_a_time(db):
+    """The lone enqueue's two statements (engines/mysql.py: run_at the server's clock for a
+    task to run now, else COALESCE of a time and a delay), each quoted by the driver: the
+    values stored are those given, whatever bytes and characters the arguments hold."""
+    awkward = ("it's", "back\\slash", "%s %(x)s", "\x00nul", "😀", b"\x00\xff'\\")
+    when = dt.datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone.utc)
+    now = dbqueue.enqueue(jobs.echo, args=awkward, queue="q'uote", priority=-3, timeout=2.5)
+    later = dbqueue.enqueue(jobs.echo, args=awkward, run_at=dt.timedelta(hours=1))
+    at = dbqueue.enqueue(jobs.echo, args=awkward, run_at=when, max_attempts=2)
+    stored = {
+        r.id: r
+        for r in db.rows(
+            "SELECT id, queue, priority, timeout, max_attempts, status, attempts, "
+            "TIMESTAMPDIFF(MICROSECOND, created_at, run_at) AS ahead FROM tasks"
+        )
+    }
+    assert stored[now.id].ahead == 0  # the server's clock, once for both columns
+    assert 3599 * 10**6 < stored[later.id].ahead <= 3600 * 10**6
+    assert at.refresh().run_at == when
+    first = stored[now.id]
+    assert (first.queue, first.priority, first.timeout) == ("q'uote", -3, 2.5)
+    assert (first.status, first.attempts, first.max_attempts) == ("queued", 0, 25)
+    assert stored[at.id].max_attempts == 2
+    assert Worker(db.settings).work_off().succeeded == 1  # the others are not due
+    assert now.refresh().result == {"args": awkward, "kwargs": {}}
+
+
 @pytest.mark.parametrize("charset", ["utf8", "latin1"])
 def test_a_url_asking_for_a_narrower_charset_than_utf8mb4_is_refused(db, charset):
     """On a utf8 (3-byte) connection a 4-byte character is an error (strict mode) or a '?'

@@ -52,6 +52,11 @@ _INSERT = (
     "max_attempts, timeout, created_at) VALUES "
 )
 _INSERT_ONE = _INSERT + _ROW
+#: A task to run now (no run_at, no delay: most enqueues) as the lone enqueue sends it: run_at
+#: is the server's clock itself, where _ROW's COALESCE of two parameters and a shifted clock
+#: cost the server time (hand-sent, 0.79x the raw INSERT against 0.85x, interleaved).
+_INSERT_NOW = _INSERT + "(%s, %s, UTC_TIMESTAMP(6), 'queued', %s, %s, 0, %s, %s, UTC_TIMESTAMP(6))"
+_ENCODED = {sql: sql.encode() for sql in (_INSERT_NOW, _INSERT_ONE)}  # ASCII: any encoding
 
 
 def _row_params(t: NewTask) -> tuple[Any, ...]:
@@ -70,9 +75,12 @@ def _insert_rows(conn: sa.Connection, new: Sequence[NewTask]) -> list[int]:
 
 
 def _insert_alone(engine: sa.Engine, task: NewTask) -> int | None:
-    """The INSERT sent to mysqlclient's cursor of a pooled connection in autocommit: one
-    round trip, as a hand-written single-row INSERT. (In a transaction it is INSERT, then
-    COMMIT; SQLAlchemy's execution path around it cost as much client time again.)
+    """The INSERT sent to the mysqlclient connection of a pooled connection in autocommit:
+    one round trip, as a hand-written single-row INSERT. (In a transaction it is INSERT, then
+    COMMIT; SQLAlchemy's execution path around it cost as much client time again.) The
+    statement goes to the connection's `query` with the parameters quoted by its `literal`,
+    as a cursor's `execute` would send it, without the cursor: its creation, result handling
+    and close were a tenth of a lone enqueue's client time.
 
     Turning autocommit on is a round trip of its own, so the connection is left in it and
     only the next transaction's begin turns it off (config._create_mysql's "begin" hook,
@@ -82,20 +90,22 @@ def _insert_alone(engine: sa.Engine, task: NewTask) -> int | None:
 
     if engine.dialect.driver != "mysqldb":
         return None
-    params = _row_params(task)
-    with base.pooled_driver(engine, _INSERT_ONE, params) as pooled:
+    if task.run_at is None and task.delay == 0:
+        sql = _INSERT_NOW
+        params: tuple[Any, ...] = (task.queue, task.priority, task.handler, task.payload,
+                                   task.max_attempts, task.timeout)  # fmt: skip
+    else:
+        sql, params = _INSERT_ONE, _row_params(task)
+    with base.pooled_driver(engine, sql, params) as pooled:
         if not pooled.info.get(config.MYSQL_OWN):
             return None
         driver: Any = pooled.dbapi_connection  # a MySQLdb connection
         if not driver.get_autocommit():  # the session's flag as last reported: no round trip
             driver.autocommit(True)
             pooled.info[config.MYSQL_AUTOCOMMIT_LEFT] = True
-        cursor = driver.cursor()
-        try:
-            cursor.execute(_INSERT_ONE, params)
-            return int(cursor.lastrowid)
-        finally:
-            cursor.close()
+        literal = driver.literal
+        driver.query(_ENCODED[sql] % tuple([literal(p) for p in params]))
+        return int(driver.insert_id())
 
 
 @functools.lru_cache(maxsize=1)
