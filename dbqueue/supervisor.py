@@ -118,8 +118,11 @@ def die_with_parent(supervisor_pid: int) -> None:
         sys.exit(EXIT_ORPHANED)
 
 
-def child_main(spec: ChildSpec, name: str, progress: Any, supervisor_pid: int) -> None:
-    """Entry point of a worker process."""
+def child_main(
+    spec: ChildSpec, name: str, progress: Any, supervisor_pid: int, rescuer: bool = True
+) -> None:
+    """Entry point of a worker process; `rescuer`: it looks for dead workers (one child of
+    each supervisor does: worker.Worker's rescuer)."""
     sys.path[:] = spec.sys_path
     logs.setup(spec.log_level, spec.log_format)
     die_with_parent(supervisor_pid)
@@ -181,6 +184,7 @@ def child_main(spec: ChildSpec, name: str, progress: Any, supervisor_pid: int) -
         threads=spec.threads,
         async_concurrency=spec.async_concurrency,
         grace=spec.grace,
+        rescuer=rescuer,
     )
     w.install_signal_handlers()
     if os.getppid() != supervisor_pid:  # died while the task modules were imported
@@ -249,13 +253,20 @@ class Supervisor:
         self._crash_times: list[float] = []  # monotonic times of recent crashes (backoff)
         self._restarts: list[float] = []  # monotonic times at which to start a child again
         self.settings = config.Settings(database_url=spec.database_url)
+        self._rescuer: str | None = None  # the child that looks for dead workers
 
     def _start_child(self) -> None:
+        """Start a child; the first one, and the one started after the rescuer ended, takes
+        the rescuer role, so one child per supervisor scans for dead workers (this
+        supervisor's own children are rescued by _reap the moment they die)."""
         name = identity.worker_name()
+        rescuer = self._rescuer not in self.children
+        if rescuer:
+            self._rescuer = name
         reader, writer = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=child_main,
-            args=(self.spec, name, writer, os.getpid()),
+            args=(self.spec, name, writer, os.getpid(), rescuer),
             name=name,
             daemon=False,
         )

@@ -4,8 +4,9 @@
     work_off()    until nothing is ready, then return a Summary
     run_batch()   one claim, its tasks run one by one, their outcomes recorded together
 
-A heartbeat thread with its own connection stamps `workers`, rescues tasks of dead workers,
-and turns this worker into one that stops claiming when its heartbeats fail for longer than
+A heartbeat thread with its own connection stamps `workers`, rescues tasks of dead workers
+(in the worker holding the rescuer role: one per supervisor, each standalone worker), and
+turns this worker into one that stops claiming when its heartbeats fail for longer than
 `rescue_after` (it may have been declared dead). No transaction is ever held while a task
 runs. SQL lives in store.py; running one task lives in executor.py.
 """
@@ -104,6 +105,7 @@ class Worker:
         listen: bool = True,
         async_concurrency: int | None = None,
         grace: float = 30.0,
+        rescuer: bool = True,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, not {threads}")
@@ -121,6 +123,11 @@ class Worker:
         self.max_tasks = max_tasks
         self.on_progress = on_progress
         self.parent_pid = parent_pid
+        # Looks for dead workers (stale heartbeats, vanished local pids, orphaned tasks) on
+        # every beat and second. A supervisor gives the role to one of its children: the
+        # others would repeat the same scans (measured: the heart's reads were ~5 ms of CPU
+        # per worker per second, 8% of the machine with 32 workers on 2 cores).
+        self.rescuer = rescuer
         self.engine = settings.get_engine()
         self.summary = Summary()
         self.stopping = threading.Event()
@@ -162,10 +169,11 @@ class Worker:
         self._heart = Heart(self)
         self._heart.start()
         log.info(
-            "worker %s started (queues: %s)",
+            "worker %s started (queues: %s%s)",
             self.name,
             ",".join(self.queues or ["*"]),
-            extra={"event": "worker_started", "worker": self.name},
+            "; rescuer: looks for dead workers" if self.rescuer else "",
+            extra={"event": "worker_started", "worker": self.name, "rescuer": self.rescuer},
         )
         hooks.fire("worker_started", self)
 
@@ -917,7 +925,7 @@ class Heart(threading.Thread):
             if time.monotonic() >= next_beat:
                 self.beat()
                 next_beat = time.monotonic() + self.interval
-            else:
+            elif self.worker.rescuer:
                 self.probe_local()
             self.poll_controls()
             self.check_timeout()
@@ -1013,7 +1021,8 @@ class Heart(threading.Thread):
         try:
             with worker.begin() as conn:
                 alive = store.heartbeat(conn, worker.name)
-                if alive:  # else its own running tasks would look orphaned to its own rescue
+                # not when its row is gone: its own running tasks would look orphaned to it
+                if alive and worker.rescuer:
                     rescue(conn, worker.rescue_after)
             if not alive:
                 self._become_zombie("its row in workers was removed (it was presumed dead)")

@@ -317,6 +317,47 @@ def test_dead_worker_on_this_host_is_rescued_by_pid_probe_before_the_heartbeat_e
     assert db.scalar("SELECT count(*) FROM tasks WHERE status = 'queued'") == 1
 
 
+def test_one_child_per_supervisor_rescues_and_its_replacement_takes_over(db):
+    """Only one child of `dbqueue work -c 3` scans for dead workers (32 children all
+    scanning cost 8% of a 2-core machine); when that child dies the child started after it
+    takes the role: a worker of another supervisor killed afterwards is still rescued by
+    the pid probe within seconds."""
+    rescuers = db.popen(
+        "work", "--import", "tests.jobs", "--rescue-after", "30", "-c", "3", "-q", "other"
+    )
+    try:
+        first = wait_workers(db, 3)
+        for pid in first.values():  # the rescuer among them, whichever it is
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while set(worker_pids(db)) & set(first) or len(worker_pids(db)) < 3:
+            assert time.monotonic() < deadline, f"children not replaced: {worker_pids(db)}"
+            time.sleep(0.1)
+        dbqueue.enqueue(jobs.sleep, args=(60,), max_attempts=5, queue="victim")
+        victim = db.popen(
+            "work", "--import", "tests.jobs", "--rescue-after", "30", "-q", "victim",
+            start_new_session=True,
+        )  # fmt: skip
+        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 1, timeout=60)
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.communicate(timeout=30)
+        killed = time.monotonic()
+        db.wait_for("SELECT count(*) FROM tasks WHERE status = 'running'", 0, timeout=25)
+        detected = time.monotonic() - killed
+    finally:
+        err = stop(rescuers)
+    print(f"RESCUE db={db.kind} detector=pid-probe (replacement rescuer) seconds={detected:.2f}")
+    assert detected < 5, err[-3000:]
+    roles = {  # worker name -> rescuer?, from the start lines (a child killed at once has none)
+        line.split(" started (queues: ")[0].split()[-1]: "rescuer: looks for" in line
+        for line in err.splitlines()
+        if " started (queues: " in line
+    }
+    assert sum(rescuer for name, rescuer in roles.items() if name in first) <= 1, roles
+    replacements = {name: rescuer for name, rescuer in roles.items() if name not in first}
+    assert len(replacements) == 3 and sum(replacements.values()) == 1, roles
+
+
 def test_a_worker_presumed_dead_claims_nothing_and_does_not_rescue_itself(db):
     """Found by scripts/chaos: a worker whose row was removed (presumed dead after a pause)
     claimed a task, and its own heartbeat's rescue then named itself dead and returned that
