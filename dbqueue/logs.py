@@ -18,6 +18,10 @@ names) and to logging's generic formatting (a strftime per line). So, in the CLI
   LogRecord, whenever nothing could tell the difference: no filter on the way, the only
   handler is this one, no custom record factory, no exception or stack attached. Otherwise
   (and for every WARNING or worse) the ordinary LogRecord path runs; both give the same line;
+- the line of every succeeded task (`task_succeeded()`, the one a busy worker writes most)
+  goes further: under the same conditions the formatter writes it from the task's values,
+  with neither the call's `extra` dict nor the generic formatting, byte for byte the line
+  the LogRecord path writes;
 - the time string is computed once a second.
 """
 
@@ -41,6 +45,48 @@ CHUNK_BYTES = 4096  # PIPE_BUF: one write of at most this is never interleaved w
 MAX_PENDING_LINES = 10_000  # past this the logging thread writes itself (a stuck reader)
 
 _pid = os.getpid()  # a getpid() per line is a system call; refreshed after fork
+
+
+TASK_SUCCEEDED = "task %s %s succeeded in %.3fs"  # the worker's per-task line, succeeded
+
+
+def task_fields(
+    task_id: int, handler: str, queue: str, duration: float, outcome: str, attempt: int
+) -> dict[str, Any]:
+    """The per-task line's fields (its `extra`), in the order both formats write them."""
+    return {
+        "event": "task_finished",
+        "task_id": task_id,
+        "handler": handler,
+        "queue": queue,
+        "duration": round(duration, 6),
+        "outcome": outcome,
+        "attempt": attempt,
+    }
+
+
+_MILLIS = [f"{n:03d}" for n in range(1000)]  # the text time's milliseconds, ready made
+_quote = json.encoder.encode_basestring_ascii  # what JSONEncoder(ensure_ascii=True) uses
+
+
+def _round6(seconds: float) -> str:
+    """`repr(round(seconds, 6))` for 0 <= seconds < 1e9 (the duration field) with one
+    decimal conversion instead of three (round()'s to decimal and back, then repr()'s),
+    which were a fifth of the task line's cost.
+
+    `.6f` has round()'s digits (both are dtoa's correctly rounded 6 decimals) and, below
+    1e9, at most 15 significant digits, so repr() of the rounded float writes those digits
+    again, without the trailing zeros (`1.5`, `12.0`), and below 0.0001 with an exponent
+    (`3.1e-05`, `1e-06`) or as `0.0`.
+    """
+    text = f"{seconds:.6f}"
+    if not text.startswith("0.0000"):
+        text = text.rstrip("0")
+        return text + "0" if text[-1] == "." else text
+    tens, units = text[6], text[7]  # of 1e-05 and of 1e-06
+    if tens != "0":
+        return f"{tens}e-05" if units == "0" else f"{tens}.{units}e-05"
+    return "0.0" if units == "0" else f"{units}e-06"
 
 
 def _fields(record: logging.LogRecord) -> list[tuple[str, Any]]:
@@ -77,6 +123,23 @@ class LineFormatter(logging.Formatter):
     ) -> str:
         raise NotImplementedError
 
+    def task_succeeded(
+        self,
+        name: str,
+        levelname: str,
+        pid: int,
+        created: float,
+        task_id: int,
+        handler: str,
+        queue: str,
+        duration: float,
+        attempt: int,
+    ) -> str:
+        """`line()` for TASK_SUCCEEDED and task_fields(); the formats write it directly."""
+        message = TASK_SUCCEEDED % (task_id, handler, duration)
+        fields = task_fields(task_id, handler, queue, duration, "succeeded", attempt)
+        return self.line(name, levelname, pid, created, message, fields.items())
+
 
 class JsonFormatter(LineFormatter):
     def __init__(self) -> None:
@@ -105,6 +168,34 @@ class JsonFormatter(LineFormatter):
         if traceback is not None:
             data["traceback"] = traceback
         return self._encode(data)
+
+    def task_succeeded(
+        self,
+        name: str,
+        levelname: str,
+        pid: int,
+        created: float,
+        task_id: int,
+        handler: str,
+        queue: str,
+        duration: float,
+        attempt: int,
+    ) -> str:
+        # json.dumps' output for these exact types (see task_succeeded()): ints and finite
+        # floats as their repr(), strings through the encoder's own escaping function.
+        quote = _quote
+        task = str(task_id)
+        message = quote(f"task {task} {handler} succeeded in {duration:.3f}s")
+        clock = self._time
+        if int(created) != clock.second:
+            clock(created)
+        level = '"info"' if levelname == "INFO" else quote(levelname.lower())
+        return (
+            f'{{"time": "{clock.text}", "level": {level}, "logger": {quote(name)}, '
+            f'"pid": {pid}, "message": {message}, "event": "task_finished", '
+            f'"task_id": {task}, "handler": {quote(handler)}, "queue": {quote(queue)}, '
+            f'"duration": {_round6(duration)}, "outcome": "succeeded", "attempt": {attempt}}}'
+        )
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = record.getMessage()
@@ -143,6 +234,30 @@ class TextFormatter(LineFormatter):
         )
         pairs = " ".join([f"{k}={v}" for k, v in fields])
         return f"{text} {pairs}" if pairs else text
+
+    def task_succeeded(
+        self,
+        name: str,
+        levelname: str,
+        pid: int,
+        created: float,
+        task_id: int,
+        handler: str,
+        queue: str,
+        duration: float,
+        attempt: int,
+    ) -> str:
+        second = int(created)
+        clock = self._time
+        if second != clock.second:
+            clock(created)
+        task = str(task_id)
+        return (
+            f"{clock.text},{_MILLIS[int((created - second) * 1000)]} {levelname} [{pid}] "
+            f"{name}: task {task} {handler} succeeded in {duration:.3f}s "
+            f"event=task_finished task_id={task} handler={handler} queue={queue} "
+            f"duration={_round6(duration)} outcome=succeeded attempt={attempt}"
+        )
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = record.getMessage()
@@ -320,9 +435,16 @@ class _DbqueueLogger(logging.Logger):
         )
 
     def _only_handler(self, level: int) -> BatchingHandler | None:
-        """The BatchingHandler that alone would get this logger's record, unfiltered."""
+        """The BatchingHandler that alone would get this logger's record, unfiltered.
+
+        Asked again for every line: logging says nothing when a handler, filter, level or
+        flag changes (dictConfig assigns them directly), and an exact cache would have to
+        read the same attributes as this does.
+        """
         if logging.getLogRecordFactory() is not logging.LogRecord:
             return None  # the application's factory may add fields or change them
+        if not logging.logProcesses:
+            return None  # the record's pid is None then
         logger: logging.Logger | None = self
         while logger is not None:
             if logger.filters:
@@ -343,6 +465,49 @@ class _DbqueueLogger(logging.Logger):
         ):
             return None
         return handler
+
+
+def task_succeeded(
+    logger: logging.Logger,
+    task_id: int,
+    handler: str,
+    queue: str,
+    duration: float,
+    attempt: int,
+) -> None:
+    """`logger.info(TASK_SUCCEEDED, task_id, handler, duration, extra=task_fields(...))`, the
+    line of every succeeded task: the caller has checked INFO is enabled. When nothing could
+    tell (see _only_handler) and the values are of the types the database gives, the
+    formatter writes the line straight from them, without the call's extra dict, the
+    generic formatting or a LogRecord; the line is the same."""
+    if (
+        type(logger) is _DbqueueLogger
+        and type(task_id) is int
+        and type(handler) is str
+        and type(queue) is str
+        and type(duration) is float
+        and type(attempt) is int
+        and 0.0 <= duration < 1e9  # _round6's range (and finite: JSON writes NaN, repr nan)
+    ):
+        target = logger._only_handler(logging.INFO)
+        if target is not None:
+            formatter: Any = target.formatter  # a LineFormatter: _only_handler checked it
+            target.add(
+                formatter.task_succeeded(
+                    logger.name,
+                    logging.getLevelName(logging.INFO),  # an application may rename it
+                    _pid,
+                    time.time(),
+                    task_id,
+                    handler,
+                    queue,
+                    duration,
+                    attempt,
+                )
+            )
+            return
+    fields = task_fields(task_id, handler, queue, duration, "succeeded", attempt)
+    logger.info(TASK_SUCCEEDED, task_id, handler, duration, extra=fields)
 
 
 def _after_fork() -> None:

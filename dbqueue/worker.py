@@ -38,6 +38,7 @@ from dbqueue import (
     identity,
     limits,
     listener,
+    logs,
     store,
 )
 
@@ -851,21 +852,13 @@ class Worker:
                 delay = min(delay * 2, 10.0)
 
     def _log_outcome(self, row: Any, outcome: store.Outcome, duration: float) -> None:
-        succeeded = outcome.status is Status.SUCCEEDED
-        if succeeded and not log.isEnabledFor(logging.INFO):
-            return  # the usual case at WARNING: skip building the record's fields
-        extra = {
-            "event": "task_finished",
-            "task_id": row.id,
-            "handler": row.handler,
-            "queue": row.queue,
-            "duration": round(duration, 6),
-            "outcome": outcome.status.value,
-            "attempt": row.attempts,
-        }
-        if succeeded:
-            log.info("task %s %s succeeded in %.3fs", row.id, row.handler, duration, extra=extra)
+        if outcome.status is Status.SUCCEEDED:
+            if log.isEnabledFor(logging.INFO):  # at WARNING: nothing to build
+                logs.task_succeeded(log, row.id, row.handler, row.queue, duration, row.attempts)
             return
+        extra = logs.task_fields(
+            row.id, row.handler, row.queue, duration, outcome.status.value, row.attempts
+        )
         if outcome.snooze:
             extra["outcome"] = "snoozed"
             log.info(
