@@ -476,3 +476,32 @@ def test_what_the_formatter_cannot_write_goes_the_record_path(logger, fmt):
 
 def _without_time(line: str) -> str:
     return re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} |\"time\": \"[^\"]*\", ", "", line)
+
+
+def test_the_other_outcomes_lines_keep_the_task_fields(db, logger, tmp_path):
+    handler, stream = _capture("text")
+    retried = dbqueue.enqueue(jobs.raise_value_error, ("first",), queue="q1")
+    failed = dbqueue.enqueue(jobs.raise_value_error, ("last",), queue="q1", max_attempts=1)
+    snoozed = dbqueue.enqueue(jobs.snooze_once, (str(tmp_path / "marker"), 60.0), queue="q1")
+    worker.Worker(db.settings).work_off()
+    handler.flush()
+    lines = {int(re.findall(r" task_id=(\d+) ", line)[0]): line for line in _task_lines(stream)}
+    assert (
+        " WARNING " in lines[retried.id]
+        and "will retry (attempt 1): ValueError: first" in (lines[retried.id])
+    )
+    assert (
+        " WARNING " in lines[failed.id]
+        and "failed (attempt 1): ValueError: last" in (lines[failed.id])
+    )
+    assert " INFO " in lines[snoozed.id] and "snoozed for 60s" in lines[snoozed.id]
+    for task, outcome in [(retried, "queued"), (failed, "failed"), (snoozed, "snoozed")]:
+        fields = dict(re.findall(r" (\w+)=(\S+)", lines[task.id]))
+        assert {k: fields[k] for k in ("event", "handler", "queue", "outcome", "attempt")} == {
+            "event": "task_finished",
+            "handler": task.handler,
+            "queue": "q1",
+            "outcome": outcome,
+            "attempt": "1",
+        }
+        assert float(fields["duration"]) >= 0
