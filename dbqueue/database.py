@@ -351,7 +351,7 @@ def errors_translated(settings: config.Settings) -> Iterator[None]:
 T = TypeVar("T")
 log = logging.getLogger("dbqueue.database")
 
-#: How many times dbqueue runs a transaction of its own (an enqueue) that MySQL/MariaDB ended
+#: How many times dbqueue runs a transaction of its own (an enqueue) that the database ended
 #: over a lock conflict before raising LockConflict.
 OWN_TRANSACTION_ATTEMPTS = 5
 
@@ -368,7 +368,7 @@ def in_own_transaction(settings: config.Settings, work: Callable[[sa.Connection]
 
 def retried(settings: config.Settings, action: Callable[[], T]) -> T:
     """`action()`, a transaction (or autocommit statement) of dbqueue's own, run again when
-    MySQL/MariaDB ends it over a lock conflict (`is_transient`: the server undid the work, or
+    the database ends it over a lock conflict (`is_transient`: the server undid the work, or
     the statement and then our rollback the rest), so running it again stores everything once.
     Driver errors come out as DbqueueErrors (`errors_translated`; LockConflict once the
     attempts run out)."""
@@ -400,16 +400,23 @@ def conflicts_named(what: str) -> Iterator[None]:
     except sa.exc.DBAPIError as exc:
         if not is_transient(exc):
             raise
-        code = _mysql_code(exc)
-        happened = (
-            "a deadlock (1213): the server rolled back the whole transaction"
-            if code == 1213
-            else f"a lock wait timeout ({code}): the server undid that statement"
-        )
         raise errors.LockConflict(
-            f"{what} inside the caller's transaction met {happened}; roll the transaction back "
+            f"{what} inside the caller's transaction met {_conflict_named(exc)}; roll the "
+            "transaction back "
             "and run all of it again (dbqueue retries only transactions of its own)"
         ) from exc
+
+
+def _conflict_named(exc: BaseException) -> str:
+    """What kind of lock conflict `exc` is (is_transient) and what the server undid."""
+    code = _mysql_code(exc)
+    if code == 1213:
+        return "a deadlock (1213): the server rolled back the whole transaction"
+    if code is not None:
+        return f"a lock wait timeout ({code}): the server undid that statement"
+    state = _pg_sqlstate(exc)
+    kind = PG_TRANSIENT.get(state or "", "a lock conflict")
+    return f"{kind} ({state}): PostgreSQL aborted the whole transaction"
 
 
 #: The oldest servers with `FOR UPDATE SKIP LOCKED`, which the claim needs.
@@ -447,6 +454,14 @@ def is_psycopg(bind: sa.Engine | sa.Connection) -> bool:
 #: ER_LOCK_DEADLOCK) or the statement's (ER_LOCK_WAIT_TIMEOUT, whose transaction the caller's
 #: `with engine.begin()` then rolls back): the whole transaction may simply run again.
 MYSQL_TRANSIENT = (1213, 1205)
+#: PostgreSQL's (SQLSTATE): after any of them the transaction is aborted, its work undone, so
+#: dbqueue's own may simply run again. psycopg raises them as OperationalError, which was
+#: taken for an outage ("database unavailable") and an enqueue was not run again.
+PG_TRANSIENT = {
+    "40P01": "a deadlock",
+    "55P03": "a lock wait timeout (lock_timeout)",
+    "40001": "a serialization failure",
+}
 _MYSQL_DRIVERS = ("MySQLdb", "pymysql", "mariadb", "mysql", "asyncmy")  # aiomysql: pymysql's
 
 
@@ -467,14 +482,25 @@ def _mysql_code(exc: BaseException) -> int | None:
     return args[0] if args and isinstance(args[0], int) else None
 
 
+def _pg_sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL driver's exception (psycopg, psycopg2, asyncpg)."""
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether an exception is a lock conflict the database resolved by undoing this work
-    (MySQL/MariaDB deadlock 1213, lock wait timeout 1205): safe to retry where the caller
-    runs the whole transaction again (the worker's claim, outcomes and heartbeats), never
-    inside a transaction of the application's."""
+    (MySQL/MariaDB deadlock 1213, lock wait timeout 1205; PostgreSQL deadlock, lock_timeout,
+    serialization failure): safe to retry where the caller runs the whole transaction again
+    (the worker's claim, outcomes and heartbeats, an enqueue of dbqueue's own), never inside
+    a transaction of the application's."""
     if not isinstance(exc, sa.exc.DBAPIError) or exc.connection_invalidated:
         return False
-    return _mysql_code(exc) in MYSQL_TRANSIENT
+    code = _mysql_code(exc)
+    if code is not None:
+        return code in MYSQL_TRANSIENT
+    return _pg_sqlstate(exc) in PG_TRANSIENT
 
 
 def is_disconnect(exc: BaseException) -> bool:

@@ -817,7 +817,7 @@ class Worker:
                 return action()
             except Exception as exc:
                 if database.is_transient(exc):
-                    # A deadlock or lock wait timeout (MySQL): the server undid the work and
+                    # A deadlock or lock wait timeout: the server undid the work and
                     # the transaction is gone with it; running it again is safe.
                     log.warning(
                         "%s; running the %s again",

@@ -121,57 +121,6 @@ def test_an_older_server_is_refused_at_connect(db, monkeypatch):
     assert f"{db.url} runs" in str(refused.value)  # the URL as given: no charset added
 
 
-def _deadlock(db) -> sa.exc.DBAPIError:
-    """A real deadlock (1213): two transactions each lock one row, then want the other's."""
-    first, second = (dbqueue.enqueue(jobs.noop).id for _ in range(2))
-    caught: list[BaseException] = []
-    barrier = threading.Barrier(2)
-
-    def take(mine: int, theirs: int) -> None:
-        try:
-            with db.engine.begin() as conn:
-                conn.execute(sa.text("UPDATE tasks SET priority = 1 WHERE id = :i"), {"i": mine})
-                barrier.wait(10)
-                conn.execute(sa.text("UPDATE tasks SET priority = 2 WHERE id = :i"), {"i": theirs})
-        except sa.exc.DBAPIError as exc:
-            caught.append(exc)
-
-    threads = [
-        threading.Thread(target=take, args=(first, second)),
-        threading.Thread(target=take, args=(second, first)),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert len(caught) == 1, caught
-    exc = caught[0]
-    assert isinstance(exc, sa.exc.DBAPIError)
-    return exc
-
-
-def test_deadlock_is_transient_and_the_worker_runs_the_transaction_again(db, caplog):
-    deadlock = _deadlock(db)
-    assert deadlock.orig.args[0] == 1213  # type: ignore[union-attr]
-    assert database.is_transient(deadlock) and not database.is_disconnect(deadlock)
-    assert engines.of(db.engine).is_transient(deadlock)
-    worker = Worker(db.settings, ["none"])
-    attempts: list[int] = []
-
-    def claim_once_deadlocked() -> Any:
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise deadlock
-        with worker.begin() as conn:
-            return store.claim(conn, worker.name, 1, ["none"])
-
-    caplog.set_level("WARNING", logger="dbqueue.worker")
-    assert worker._with_db_retry(claim_once_deadlocked, "claim") == []
-    assert len(attempts) == 2
-    assert "running the claim again" in caplog.text
-    assert "database unavailable" not in caplog.text
-
-
 def _explain(db, statement: Any) -> dict[str, Any]:
     compiled = statement.compile(dialect=db.engine.dialect, compile_kwargs={"literal_binds": True})
     with db.engine.connect() as conn:

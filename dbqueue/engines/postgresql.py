@@ -398,6 +398,10 @@ class PostgreSQL(base.Engine):
             sa.update(tasks).where(claimed).values(base.claimed_values()).returning(*CLAIM_COLUMNS)
         )
 
+    def is_transient(self, exc: BaseException) -> bool:
+        """Deadlock, lock_timeout or serialization failure: the transaction was aborted."""
+        return database.is_transient(exc)
+
     def complete_many(
         self, conn: sa.Connection, worker: str, outcomes: Sequence[Outcome]
     ) -> set[int] | None:
