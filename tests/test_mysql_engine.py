@@ -386,20 +386,6 @@ def _outcome(call: Any) -> Any:
         return exc
 
 
-def test_a_lock_conflict_inside_the_callers_transaction_says_to_run_it_again(db):
-    """dbqueue cannot run the application's transaction again: it says so, naming the error."""
-    _short_lock_waits(db.engine)
-    with db.engine.connect() as holder, holder.begin():
-        dbqueue.enqueue(jobs.noop, unique_key="k", connection=holder)
-        with db.engine.connect() as conn, conn.begin():
-            with pytest.raises(errors.LockConflict) as conflict:
-                dbqueue.enqueue_many(jobs.noop, [1], unique_key="k", connection=conn)
-    message = str(conflict.value)
-    assert "enqueue inside the caller's transaction met a lock wait timeout (1205)" in message
-    assert "roll the transaction back and run all of it again" in message
-    assert isinstance(conflict.value.__cause__, sa.exc.OperationalError)
-
-
 def test_a_lone_enqueue_is_one_self_committing_insert_and_the_next_transaction_is_one(db):
     """enqueue() outside the caller's transaction sends one INSERT in autocommit (no COMMIT
     round trip, as a hand-written single-row INSERT); the pooled session it leaves in
