@@ -462,7 +462,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     points = tuple(int(n) for n in args.workers.split(",") if n.strip())
     step(f"dbqueue drain with {', '.join(map(str, points))} worker processes")
     results["dbqueue_workers"] = guarded(
-        lambda: pg_run(lambda s: bench_load.workers_curve(s, args.jobs, points), "dbqcurve")
+        lambda: pg_run(
+            lambda s: bench_load.workers_curve(s, args.jobs, points, args.repeats), "dbqcurve"
+        )
     )
 
     step(f"dbqueue claim with {args.finished_rows:,} finished rows vs none, then prune")
@@ -655,7 +657,8 @@ def _workers_row(results: dict[str, Any]) -> str:
     top = _num(curve, "top_vs_best")
     return _row(
         f"drain {int(_num(curve, 'jobs') or 0):,} no-op tasks with N worker processes "
-        f"({int(_num(curve, 'cpus') or 0)} CPUs)",
+        f"({int(_num(curve, 'cpus') or 0)} CPUs, median of {int(_num(curve, 'rounds') or 1)} "
+        "rounds)",
         bench_load.curve_line(curve, points),
         *[""] * len(PEERS),
         "",
