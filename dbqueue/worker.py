@@ -48,7 +48,13 @@ from dbqueue.schema import Status
 
 log = logging.getLogger("dbqueue.worker")
 
-MAX_BATCH = 100
+# At most this many tasks per claim. 100 made each of 32 claimers on 2 cores pay the claim's
+# contention for every 100 tasks (PostgreSQL's CPU per task doubled); 500 measured 0.83-0.97x of
+# the 2-process drain with 32 processes against 0.54-0.74x in A/B pairs (docs/performance.md).
+MAX_BATCH = 500
+# ... and at most about this many payload bytes: a claim of 500 tasks of a megabyte each would
+# hold 500 MB in the worker; the average payload of the last claims bounds the next one.
+BATCH_BYTES = 16 * 1024 * 1024
 BATCH_WINDOW = 0.05  # seconds of expected work claimed at once
 BATCH_GROWTH = 8  # a claim asks for at most this many times the last one's limit
 RECORD_EVERY = 0.5  # seconds a finished outcome may wait for its batch
@@ -139,6 +145,7 @@ class Worker:
         # Seconds per task, None until a task has run (then the first claim is of one task);
         # each claim may ask for at most BATCH_GROWTH times the last one (batch_size).
         self._avg_duration: float | None = None
+        self._avg_payload: float | None = None  # bytes per task of the last claims (BATCH_BYTES)
         self._last_limit = 1
         self._heart: Heart | None = None
         self.registered = False  # has had a row in `workers`: then claims only while it has
@@ -362,7 +369,7 @@ class Worker:
         """Claim about BATCH_WINDOW seconds of work: many no-ops, one long task.
 
         A new worker claims one task, then BATCH_GROWTH times more each claim until the
-        window is full (1, 8, 64, 100 for no-ops). Blending the first measurement into the
+        window is full (1, 8, 64, 500 for no-ops). Blending the first measurement into the
         1-second guess instead took about 20 claims of one or two tasks before batches
         reached 100: with 32 processes draining a burst on 2 cores that was 640 claims and
         as many outcome writes of a task or two, and the drain ran at a third of its rate
@@ -373,6 +380,8 @@ class Worker:
             return 1
         size = int(BATCH_WINDOW / max(self._avg_duration, 1e-6))
         size = min(size, self._last_limit * BATCH_GROWTH)
+        if self._avg_payload:
+            size = min(size, int(BATCH_BYTES / self._avg_payload))
         if self.max_tasks is not None:
             size = min(size, self.max_tasks - self.summary.done)
         return max(1, min(self.max_batch, size))
@@ -468,6 +477,7 @@ class Worker:
             return len(ended)
         try:
             claimed = self.claim(limit)
+            self._note_payloads(claimed)
             self._batch = {r.id for r in claimed}
             rows = self.dispatch(claimed, size)
         finally:  # written once the new coroutines run: their first await hides this write
@@ -490,6 +500,15 @@ class Worker:
             self.record(pending)
         self._batch = set()
         return len(ended) + len(claimed)
+
+    def _note_payloads(self, claimed: Sequence[Any]) -> None:
+        """Blend the claimed tasks' average payload size into the one batch_size bounds
+        claims by (BATCH_BYTES)."""
+        if not claimed:
+            return
+        mean = sum(len(row.payload) for row in claimed) / len(claimed)
+        previous = self._avg_payload
+        self._avg_payload = mean if previous is None else 0.5 * previous + 0.5 * mean
 
     # -- async tasks: up to async_concurrency coroutines on the worker's event loop -----------
 

@@ -133,6 +133,21 @@ def test_batch_claims_reach_full_size_in_few_claims(db):
     assert len(limits) <= 8
 
 
+def test_claims_of_large_payloads_hold_about_batch_bytes(db, monkeypatch):
+    """Claims are bounded by payload bytes as well as by seconds: a worker taking 500 fast
+    tasks of a megabyte each would hold 500 MB. Here the bound is 20 KB and each payload
+    about 2 KB: after the first claims measure them, a claim asks for about ten."""
+    monkeypatch.setattr(worker, "BATCH_BYTES", 20_000)
+    dbqueue.enqueue_many(jobs.echo, [("x" * 2_000,)] * 60)
+    w = worker.Worker(db.settings)
+    limits = _record_claim_limits(w)
+    assert w.work_off().succeeded == 60
+    print("CLAIMLIMITS", limits)
+    assert limits[:2] == [1, worker.BATCH_GROWTH]
+    assert all(limit <= 10 for limit in limits[2:]), limits
+    assert len(limits) >= 7  # 60 tasks at ten at most per claim after 1 + 8
+
+
 def test_slow_tasks_are_claimed_one_at_a_time(db):
     """The bounded growth does not outrun the measurement: tasks longer than the batch
     window stay one per claim, so other workers can take the rest."""
