@@ -79,9 +79,21 @@ def runs_per_task(net: Network) -> dict[int, int]:
 
 
 def seconds_until_not_running(net: Network, ids: list[int], since: float) -> float:
-    net.db.wait_for(
-        "SELECT count(*) FROM tasks WHERE status = 'running' AND id = ANY(:ids)", 0, ids=ids
+    """Seconds from `since` until none of `ids` runs under the worker holding it now (called
+    right after the fault, seconds before any rescue). Not "until none runs": a rescued task
+    may be claimed by another host's worker within milliseconds, and waiting for it not to be
+    running then waited for that run to end too (TASK_SECONDS more: 8.9 s seen in CI)."""
+    owners = net.db.rows(
+        "SELECT id, locked_by FROM tasks WHERE status = 'running' AND id = ANY(:ids)", ids=ids
     )
+    assert len(owners) == len(ids), f"not all of {ids} run: {owners}"
+    for row in owners:
+        net.db.wait_for(
+            "SELECT count(*) FROM tasks WHERE status = 'running' AND id = :i AND locked_by = :w",
+            0,
+            i=row.id,
+            w=row.locked_by,
+        )
     return time.monotonic() - since
 
 
